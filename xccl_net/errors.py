@@ -1,0 +1,61 @@
+"""Typed errors of the XCCL data plane.
+
+Three families, so callers can tell them apart (STYLE.md #6):
+- local misuse (``WindowError``, ``EndpointClosed``): a bug in the caller, never retried;
+- peer violation (``ProtocolError`` and subclasses): the peer broke the protocol;
+- peer/fabric unavailable (``PeerUnreachable``, ``LinkDown``, ``FabricUnavailable``,
+  ``XcclTimeout``): transient; ``RETRYABLE`` names exactly these.
+"""
+
+from __future__ import annotations
+
+
+class XcclError(Exception):
+    """Base of every XCCL error."""
+
+
+class XcclTimeout(XcclError):
+    """An operation did not complete within its timeout."""
+
+
+class PeerUnreachable(XcclError):
+    """The peer is dead, unknown, or not registered."""
+
+
+class LinkDown(XcclError):
+    """The fabric refused the transfer: a link on the path is down or partitioned."""
+
+    def __init__(self, message: str, link: str | None = None) -> None:
+        super().__init__(message)
+        self.link = link
+
+
+class FabricUnavailable(XcclError):
+    """The fabric simulator cannot be reached (transfers stall until it is back)."""
+
+
+class EndpointClosed(XcclError):
+    """The local endpoint was closed."""
+
+
+class WindowError(XcclError):
+    """Bad window name, offset or size for put/get (local misuse)."""
+
+
+class ProtocolError(XcclError):
+    """A peer violated the XCCL protocol."""
+
+
+class EventIdMismatch(ProtocolError):
+    """Metadata carried an event id other than the one expected."""
+
+
+class ChunkOrderError(ProtocolError):
+    """A chunk of a chunked transfer arrived out of order."""
+
+
+class CorruptMetadata(ProtocolError):
+    """A metadata field holds an impossible value (bad tail pointer, size, magic)."""
+
+
+RETRYABLE: tuple[type[XcclError], ...] = (XcclTimeout, PeerUnreachable, LinkDown, FabricUnavailable)
