@@ -1,0 +1,413 @@
+"""Pure core of MoE token dispatch (A2E) and combine (E2A): planning, packing, combine math.
+
+No I/O and no asyncio: ``xccl_net.dispatch`` pumps these decisions over XCCL endpoints.
+
+Layout (all sizes in rows of ``hidden`` float32 values):
+- expert rank ``r`` owns an "a2e" window of ``num_sources`` blocks; block ``s`` (at
+  ``layout.a2e_offset(s)``) is written only by attention rank ``s``, with ONE put per event;
+- attention rank ``s`` owns an "e2a" window of ``num_ranks`` blocks; block ``r`` is written
+  only by expert rank ``r``.
+A block holds at most ``capacity_rows`` rows. A row is one (token, top-k slot) pair, so a
+token choosing two experts on the same rank is sent twice (keeps the expert side a pure
+row-wise gather; see README of the design in the report).
+
+Row order is canonical, which is what makes results bitwise independent of placement:
+- inside a block, rows are sorted by (expert id, token, slot);
+- an expert computes on the concatenation of its rows over sources 0..M-1 in that order
+  (``expert_gather_order``), exactly what ``reference_moe`` does without any transport;
+- the combine adds the k contributions in slot order j = 0..k-1 (``weighted_sum``).
+
+Single buffering is safe because each layer is a strict round trip: a source writes its
+a2e block for event e+1 only after every expert rank answered event e, and an expert rank
+answers only after it has consumed its a2e blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from xccl_net.errors import CorruptMetadata, EventIdMismatch, PeerUnreachable, ProtocolError, WindowError
+
+DTYPE = np.dtype(np.float32)
+ID_DTYPE = np.dtype(np.int32)
+
+ExpertFn = Callable[[int, np.ndarray], np.ndarray]
+
+
+class DispatchCapacityError(WindowError):
+    """More rows for one (source, destination) block than ``capacity_rows``: raised at the sender."""
+
+    def __init__(self, message: str, *, rows: int, capacity_rows: int) -> None:
+        super().__init__(message)
+        self.rows = rows
+        self.capacity_rows = capacity_rows
+
+
+class NoLiveReplica(PeerUnreachable):
+    """Every rank holding an expert is excluded: the layer cannot run (names the expert)."""
+
+    def __init__(self, expert_id: int, holders: Sequence[int]) -> None:
+        super().__init__(f"no live replica of expert {expert_id} (holders {list(holders)} all excluded)")
+        self.expert_id = expert_id
+        self.holders = tuple(holders)
+
+
+# ---------------------------------------------------------------- static configuration
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Which expert ranks hold each routed expert; ``holders[e][0]`` is the primary."""
+
+    holders: tuple[tuple[int, ...], ...]
+    num_ranks: int
+
+    def __post_init__(self) -> None:
+        for e, hs in enumerate(self.holders):
+            if not hs:
+                raise ValueError(f"expert {e} has no holder")
+            if len(set(hs)) != len(hs):
+                raise ValueError(f"expert {e} lists a holder twice: {hs}")
+            for r in hs:
+                if not 0 <= r < self.num_ranks:
+                    raise ValueError(f"expert {e} holder {r} outside 0..{self.num_ranks - 1}")
+
+    @classmethod
+    def round_robin(cls, num_experts: int, num_ranks: int, replicas: int = 2) -> Placement:
+        """Expert e on ranks e, e+1, ... (mod N): every expert has ``replicas`` distinct holders."""
+        if replicas > num_ranks:
+            raise ValueError(f"{replicas} replicas need at least as many ranks, got {num_ranks}")
+        holders = tuple(tuple((e + i) % num_ranks for i in range(replicas)) for e in range(num_experts))
+        return cls(holders=holders, num_ranks=num_ranks)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.holders)
+
+    def hosted(self, rank: int) -> frozenset[int]:
+        """Experts whose weights live on ``rank`` (as primary or replica)."""
+        return frozenset(e for e, hs in enumerate(self.holders) if rank in hs)
+
+    def choose(self, excluded: Iterable[int] = ()) -> np.ndarray:
+        """Expert id -> the rank serving it: the first holder not excluded (deterministic)."""
+        ex = frozenset(excluded)
+        out = np.empty(self.num_experts, dtype=np.int64)
+        for e, hs in enumerate(self.holders):
+            live = [r for r in hs if r not in ex]
+            if not live:
+                raise NoLiveReplica(e, hs)
+            out[e] = live[0]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchLayout:
+    """Window geometry shared by every rank of one dispatch group."""
+
+    num_sources: int
+    num_ranks: int
+    capacity_rows: int
+    hidden: int
+
+    def __post_init__(self) -> None:
+        for name in ("num_sources", "num_ranks", "capacity_rows", "hidden"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"DispatchLayout.{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def row_bytes(self) -> int:
+        return self.hidden * DTYPE.itemsize
+
+    @property
+    def block_bytes(self) -> int:
+        return self.capacity_rows * self.row_bytes
+
+    @property
+    def a2e_window_bytes(self) -> int:
+        return self.num_sources * self.block_bytes
+
+    @property
+    def e2a_window_bytes(self) -> int:
+        return self.num_ranks * self.block_bytes
+
+    def a2e_offset(self, source: int) -> int:
+        return source * self.block_bytes
+
+    def e2a_offset(self, rank: int) -> int:
+        return rank * self.block_bytes
+
+
+def pack_event_id(layer: int, step: int, layer_bits: int = 16) -> int:
+    """(layer, step) -> one int, increasing with step then layer, as the dispatch order is."""
+    if not 0 <= layer < (1 << layer_bits) or step < 0:
+        raise ValueError(f"layer {layer} / step {step} out of range")
+    return (step << layer_bits) | layer
+
+
+# ---------------------------------------------------------------- metadata (the notify payload)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockMeta:
+    """What a put's notify says about the block it wrote.
+
+    A2E: ``expert_ids`` holds one id per row. E2A: ``expert_ids`` is empty (the source
+    knows its own plan). ``sender`` is the sender's index (source index or expert rank).
+    """
+
+    event_id: int
+    sender: int
+    offset: int
+    count: int
+    expert_ids: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=ID_DTYPE))
+
+
+def _check_common(meta: BlockMeta, *, event_id: int, senders: int, offset_of: Callable[[int], int],
+                  capacity_rows: int, nbytes: int | None, row_bytes: int) -> None:
+    if meta.event_id != event_id:
+        raise EventIdMismatch(f"expected event {event_id}, got {meta.event_id} from sender {meta.sender}")
+    if not 0 <= meta.sender < senders:
+        raise CorruptMetadata(f"sender index {meta.sender} outside 0..{senders - 1}")
+    if meta.offset != offset_of(meta.sender):
+        raise CorruptMetadata(f"sender {meta.sender} wrote at offset {meta.offset}, "
+                              f"its block is at {offset_of(meta.sender)}")
+    if not 0 <= meta.count <= capacity_rows:
+        raise CorruptMetadata(f"sender {meta.sender} claims {meta.count} rows, capacity {capacity_rows}")
+    if nbytes is not None and nbytes != meta.count * row_bytes:
+        raise CorruptMetadata(f"sender {meta.sender} put {nbytes} bytes for {meta.count} rows")
+
+
+# ---------------------------------------------------------------- attention side: plan
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchPlan:
+    """Where each (token, slot) row of one attention rank goes for one event.
+
+    ``rows[r]``: flat row indices (token * k + slot) sent to rank ``r``, canonical order;
+    ``experts[r]``: the expert id of each of those rows. Ranks in ``ranks`` receive a
+    (possibly empty) block; the others are excluded and receive nothing.
+    """
+
+    event_id: int
+    source: int
+    num_tokens: int
+    top_k: int
+    ranks: tuple[int, ...]
+    rows: Mapping[int, np.ndarray]
+    experts: Mapping[int, np.ndarray]
+
+    def count(self, rank: int) -> int:
+        return int(self.rows[rank].size)
+
+
+def plan_dispatch(event_id: int, source: int, topk_ids: np.ndarray, placement: Placement,
+                  layout: DispatchLayout, excluded: Iterable[int] = ()) -> DispatchPlan:
+    """Decide which rows go to which rank; raise at the sender on capacity overflow."""
+    ids = np.asarray(topk_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"topk_ids must be [T, k], got shape {ids.shape}")
+    if not 0 <= source < layout.num_sources:
+        raise ValueError(f"source {source} outside 0..{layout.num_sources - 1}")
+    if placement.num_ranks != layout.num_ranks:
+        raise ValueError(f"placement has {placement.num_ranks} ranks, layout {layout.num_ranks}")
+    if ids.size and (ids.min() < 0 or ids.max() >= placement.num_experts):
+        raise ValueError(f"expert ids must be in 0..{placement.num_experts - 1}")
+    ex = frozenset(excluded)
+    serving = placement.choose(ex)
+    flat = ids.reshape(-1).astype(np.int64)
+    # Stable sort by expert id keeps (token, slot) order inside each expert: canonical order.
+    order = np.argsort(flat, kind="stable")
+    dest = serving[flat[order]]
+    ranks = tuple(r for r in range(layout.num_ranks) if r not in ex)
+    rows: dict[int, np.ndarray] = {}
+    experts: dict[int, np.ndarray] = {}
+    for r in ranks:
+        sel = order[dest == r]
+        if sel.size > layout.capacity_rows:
+            raise DispatchCapacityError(
+                f"source {source} has {sel.size} rows for expert rank {r}, block capacity {layout.capacity_rows}",
+                rows=int(sel.size), capacity_rows=layout.capacity_rows)
+        rows[r] = sel
+        experts[r] = flat[sel].astype(ID_DTYPE)
+    return DispatchPlan(event_id=event_id, source=source, num_tokens=ids.shape[0], top_k=ids.shape[1],
+                        ranks=ranks, rows=rows, experts=experts)
+
+
+def pack_rows(x: np.ndarray, plan: DispatchPlan, rank: int) -> np.ndarray:
+    """The contiguous [n, H] float32 block sent to ``rank`` (row t*k+j carries x[t])."""
+    return np.ascontiguousarray(x[plan.rows[rank] // plan.top_k], dtype=DTYPE)
+
+
+def a2e_meta(plan: DispatchPlan, rank: int, layout: DispatchLayout) -> BlockMeta:
+    return BlockMeta(event_id=plan.event_id, sender=plan.source, offset=layout.a2e_offset(plan.source),
+                     count=plan.count(rank), expert_ids=plan.experts[rank])
+
+
+# ---------------------------------------------------------------- expert side
+
+
+class ExpertEventCollector:
+    """Gathers the A2E metadata of one event from every source; pure state, no I/O.
+
+    The event id is fixed by the first block (or given); it must be newer than the last
+    event this rank served. A duplicate source, a foreign expert id or a block that does not
+    match the layout is a peer violation (typed ``ProtocolError``).
+    """
+
+    def __init__(self, layout: DispatchLayout, hosted: frozenset[int], *, last_event_id: int | None = None,
+                 event_id: int | None = None) -> None:
+        self.layout = layout
+        self.hosted = hosted
+        self.last_event_id = last_event_id
+        self.event_id = event_id
+        self.blocks: dict[int, BlockMeta] = {}
+
+    @property
+    def done(self) -> bool:
+        return len(self.blocks) == self.layout.num_sources
+
+    def missing(self) -> list[int]:
+        return [s for s in range(self.layout.num_sources) if s not in self.blocks]
+
+    def add(self, meta: BlockMeta, nbytes: int | None = None) -> bool:
+        if self.event_id is None:
+            if self.last_event_id is not None and meta.event_id <= self.last_event_id:
+                raise EventIdMismatch(f"stale event {meta.event_id} from source {meta.sender}; "
+                                      f"last served {self.last_event_id}")
+            self.event_id = meta.event_id
+        _check_common(meta, event_id=self.event_id, senders=self.layout.num_sources,
+                      offset_of=self.layout.a2e_offset, capacity_rows=self.layout.capacity_rows,
+                      nbytes=nbytes, row_bytes=self.layout.row_bytes)
+        if meta.sender in self.blocks:
+            raise ProtocolError(f"source {meta.sender} posted event {meta.event_id} twice")
+        ids = meta.expert_ids
+        if ids.shape != (meta.count,):
+            raise CorruptMetadata(f"source {meta.sender}: {ids.shape} expert ids for {meta.count} rows")
+        if ids.size:
+            if np.any(ids[1:] < ids[:-1]):
+                raise CorruptMetadata(f"source {meta.sender}: rows not sorted by expert id")
+            foreign = set(np.unique(ids).tolist()) - self.hosted
+            if foreign:
+                raise CorruptMetadata(f"source {meta.sender} sent rows for experts {sorted(foreign)} not hosted here")
+        self.blocks[meta.sender] = meta
+        return self.done
+
+
+def run_experts(blocks: Mapping[int, tuple[np.ndarray, np.ndarray]], expert_fn: ExpertFn,
+                hidden: int) -> dict[int, np.ndarray]:
+    """Per source: rows [n, H] and their expert ids -> outputs [n, H] in the same row order.
+
+    Each expert runs once on its rows concatenated over sources in increasing source order,
+    the order ``reference_moe`` uses, so outputs are bitwise those of the direct computation.
+    """
+    sources = sorted(blocks)
+    outs = {s: np.empty((blocks[s][0].shape[0], hidden), dtype=DTYPE) for s in sources}
+    # expert -> [(source, start, stop)] of its contiguous run inside each source's block.
+    runs: dict[int, list[tuple[int, int, int]]] = {}
+    for s in sources:
+        ids = blocks[s][1]
+        if ids.size == 0:
+            continue
+        cut = np.flatnonzero(np.diff(ids)) + 1
+        starts = np.concatenate(([0], cut))
+        stops = np.concatenate((cut, [ids.size]))
+        for a, b in zip(starts.tolist(), stops.tolist()):
+            runs.setdefault(int(ids[a]), []).append((s, a, b))
+    for e in sorted(runs):
+        parts = runs[e]
+        inp = np.concatenate([blocks[s][0][a:b] for s, a, b in parts]) if len(parts) > 1 \
+            else np.ascontiguousarray(blocks[parts[0][0]][0][parts[0][1]:parts[0][2]])
+        y = np.asarray(expert_fn(e, inp), dtype=DTYPE)
+        if y.shape != inp.shape:
+            raise ValueError(f"expert_fn({e}) returned shape {y.shape} for input {inp.shape}")
+        pos = 0
+        for s, a, b in parts:
+            outs[s][a:b] = y[pos:pos + b - a]
+            pos += b - a
+    return outs
+
+
+def e2a_meta(event_id: int, rank: int, count: int, layout: DispatchLayout) -> BlockMeta:
+    return BlockMeta(event_id=event_id, sender=rank, offset=layout.e2a_offset(rank), count=count)
+
+
+# ---------------------------------------------------------------- attention side: combine
+
+
+class CombineCollector:
+    """Gathers the E2A metadata of one event from every rank the plan posted to."""
+
+    def __init__(self, plan: DispatchPlan, layout: DispatchLayout) -> None:
+        self.plan = plan
+        self.layout = layout
+        self.blocks: dict[int, BlockMeta] = {}
+
+    @property
+    def done(self) -> bool:
+        return len(self.blocks) == len(self.plan.ranks)
+
+    def missing(self) -> list[int]:
+        return [r for r in self.plan.ranks if r not in self.blocks]
+
+    def add(self, meta: BlockMeta, nbytes: int | None = None) -> bool:
+        _check_common(meta, event_id=self.plan.event_id, senders=self.layout.num_ranks,
+                      offset_of=self.layout.e2a_offset, capacity_rows=self.layout.capacity_rows,
+                      nbytes=nbytes, row_bytes=self.layout.row_bytes)
+        if meta.sender not in self.plan.rows:
+            raise ProtocolError(f"expert rank {meta.sender} answered event {meta.event_id} it was not sent")
+        if meta.sender in self.blocks:
+            raise ProtocolError(f"expert rank {meta.sender} answered event {meta.event_id} twice")
+        if meta.count != self.plan.count(meta.sender):
+            raise CorruptMetadata(f"expert rank {meta.sender} returned {meta.count} rows, "
+                                  f"{self.plan.count(meta.sender)} were sent")
+        self.blocks[meta.sender] = meta
+        return self.done
+
+
+def weighted_sum(topk_w: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """out[t] = sum_j w[t, j] * y[t, j], added in slot order j = 0..k-1, float32 throughout."""
+    w = np.asarray(topk_w, dtype=DTYPE)
+    out = w[:, 0, None] * y[:, 0]
+    for j in range(1, w.shape[1]):
+        out += w[:, j, None] * y[:, j]
+    return out
+
+
+def combine(plan: DispatchPlan, outputs: Mapping[int, np.ndarray], topk_w: np.ndarray, hidden: int) -> np.ndarray:
+    """Scatter each rank's returned rows back to (token, slot) and apply the gate weights."""
+    y = np.empty((plan.num_tokens * plan.top_k, hidden), dtype=DTYPE)
+    filled = 0
+    for r in plan.ranks:
+        y[plan.rows[r]] = outputs[r]
+        filled += plan.count(r)
+    if filled != y.shape[0]:
+        raise ValueError(f"combine got {filled} rows for {y.shape[0]} (token, slot) pairs")
+    return weighted_sum(topk_w, y.reshape(plan.num_tokens, plan.top_k, hidden))
+
+
+# ---------------------------------------------------------------- oracle
+
+
+def reference_moe(xs: Sequence[np.ndarray], topk_ids: Sequence[np.ndarray], topk_w: Sequence[np.ndarray],
+                  expert_fn: ExpertFn) -> list[np.ndarray]:
+    """The direct computation for M attention ranks, no transport and no placement.
+
+    Expert e runs on the rows x_s[t] with ids_s[t, j] == e, taken over sources s = 0..M-1
+    then (t, j) in order; then out_s[t] = sum_j w_s[t, j] * y_s[t, j] in slot order.
+    """
+    hidden = xs[0].shape[1] if xs else 0
+    ys = [np.empty((ids.shape[0], ids.shape[1], hidden), dtype=DTYPE) for ids in topk_ids]
+    experts = sorted(set().union(*(np.unique(ids).tolist() for ids in topk_ids))) if xs else []
+    for e in experts:
+        where = [np.argwhere(np.asarray(ids) == e) for ids in topk_ids]  # row-major: (t, j) order
+        inp = np.concatenate([np.asarray(x, dtype=DTYPE)[w[:, 0]] for x, w in zip(xs, where)])
+        out = np.asarray(expert_fn(e, inp), dtype=DTYPE)
+        pos = 0
+        for y, w in zip(ys, where):
+            y[w[:, 0], w[:, 1]] = out[pos:pos + len(w)]
+            pos += len(w)
+    return [weighted_sum(w, y) for w, y in zip(topk_w, ys)]
