@@ -28,7 +28,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 
+from services.common.wire import WireError, decode, encode, join_frames, message, split_frames
 from xccl_net.errors import CorruptMetadata, EventIdMismatch, PeerUnreachable, ProtocolError, WindowError
 
 DTYPE = np.dtype(np.float32)
@@ -140,16 +142,21 @@ class DispatchLayout:
         return rank * self.block_bytes
 
 
-def pack_event_id(layer: int, step: int, layer_bits: int = 16) -> int:
-    """(layer, step) -> one int, increasing with step then layer, as the dispatch order is."""
-    if not 0 <= layer < (1 << layer_bits) or step < 0:
-        raise ValueError(f"layer {layer} / step {step} out of range")
-    return (step << layer_bits) | layer
+def pack_event_id(layer: int, step: int, attempt: int = 0) -> int:
+    """(step, layer, attempt) -> one int, increasing in the order layers are dispatched.
+
+    ``attempt`` lets a retried layer use a fresh, larger id so late answers to the
+    abandoned attempt are recognisably stale.
+    """
+    if not 0 <= layer < (1 << 16) or not 0 <= attempt < (1 << 8) or step < 0:
+        raise ValueError(f"layer {layer} / step {step} / attempt {attempt} out of range")
+    return (step << 24) | (layer << 8) | attempt
 
 
 # ---------------------------------------------------------------- metadata (the notify payload)
 
 
+@message("xccl.dispatch.block")
 @dataclass(frozen=True, slots=True)
 class BlockMeta:
     """What a put's notify says about the block it wrote.
@@ -162,7 +169,20 @@ class BlockMeta:
     sender: int
     offset: int
     count: int
-    expert_ids: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=ID_DTYPE))
+    expert_ids: npt.NDArray[np.int32] = field(default_factory=lambda: np.empty(0, dtype=ID_DTYPE))
+
+
+def encode_meta(meta: BlockMeta) -> bytes:
+    """The notify payload: one joined wire buffer (a notify is a single byte string)."""
+    return join_frames(encode(meta))
+
+
+def decode_meta(buf: bytes | memoryview) -> BlockMeta:
+    """Peer input: anything that is not a well-formed ``BlockMeta`` is ``CorruptMetadata``."""
+    try:
+        return decode(split_frames(buf), expect=BlockMeta)
+    except WireError as exc:
+        raise CorruptMetadata(f"undecodable dispatch notify: {exc}") from exc
 
 
 def _check_common(meta: BlockMeta, *, event_id: int, senders: int, offset_of: Callable[[int], int],

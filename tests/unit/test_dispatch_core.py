@@ -251,7 +251,28 @@ def test_combine_collector_rejects_wrong_counts_and_strangers():
 
 
 def test_event_ids_increase_with_step_then_layer():
-    ids = [pack_event_id(layer, step) for step in range(3) for layer in range(4)]
+    ids = [pack_event_id(layer, step, a) for step in range(3) for layer in range(4) for a in range(3)]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     with pytest.raises(ValueError):
         pack_event_id(1 << 16, 0)
+    with pytest.raises(ValueError):
+        pack_event_id(0, 0, 256)
+
+
+def test_notify_metadata_round_trips_and_garbage_is_corrupt_metadata():
+    from xccl_net.dispatch_core import decode_meta, encode_meta
+
+    meta = BlockMeta(event_id=pack_event_id(2, 9), sender=3, offset=4096, count=2,
+                     expert_ids=np.array([1, 5], dtype=np.int32))
+    got = decode_meta(encode_meta(meta))
+    assert (got.event_id, got.sender, got.offset, got.count) == (meta.event_id, 3, 4096, 2)
+    assert got.expert_ids.tolist() == [1, 5] and got.expert_ids.dtype == np.int32
+    buf = encode_meta(meta)
+    for bad in (b"", b"\x01\x00\x00\x00", buf[:-3], buf + b"x", buf.replace(b"xccl.dispatch.block", b"xccl.dispatch.blocc")):
+        with pytest.raises(CorruptMetadata):
+            decode_meta(bad)
+    wrong_dtype = BlockMeta(event_id=1, sender=0, offset=0, count=1, expert_ids=np.array([1], dtype=np.int64))
+    from services.common.wire import FieldError
+
+    with pytest.raises(FieldError):
+        encode_meta(wrong_dtype)  # the sender is stopped before anything goes on the wire
