@@ -617,6 +617,8 @@ def encode(msg: Any) -> list[bytes | memoryview]:
         fields = codec.enc_fields(msg, arrays)
     except _Bad as e:
         raise e.to_error(codec.tag) from None
+    except RecursionError:  # only a self-referencing message type can nest this deep
+        raise FieldError(f"{codec.tag}: message nests too deeply", tag=codec.tag) from None
     descr = [[_DTYPE_CODE[a.dtype], list(a.shape), a.nbytes] for a in arrays]
     try:
         head = msgpack.packb(
@@ -723,6 +725,8 @@ def decode(frames: Sequence[Any], *, expect: type | tuple[type, ...] | None = No
         msg = codec.dec_fields(fields, ctx)
     except _Bad as e:
         raise e.to_error(tag) from None
+    except RecursionError:  # msgpack allows ~1000 levels; a recursive type can exhaust the stack
+        raise MalformedFrame(f"{tag}: message nests too deeply", tag=tag) from None
     if descr and not all(ctx.used):
         raise ArrayMismatch(f"{tag}: array frames {[i for i, u in enumerate(ctx.used) if not u]} are not referenced", tag=tag)
     return msg
