@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 
-HELP = "run a benchmark and print its results (JSON with --json)"
+from services.cli import add_lazy_subcommands
 
-# kind -> module with add_arguments(parser) and run(args) -> int.
-KINDS: dict[str, str] = {
-    "reference": "services.bench.reference",
-    "xccl": "services.bench.xccl",
+# kind -> (module with add_arguments(parser) and run(args) -> int, one-line help).
+KINDS: dict[str, tuple[str, str]] = {
+    "reference": ("services.bench.reference", "reference-engine prefill/decode throughput"),
+    "xccl": ("services.bench.xccl", "XCCL p2p, dispatch/combine and fabric fidelity vs raw baselines"),
 }
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
-    for name, modname in KINDS.items():
-        try:
-            mod = importlib.import_module(modname)
-        except ModuleNotFoundError as exc:
-            if exc.name and modname.startswith(exc.name):
-                continue
-            raise
-        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
-        mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+def add_arguments_lazy(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    add_lazy_subcommands(parser, KINDS, argv, "kind")
 
 
-def run(args: argparse.Namespace) -> int:  # dispatched through the kind's own _run
-    return int(args._run(args) or 0)
+def run(args: argparse.Namespace) -> int:
+    return int(args._run_kind(args) or 0)

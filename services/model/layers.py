@@ -1,0 +1,209 @@
+"""The decomposed MoE transformer: plain functions over numpy arrays.
+
+The reference engine composes exactly these functions, and so do the services (attention rank,
+MoE expert, decode master), which is what lets the disaggregated pod reproduce the monolithic
+tokens bit for bit. The invariance rules that make that hold (measured on this machine's
+OpenBLAS, see tests/unit/test_model_invariance.py):
+
+1. Every GEMM goes through ``linear``, which always calls BLAS with exactly ``TILE`` rows
+   (zero-padded). OpenBLAS picks kernels by problem size, so ``x[:3] @ w`` and ``x @ w`` give
+   different bits for the same row; with a fixed 8-row call, a row's result depends neither on
+   its position in the tile nor on the other rows. (16- and 32-row tiles were *not* invariant.)
+2. BLAS runs single-threaded in every process (``pin_blas_threads``): the thread split changes
+   the bits too. Costs ~2x GEMM throughput versus one big multi-threaded call.
+3. Attention for a query at position p is computed alone, over exactly the keys 0..p, with
+   the same call shapes in prefill and decode: prefill, decode, and prefill of a suffix after
+   a cached prefix all give the same bits.
+4. Reductions (RMSNorm mean, softmax sums) run along a contiguous last axis, per row.
+5. Combine adds the k routed contributions in slot order j = 0..k-1, then the shared expert:
+   the result does not depend on how tokens were grouped for the experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from services.model.config import ModelConfig
+from services.model.weights import AttentionWeights, FFNWeights, LayerWeights, ModelWeights
+
+TILE = 8
+_pinned = False
+
+
+def pin_blas_threads() -> None:
+    """Rule 2: one BLAS thread in this process (idempotent)."""
+    global _pinned
+    if not _pinned:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1, user_api="blas")
+        _pinned = True
+
+
+pin_blas_threads()
+
+
+def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``x @ w`` computed in fixed TILE-row BLAS calls (rule 1)."""
+    m = x.shape[0]
+    out = np.empty((m, w.shape[1]), dtype=np.float32)
+    full = m - m % TILE
+    for i in range(0, full, TILE):
+        np.matmul(x[i:i + TILE], w, out=out[i:i + TILE])
+    if full < m:
+        pad = np.zeros((TILE, x.shape[1]), dtype=np.float32)
+        pad[: m - full] = x[full:]
+        out[full:] = (pad @ w)[: m - full]
+    return out
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    var = np.mean(x * x, axis=-1, keepdims=True)
+    return (x * (1.0 / np.sqrt(var + np.float32(eps)))) * weight
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (np.float32(1.0) + np.exp(-x))
+
+
+@dataclass(frozen=True, slots=True)
+class Rope:
+    cos: np.ndarray  # [max_pos, D/2]
+    sin: np.ndarray
+
+    @classmethod
+    def build(cls, cfg: ModelConfig) -> Rope:
+        half = cfg.head_dim // 2
+        inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(half, dtype=np.float64) / half))
+        ang = np.outer(np.arange(cfg.max_position_embeddings, dtype=np.float64), inv_freq)
+        return cls(np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32))
+
+    def apply(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """x: [T, heads, D]; rotate-half convention (HF Llama/DeepSeek)."""
+        half = x.shape[-1] // 2
+        cos = self.cos[positions][:, None, :]
+        sin = self.sin[positions][:, None, :]
+        x1, x2 = x[..., :half], x[..., half:]
+        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+@dataclass(slots=True)
+class Segment:
+    """Rows ``start .. start+n-1`` of one sequence inside a batch, with that sequence's KV
+    for this layer: arrays ``[num_kv_heads, capacity, head_dim]`` written in place."""
+    k: np.ndarray
+    v: np.ndarray
+    start: int
+    n: int
+
+
+def _attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: np.float32) -> np.ndarray:
+    """One query position over its keys (rule 3). q: [Hkv, g, D]; k, v: [Hkv, L, D]."""
+    s = np.matmul(q, k.transpose(0, 2, 1)) * scale
+    s = s - s.max(axis=-1, keepdims=True)
+    e = np.exp(s)
+    p = e / e.sum(axis=-1, keepdims=True)
+    return np.matmul(p, v)
+
+
+def attention_block(cfg: ModelConfig, w: AttentionWeights, rope: Rope, x: np.ndarray,
+                    segments: Sequence[Segment]) -> np.ndarray:
+    """Pre-norm self-attention with residual: returns ``x + o_proj(attn(norm(x)))``.
+
+    Rows of ``x`` are the segments' tokens, concatenated in order. New keys/values are written
+    into each segment's KV arrays at positions ``start .. start+n-1``.
+    """
+    T = x.shape[0]
+    Hq, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    g = Hq // Hkv
+    positions = np.concatenate([np.arange(s.start, s.start + s.n) for s in segments]) if segments \
+        else np.zeros(0, dtype=np.int64)
+    if positions.shape[0] != T:
+        raise ValueError(f"segments cover {positions.shape[0]} rows, x has {T}")
+    h = rms_norm(x, w.input_norm, cfg.rms_norm_eps)
+    q = rope.apply(linear(h, w.wq).reshape(T, Hq, D), positions)
+    k = rope.apply(linear(h, w.wk).reshape(T, Hkv, D), positions)
+    v = linear(h, w.wv).reshape(T, Hkv, D)
+    scale = np.float32(1.0 / np.sqrt(D))
+    out = np.empty((T, Hq * D), dtype=np.float32)
+    row = 0
+    for s in segments:
+        s.k[:, s.start:s.start + s.n] = k[row:row + s.n].transpose(1, 0, 2)
+        s.v[:, s.start:s.start + s.n] = v[row:row + s.n].transpose(1, 0, 2)
+        for i in range(s.n):
+            L = s.start + i + 1
+            o = _attend_one(q[row + i].reshape(Hkv, g, D), s.k[:, :L], s.v[:, :L], scale)
+            out[row + i] = o.reshape(Hq * D)
+        row += s.n
+    return x + linear(out, w.wo)
+
+
+def ffn_input(cfg: ModelConfig, lw: LayerWeights, x: np.ndarray) -> np.ndarray:
+    """The normed hidden state that feeds the dense FFN or the gate + experts."""
+    return rms_norm(x, lw.post_norm, cfg.rms_norm_eps)
+
+
+def ffn(w: FFNWeights, h: np.ndarray) -> np.ndarray:
+    """SwiGLU FFN: one routed expert, the shared expert, or a dense layer's MLP."""
+    return linear(silu(linear(h, w.gate)) * linear(h, w.up), w.down)
+
+
+def gate(cfg: ModelConfig, lw: LayerWeights, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k routing: (expert ids [T, k] int32, weights [T, k] float32), slot order = rank."""
+    assert lw.router is not None, "gate() on a dense layer"
+    logits = linear(h, lw.router)
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs = e / e.sum(axis=-1, keepdims=True)
+    k = cfg.num_experts_per_tok
+    # Stable sort: ties go to the lower expert id, the same everywhere.
+    ids = np.argsort(-probs, axis=-1, kind="stable")[:, :k].astype(np.int32)
+    wts = np.take_along_axis(probs, ids, axis=-1)
+    if cfg.norm_topk_prob:
+        wts = wts / wts.sum(axis=-1, keepdims=True)
+    return ids, (wts * np.float32(cfg.routed_scaling_factor)).astype(np.float32)
+
+
+def combine(expert_out: np.ndarray, weights: np.ndarray, shared_out: np.ndarray | None) -> np.ndarray:
+    """MoE output (rule 5). expert_out: [T, k, H] in slot order; weights: [T, k]."""
+    acc = weights[:, 0:1] * expert_out[:, 0]
+    for j in range(1, expert_out.shape[1]):
+        acc = acc + weights[:, j:j + 1] * expert_out[:, j]
+    return acc if shared_out is None else acc + shared_out
+
+
+def run_experts_grouped(lw: LayerWeights, h: np.ndarray, ids: np.ndarray,
+                        expert_ids: Sequence[int] | None = None) -> np.ndarray:
+    """Compute every (token, slot) routed expert output, grouping tokens per expert.
+
+    Returns [T, k, H]. ``expert_ids`` restricts to a subset (others left zero): an expert
+    instance computes its own experts only.
+    """
+    T, k = ids.shape
+    out = np.zeros((T, k, h.shape[1]), dtype=np.float32)
+    for e in (range(len(lw.experts)) if expert_ids is None else expert_ids):
+        tok, slot = np.nonzero(ids == e)
+        if tok.size:
+            out[tok, slot] = ffn(lw.experts[e], h[tok])
+    return out
+
+
+def moe_block(cfg: ModelConfig, lw: LayerWeights, x: np.ndarray) -> np.ndarray:
+    """Residual FFN part of a layer, monolithic: x + FFN(norm(x)) (dense or MoE)."""
+    h = ffn_input(cfg, lw, x)
+    if lw.dense is not None:
+        return x + ffn(lw.dense, h)
+    ids, wts = gate(cfg, lw, h)
+    shared = ffn(lw.shared, h) if lw.shared is not None else None
+    return x + combine(run_experts_grouped(lw, h, ids), wts, shared)
+
+
+def embed(w: ModelWeights, token_ids: np.ndarray) -> np.ndarray:
+    return w.embed[np.asarray(token_ids, dtype=np.int64)]
+
+
+def final_logits(cfg: ModelConfig, w: ModelWeights, x: np.ndarray) -> np.ndarray:
+    """Final RMSNorm + lm_head: [T, H] -> [T, V]."""
+    return linear(rms_norm(x, w.norm, cfg.rms_norm_eps), w.lm_head)
