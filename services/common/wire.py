@@ -479,7 +479,7 @@ def _build(tp: Any, where: str) -> tuple[Enc, Dec]:
         raise TypeError(f"{where}: only `X | None` unions are supported, got {tp!r}")
     if origin is list and len(args) == 1:
         return _seq_conv(_build(args[0], where), list)
-    if origin is tuple:
+    if origin is tuple and tp is not typing.Tuple:  # bare Tuple would read as tuple[()]
         if len(args) == 2 and args[1] is Ellipsis:
             return _seq_conv(_build(args[0], where), tuple)
         return _fixed_tuple_conv([_build(a, where) for a in args])

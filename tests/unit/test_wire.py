@@ -349,7 +349,8 @@ def test_non_frozen_or_non_dataclass_rejected(make):
 
 
 @pytest.mark.parametrize("annotation", ["int | str", "list", "set[int]", "typing.Any", "dict[int, int]",
-                                        "Unregistered", "Literal[1.5]"])
+                                        "Unregistered", "Literal[1.5]", "typing.Tuple", "typing.List",
+                                        "tuple", "object", "complex"])
 def test_unsupported_field_types_rejected_at_decoration(annotation):
     @dataclass(frozen=True)
     class Unregistered:
@@ -385,6 +386,32 @@ def test_encode_misuse_names_the_field_path():
         encode(Containers([], (), (1, "a", 2), {}, [], []))
     with pytest.raises(UnknownMessageType):
         encode(object())
+
+
+@message("test.Empty")
+@dataclass(frozen=True, slots=True)
+class Empty:
+    pass
+
+
+def test_empty_message_and_empty_fixed_tuple():
+    assert roundtrip(Empty()) == Empty()
+    assert encode(Empty())[0] == msgpack.packb({"t": "test.Empty", "v": 1, "f": {}, "a": []})
+
+
+def test_relaying_a_decoded_message_stays_zero_copy():
+    """A router/relay re-encodes what it received: the outgoing frame is the incoming memory."""
+    received = [bytearray(f) for f in encode(Arr(np.arange(32, dtype=np.uint16)))]
+    msg = decode(received)
+    again = encode(msg)
+    assert np.shares_memory(np.frombuffer(again[1], np.uint8), np.frombuffer(received[1], np.uint8))
+    ro = decode([bytes(f) for f in again])  # read-only arrays re-encode too
+    assert same(roundtrip(ro), msg)
+
+
+def test_unencodable_string_is_field_error():
+    with pytest.raises(FieldError, match="test.Scalars"):
+        encode(Scalars(True, 1, 1.0, "bad \ud800 surrogate", b"", None))
 
 
 def test_object_arrays_never_encoded():

@@ -159,7 +159,7 @@ def _unreferenced(h, b):
 
 ARRAY_FAULTS = {
     **{f"dtype {d!r}": (_descr(0, d), None) for d in ["O", "|O", "<U4", ">f4", "<V8", "<M8[s]", "<c8", "", 3, None]},
-    **{f"shape {s!r}": (_descr(1, s), None) for s in [[-1, 3], [2, -3], [2 ** 63, 3], [0, 2 ** 64 - 1], [2 ** 32, 2 ** 32], "6", [1.5, 4],
+    **{f"shape {s!r}": (_descr(1, s), None) for s in [[-1, 3], [2, -3], [-2, -3], [2 ** 63, 3], [0, 2 ** 64 - 1], [2 ** 32, 2 ** 32], "6", [1.5, 4],
                                                       [True, 6], [3, 3], [0, 3], [3, 2, 1, 1, 2], [1] * 70]},
     "nbytes wrong": (_descr(2, 23), None),
     "nbytes str": (_descr(2, "24"), None),
