@@ -1,0 +1,241 @@
+"""Dispatch/combine over real XCCL endpoints (mem and shm): 2 attention ranks, 4 expert ranks in
+one event loop; results must be bitwise the direct computation; failures are typed and bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+import numpy as np
+import pytest
+
+from xccl_net.dispatch import A2EDispatcher, E2AHandler
+from xccl_net.dispatch_core import (
+    DTYPE,
+    BlockMeta,
+    DispatchCapacityError,
+    DispatchLayout,
+    Placement,
+    encode_meta,
+    pack_event_id,
+    reference_moe,
+)
+from xccl_net.endpoint import EndpointConfig, open_endpoint
+from xccl_net.errors import CorruptMetadata, EventIdMismatch, PeerUnreachable, XcclTimeout
+
+M, N, K, TOKENS, HIDDEN, EXPERTS = 2, 4, 3, 24, 32, 8
+ATTN = [f"attn{s}" for s in range(M)]
+EXP = [f"exp{r}" for r in range(N)]
+LAYOUT = DispatchLayout(num_sources=M, num_ranks=N, capacity_rows=TOKENS * K, hidden=HIDDEN)
+PLACEMENT = Placement.round_robin(EXPERTS, N)
+
+pytestmark = pytest.mark.integration
+
+
+def expert_weights(seed: int = 3):
+    rng = np.random.default_rng(seed)
+    ws = rng.standard_normal((EXPERTS, HIDDEN, HIDDEN)).astype(DTYPE) / np.float32(np.sqrt(HIDDEN))
+
+    def expert_fn(e: int, rows: np.ndarray) -> np.ndarray:
+        return np.tanh(rows @ ws[e]) * np.float32(e + 1)
+
+    return expert_fn
+
+
+EXPERT_FN = expert_weights()
+
+
+def gates(seed: int, tokens: int = TOKENS):
+    rng = np.random.default_rng(seed)
+    xs = [rng.standard_normal((tokens, HIDDEN)).astype(DTYPE) for _ in range(M)]
+    ids = [np.stack([rng.choice(EXPERTS, K, replace=False) for _ in range(tokens)]).reshape(tokens, K)
+           for _ in range(M)]
+    ws = [rng.random((tokens, K)).astype(DTYPE) for _ in range(M)]
+    return xs, ids, ws
+
+
+def shm_entries(namespace: str) -> list[str]:
+    return [f for f in os.listdir("/dev/shm") if namespace in f]
+
+
+@asynccontextmanager
+async def pod(kind: str, tmp_path):
+    """M attention + N expert endpoints; everything closed (and unlinked) on exit."""
+    namespace = f"t{uuid.uuid4().hex[:10]}"
+    hub = None
+    if kind == "mem":
+        from xccl_net.mem import MemoryHub
+        hub = MemoryHub()
+    eps = {}
+    try:
+        for s, name in enumerate(ATTN):
+            eps[name] = await open_endpoint(EndpointConfig(
+                name=name, namespace=namespace, kind=kind, npu=s, ring_slots=4, slot_bytes=4096,
+                windows={"e2a": LAYOUT.e2a_window_bytes}, run_dir=str(tmp_path)), hub=hub)
+        for r, name in enumerate(EXP):
+            eps[name] = await open_endpoint(EndpointConfig(
+                name=name, namespace=namespace, kind=kind, npu=M + r, ring_slots=4, slot_bytes=4096,
+                windows={"a2e": LAYOUT.a2e_window_bytes}, run_dir=str(tmp_path)), hub=hub)
+        yield eps, namespace
+    finally:
+        for ep in eps.values():
+            await ep.close()
+    assert shm_entries(namespace) == []
+
+
+def make_sides(eps):
+    ds = [A2EDispatcher(eps[ATTN[s]], source=s, expert_peers=EXP, placement=PLACEMENT, layout=LAYOUT)
+          for s in range(M)]
+    hs = [E2AHandler(eps[EXP[r]], rank=r, source_peers=ATTN, placement=PLACEMENT, layout=LAYOUT)
+          for r in range(N)]
+    return ds, hs
+
+
+async def run_event(ds, hs, event_id, xs, ids, ws, *, serving=None, timeout_s=5.0):
+    serving = range(N) if serving is None else serving
+    async with asyncio.TaskGroup() as tg:
+        served = [tg.create_task(hs[r].serve_event(EXPERT_FN, timeout_s=timeout_s)) for r in serving]
+        outs = [tg.create_task(d.run_layer(event_id, xs[s], ids[s], ws[s], timeout_s=timeout_s))
+                for s, d in enumerate(ds)]
+    assert [t.result() for t in served] == [event_id] * len(served)
+    return [t.result() for t in outs]
+
+
+def assert_bitwise(got, want):
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == DTYPE
+        assert g.tobytes() == w.tobytes()
+
+
+KINDS = ["mem", "shm"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_layers_equal_direct_computation_with_replicas_and_empty_sources(kind, tmp_path):
+    async with pod(kind, tmp_path) as (eps, _):
+        ds, hs = make_sides(eps)
+        for step in range(3):
+            xs, ids, ws = gates(step)
+            got = await run_event(ds, hs, pack_event_id(1, step), xs, ids, ws)
+            assert_bitwise(got, reference_moe(xs, ids, ws, EXPERT_FN))
+        # Rank 2 excluded everywhere: its experts are served by their replicas on rank 3.
+        for d in ds:
+            d.exclude(2)
+        xs, ids, ws = gates(10)
+        got = await run_event(ds, hs, pack_event_id(1, 3), xs, ids, ws, serving=[0, 1, 3])
+        assert_bitwise(got, reference_moe(xs, ids, ws, EXPERT_FN))
+        assert hs[3].stats["rows_served"] > 0
+        for d in ds:
+            d.include(2)
+        # A source with no tokens still posts (count 0) to every rank, and gets back zero rows.
+        xs, ids, ws = gates(11)
+        xs[1], ids[1], ws[1] = xs[1][:0], ids[1][:0], ws[1][:0]
+        got = await run_event(ds, hs, pack_event_id(1, 4), xs, ids, ws)
+        assert got[1].shape == (0, HIDDEN)
+        assert_bitwise(got, reference_moe(xs, ids, ws, EXPERT_FN))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_dead_expert_rank_fails_within_timeout(kind, tmp_path):
+    async with pod(kind, tmp_path) as (eps, _):
+        ds, hs = make_sides(eps)
+        xs, ids, ws = gates(1)
+        await eps[EXP[1]].close()
+        t0 = time.monotonic()
+        with pytest.raises((PeerUnreachable, XcclTimeout)):
+            await ds[0].run_layer(pack_event_id(0, 0), xs[0], ids[0], ws[0], timeout_s=1.0)
+        assert time.monotonic() - t0 < 2.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_expert_alive_but_silent_is_a_timeout_naming_it(kind, tmp_path):
+    async with pod(kind, tmp_path) as (eps, _):
+        ds, hs = make_sides(eps)
+        xs, ids, ws = gates(2)
+        t0 = time.monotonic()
+        with pytest.raises(XcclTimeout, match=r"\[0, 1, 2, 3\]"):
+            await ds[0].run_layer(pack_event_id(0, 0), xs[0], ids[0], ws[0], timeout_s=0.5)
+        assert time.monotonic() - t0 < 1.5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_missing_source_times_out_then_the_event_completes(kind, tmp_path):
+    async with pod(kind, tmp_path) as (eps, _):
+        ds, hs = make_sides(eps)
+        xs, ids, ws = gates(3)
+        ev = pack_event_id(0, 5)
+        layer0 = asyncio.create_task(ds[0].run_layer(ev, xs[0], ids[0], ws[0], timeout_s=5.0))
+        with pytest.raises(XcclTimeout, match=r"sources \[1\]"):
+            await hs[0].serve_event(EXPERT_FN, timeout_s=0.5)
+        # Source 1 shows up late: the collected block of source 0 was kept, the event completes.
+        async with asyncio.TaskGroup() as tg:
+            for h in hs:
+                tg.create_task(h.serve_event(EXPERT_FN, timeout_s=5.0))
+            layer1 = tg.create_task(ds[1].run_layer(ev, xs[1], ids[1], ws[1], timeout_s=5.0))
+        assert_bitwise([await layer0, layer1.result()], reference_moe(xs, ids, ws, EXPERT_FN))
+
+
+@pytest.mark.parametrize("kind", ["mem"])
+async def test_bad_notify_is_rejected_and_the_expert_stays_up(kind, tmp_path):
+    async with pod(kind, tmp_path) as (eps, _):
+        ds, hs = make_sides(eps)
+        rogue = eps[ATTN[1]]
+        await rogue.put(EXP[0], "a2e", 0, b"", notify=b"\x00garbage")
+        with pytest.raises(CorruptMetadata):
+            await hs[0].serve_event(EXPERT_FN, timeout_s=1.0)
+        # Claims to be source 0 while being attn1.
+        await rogue.put(EXP[0], "a2e", 0, b"", notify=encode_meta(
+            BlockMeta(event_id=9, sender=0, offset=0, count=0, expert_ids=np.empty(0, np.int32))))
+        with pytest.raises(CorruptMetadata, match="claims to be source 0"):
+            await hs[0].serve_event(EXPERT_FN, timeout_s=1.0)
+        assert hs[0].stats["rejected_notices"] == 2
+        xs, ids, ws = gates(4)
+        got = await run_event(ds, hs, pack_event_id(2, 0), xs, ids, ws)
+        assert_bitwise(got, reference_moe(xs, ids, ws, EXPERT_FN))
+        # Replaying an already served event id is stale: EventIdMismatch, and the expert stays up.
+        await rogue.put(EXP[0], "a2e", LAYOUT.a2e_offset(1), b"", notify=encode_meta(BlockMeta(
+            event_id=pack_event_id(2, 0), sender=1, offset=LAYOUT.a2e_offset(1), count=0,
+            expert_ids=np.empty(0, np.int32))))
+        with pytest.raises(EventIdMismatch):
+            await hs[0].serve_event(EXPERT_FN, timeout_s=1.0)
+        xs, ids, ws = gates(5)
+        got = await run_event(ds, hs, pack_event_id(2, 1), xs, ids, ws)
+        assert_bitwise(got, reference_moe(xs, ids, ws, EXPERT_FN))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_abandoned_attempt_is_dropped_and_retry_with_replica_succeeds(kind, tmp_path):
+    """Rank 1 dies and rank 0 is slow: sources give up (timeout), exclude rank 1 and retry the
+    layer with a fresh attempt id; rank 0's late answer to the abandoned attempt is dropped."""
+    async with pod(kind, tmp_path) as (eps, _):
+        ds, hs = make_sides(eps)
+        xs, ids, ws = gates(6)
+        first = pack_event_id(3, 0, attempt=0)
+        fast = [asyncio.create_task(hs[r].serve_event(EXPERT_FN, timeout_s=5.0)) for r in (2, 3)]
+        tries = await asyncio.gather(*(d.run_layer(first, xs[s], ids[s], ws[s], timeout_s=0.5)
+                                       for s, d in enumerate(ds)), return_exceptions=True)
+        assert all(isinstance(t, XcclTimeout) for t in tries), tries
+        assert [await f for f in fast] == [first, first]
+        assert await hs[0].serve_event(EXPERT_FN, timeout_s=5.0) == first  # late answer
+        await eps[EXP[1]].close()
+        for d in ds:
+            d.exclude(1)
+        retry = pack_event_id(3, 0, attempt=1)
+        got = await run_event(ds, hs, retry, xs, ids, ws, serving=[0, 2, 3])
+        assert_bitwise(got, reference_moe(xs, ids, ws, EXPERT_FN))
+        assert [d.stats["stale_notices"] for d in ds] == [1, 1]
+
+
+async def test_capacity_overflow_raises_at_the_sender_before_any_put(tmp_path):
+    async with pod("mem", tmp_path) as (eps, _):
+        ds, _hs = make_sides(eps)
+        ids = np.tile(np.array([[0, 4, 1]]), (TOKENS + 1, 1))  # experts 0 and 4 both on rank 0
+        x = np.zeros((TOKENS + 1, HIDDEN), DTYPE)
+        small = A2EDispatcher(eps[ATTN[0]], source=0, expert_peers=EXP, placement=PLACEMENT,
+                              layout=DispatchLayout(M, N, capacity_rows=2 * TOKENS, hidden=HIDDEN))
+        with pytest.raises(DispatchCapacityError):
+            await small.run_layer(1, x, ids, np.ones(ids.shape, DTYPE), timeout_s=1.0)
+        assert eps[ATTN[0]].stats["puts"] == 0
