@@ -1,0 +1,274 @@
+"""Client of the fabric simulator: asks when a transfer completes (one round trip each).
+
+``FabricClient.connect(None, ...)`` gives the *ideal* fabric (zero delay, no I/O, no faults).
+Otherwise one DEALER socket per client; ``reserve`` calls are pipelined (any number in
+flight, matched by ``req_id``) and driven by ``ZmqPump`` (``loop.add_reader`` on the zmq
+FD) instead of ``zmq.asyncio``, which costs twice as much per round trip on this host.
+
+Failure rules:
+- no reply within ``timeout_s`` -> ``FabricUnavailable``; the request is abandoned (a late
+  reply is ignored) and nothing is retried behind the caller's back;
+- the socket uses ``IMMEDIATE``: while the simulator is down, requests wait in the bounded
+  send queue and are dropped unsent once their caller gave up, so a restarted simulator
+  never receives stale reservations;
+- every reply carries the simulator's epoch; a new epoch means it restarted, and the client
+  registers again (fire-and-forget: the reservation that revealed it is already valid).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from typing import Any
+
+import zmq
+
+from fabric_sim.protocol import (BAD_REQUEST, REPLIES, Failed, FidelityReport, Granted, Refused, Register,
+                                 Registered, Reserve)
+from fabric_sim.topology import PLANES
+from fabric_sim.zmqio import SendQueueFull, ZmqPump
+from services.common.logging import get_logger
+from services.common.wire import WireError, decode, encode
+from xccl_net.errors import EndpointClosed, FabricUnavailable, LinkDown, PeerUnreachable, XcclError
+
+log = get_logger()
+
+IDEAL = None  # pass as the address for the ideal fabric
+SPIN_MARGIN_S = 0.0015  # event-loop timers are ~1 ms coarse and uvloop's fire early
+_REREGISTER_TIMEOUT_S = 2.0
+
+
+class FabricRequestError(XcclError):
+    """The simulator rejected a request as impossible (e.g. this client's NPU is out of range)."""
+
+
+class FabricClient:
+    def __init__(self, address: str | None, *, name: str, npu: int) -> None:
+        self.address = address
+        self.name = name
+        self._npu = npu
+        self._npus: int | None = None
+        self.epoch: str | None = None
+        self.time_scale: float | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[asyncio.Future, asyncio.TimerHandle, float]] = {}
+        self._sock: zmq.Socket | None = None
+        self._pump: ZmqPump | None = None
+        self._closed = False
+        self._reregister_sent_at = -1e9
+        self._stats: dict[str, Any] = dict(
+            reserves=0, grants=0, refusals=0, failures=0, unavailable=0, last_rtt_s=0.0, rtt_sum_s=0.0,
+            rtt_max_s=0.0, registrations=0, epoch_changes=0, stray_replies=0, bad_replies=0,
+            waits=0, wait_late_sum_s=0.0, wait_late_max_s=0.0, wait_target_sum_s=0.0)
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    @classmethod
+    async def connect(cls, address: str | None, *, name: str, npu: int,
+                      timeout_s: float = 2.0) -> FabricClient:
+        if isinstance(npu, bool) or not isinstance(npu, int) or npu < 0:
+            raise ValueError(f"npu must be an integer >= 0, got {npu!r}")
+        client = cls(address, name=name, npu=npu)
+        if address is None:
+            return client
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.RECONNECT_IVL, 10)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 100)
+        sock.setsockopt(zmq.SNDHWM, 10_000)
+        sock.setsockopt(zmq.RCVHWM, 10_000)
+        try:
+            sock.connect(address)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise FabricUnavailable(f"cannot connect to fabric simulator at {address!r}: {exc}") from exc
+        client._sock = sock
+        client._pump = ZmqPump(sock, client._on_batch)
+        client._pump.start()
+        try:
+            rid = next(client._ids)
+            await client._request(rid, Register(rid, name, npu), timeout_s)
+        except BaseException:
+            await client.close()
+            raise
+        return client
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for rid in list(self._pending):
+            self._settle(rid, exc=EndpointClosed(f"fabric client {self.name} closed"))
+        if self._pump is not None:
+            self._pump.stop()
+        if self._sock is not None:
+            self._sock.close(linger=0)
+
+    async def __aenter__(self) -> FabricClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ---- properties ---------------------------------------------------------------------
+    @property
+    def npu(self) -> int:
+        return self._npu
+
+    @property
+    def is_ideal(self) -> bool:
+        return self.address is None
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        s = dict(self._stats)
+        s["rtt_mean_s"] = s["rtt_sum_s"] / s["grants"] if s["grants"] else 0.0
+        s["wait_late_mean_s"] = s["wait_late_sum_s"] / s["waits"] if s["waits"] else 0.0
+        s["in_flight"] = len(self._pending)
+        s["epoch"] = self.epoch
+        return s
+
+    # ---- API ----------------------------------------------------------------------------
+    async def reserve(self, dst_npu: int, nbytes: int, *, plane: str = "ub", timeout_s: float = 1.0) -> float:
+        """Wall seconds after this reply until the transfer is complete at ``dst_npu``."""
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+            raise ValueError(f"nbytes must be an integer >= 0, got {nbytes!r}")
+        if plane not in PLANES:
+            raise ValueError(f"unknown plane {plane!r} (known: {', '.join(PLANES)})")
+        if isinstance(dst_npu, bool) or not isinstance(dst_npu, int) or dst_npu < 0:
+            raise ValueError(f"dst_npu must be an integer >= 0, got {dst_npu!r}")
+        if self._closed:
+            raise EndpointClosed(f"fabric client {self.name} is closed")
+        self._stats["reserves"] += 1
+        if self.address is None:
+            self._stats["grants"] += 1
+            return 0.0
+        rid = next(self._ids)
+        return await self._request(rid, Reserve(rid, self._npu, dst_npu, nbytes, plane), timeout_s)
+
+    async def wait_until(self, deliver_at: float) -> None:
+        """Return at ``deliver_at`` (time.monotonic) or later, never earlier."""
+        remaining = deliver_at - time.monotonic()
+        if remaining > SPIN_MARGIN_S:
+            await asyncio.sleep(remaining - SPIN_MARGIN_S)
+        while (now := time.monotonic()) < deliver_at:
+            await asyncio.sleep(0)
+        late = now - deliver_at
+        s = self._stats
+        s["waits"] += 1
+        s["wait_late_sum_s"] += late
+        s["wait_late_max_s"] = max(s["wait_late_max_s"], late)
+        s["wait_target_sum_s"] += max(0.0, remaining)
+
+    def report_fidelity(self) -> None:
+        """Send the wait lateness so far to the simulator (telemetry: host keeps up?)."""
+        if self._pump is None or self._closed:
+            return
+        s = self._stats
+        try:
+            self._pump.send(encode(FidelityReport(self.name, self._npu, s["waits"], s["wait_late_sum_s"],
+                                                  s["wait_late_max_s"])))
+        except SendQueueFull:
+            pass  # a report is advisory; the next one carries the cumulative numbers
+
+    # ---- request/reply ------------------------------------------------------------------
+    async def _request(self, rid: int, msg: Register | Reserve, timeout_s: float) -> Any:
+        assert self._pump is not None
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        timer = loop.call_later(timeout_s, self._expire, rid, timeout_s)
+        self._pending[rid] = (fut, timer, time.monotonic())
+        try:
+            self._pump.send(encode(msg), wanted=lambda: rid in self._pending)
+        except SendQueueFull as exc:
+            self._settle(rid, exc=FabricUnavailable(f"fabric simulator at {self.address} is not taking "
+                                                    f"requests: {exc}"))
+        try:
+            return await fut
+        finally:
+            entry = self._pending.pop(rid, None)
+            if entry is not None:  # cancelled by our caller
+                entry[1].cancel()
+
+    def _settle(self, rid: int, *, result: Any = None, exc: BaseException | None = None) -> None:
+        entry = self._pending.pop(rid, None)
+        if entry is None:
+            return
+        fut, timer, _ = entry
+        timer.cancel()
+        if fut.done():
+            return
+        if exc is not None:
+            self._stats["failures"] += 1
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+
+    def _expire(self, rid: int, timeout_s: float) -> None:
+        if rid in self._pending:
+            self._stats["unavailable"] += 1
+            self._settle(rid, exc=FabricUnavailable(
+                f"fabric simulator at {self.address} did not answer within {timeout_s:g}s"))
+
+    def _on_batch(self, batch: list[list[bytes]]) -> None:
+        now = time.monotonic()
+        for frames in batch:
+            try:
+                reply = decode(frames, expect=REPLIES)
+            except WireError as exc:
+                self._stats["bad_replies"] += 1
+                log.warning("fabric_client.bad_reply", error=str(exc))
+                continue
+            self._on_reply(reply, now)
+
+    def _on_reply(self, reply: Any, now: float) -> None:
+        if reply.epoch != self.epoch and self.epoch is not None and not isinstance(reply, Registered):
+            self._stats["epoch_changes"] += 1
+            self._reregister()
+        entry = self._pending.get(reply.req_id)
+        if entry is None:
+            self._stats["stray_replies"] += 1  # its caller timed out, or a re-registration ack
+            if isinstance(reply, Registered):
+                self._registered(reply)
+            return
+        rtt = now - entry[2]
+        s = self._stats
+        if isinstance(reply, Granted):
+            s["grants"] += 1
+            s["last_rtt_s"] = rtt
+            s["rtt_sum_s"] += rtt
+            s["rtt_max_s"] = max(s["rtt_max_s"], rtt)
+            self._settle(reply.req_id, result=reply.delay_s)
+        elif isinstance(reply, Refused):
+            s["refusals"] += 1
+            self._settle(reply.req_id, exc=LinkDown(f"fabric refused transfer from npu{self._npu}: "
+                                                    f"{reply.reason}", link=reply.link))
+        elif isinstance(reply, Registered):
+            self._registered(reply)
+            self._settle(reply.req_id, result=reply)
+        elif isinstance(reply, Failed):
+            kind = PeerUnreachable if reply.code == BAD_REQUEST and "npu" in reply.reason else FabricRequestError
+            self._settle(reply.req_id, exc=kind(f"fabric simulator rejected the request: {reply.reason}"))
+
+    def _registered(self, reply: Registered) -> None:
+        if self.epoch is not None and reply.epoch != self.epoch:
+            log.info("fabric_client.reregistered", name=self.name, npu=self._npu, epoch=reply.epoch)
+        self.epoch = reply.epoch
+        self.time_scale = reply.time_scale
+        self._npus = reply.npus
+        self._stats["registrations"] += 1
+        self._reregister_sent_at = -1e9
+
+    def _reregister(self) -> None:
+        """Simulator restarted: register again, without blocking anyone on the answer."""
+        now = time.monotonic()
+        # One attempt in flight at a time; a lost one is retried on the next stale reply.
+        if self._pump is None or self._closed or now - self._reregister_sent_at < _REREGISTER_TIMEOUT_S:
+            return
+        self._reregister_sent_at = now
+        try:
+            self._pump.send(encode(Register(-next(self._ids), self.name, self._npu)))
+        except SendQueueFull:
+            self._reregister_sent_at = -1e9
