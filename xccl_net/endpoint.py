@@ -1,0 +1,329 @@
+"""XCCL endpoint: the one API every transport implements (shm, tcp, mem).
+
+``open_endpoint(cfg, fabric=..., hub=...)`` returns a ready ``Endpoint``. The base class
+owns what is identical everywhere: the bounded inbox and notification queue, timeouts,
+fabric timing, statistics and the closed state. Subclasses move bytes.
+
+Invariants:
+- every public operation has a timeout and ends in a typed ``XcclError``, never a hang;
+- a message is acknowledged when the receiver copied it out of its ring into the inbox;
+  a full inbox stops the copying, so a slow receiver back-pressures its senders through
+  the ring instead of losing data;
+- with a non-ideal fabric, bytes become visible to the receiver no earlier than the
+  delay the fabric reserved (``fabric.wait_until`` never returns early).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+
+from services.common.config import ConfigError
+from xccl_net.errors import EndpointClosed, PeerUnreachable, WindowError, XcclError, XcclTimeout
+from xccl_net.p2p_core import KIND_DATA, as_byte_views, frame_prefix
+
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,48}$")
+MAX_WINDOWS = 16
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    name: str
+    namespace: str = "default"
+    kind: Literal["shm", "tcp", "mem"] = "shm"
+    npu: int = 0
+    ring_slots: int = 64
+    slot_bytes: int = 256 * 1024
+    windows: dict[str, int] = field(default_factory=dict)
+    run_dir: str = "/tmp/xds"
+    # tcp: peer name -> "tcp://host:port"; our own entry (or ``bind``) is where we listen.
+    directory: dict[str, str] = field(default_factory=dict)
+    bind: str | None = None
+    max_peers: int = 16
+    inbox_max: int = 1024
+    max_message_bytes: int = 1 << 30
+    pretouch_windows: bool = True
+    # Safety net only: waits re-check state and peer liveness this often even without a wake-up.
+    poll_s: float = 0.05
+    handshake_timeout_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        for key, val in (("name", self.name), ("namespace", self.namespace)):
+            if not _NAME.match(val):
+                raise ConfigError(f"EndpointConfig.{key}", f"{val!r} must match {_NAME.pattern}")
+        if self.ring_slots < 2:
+            raise ConfigError("EndpointConfig.ring_slots", "must be >= 2")
+        if self.slot_bytes < 256 or self.slot_bytes % 64:
+            raise ConfigError("EndpointConfig.slot_bytes", "must be >= 256 and a multiple of 64")
+        if not 1 <= self.max_peers <= 1024:
+            raise ConfigError("EndpointConfig.max_peers", "must be in 1..1024")
+        if self.inbox_max < 1:
+            raise ConfigError("EndpointConfig.inbox_max", "must be >= 1")
+        if len(self.windows) > MAX_WINDOWS:
+            raise ConfigError("EndpointConfig.windows", f"at most {MAX_WINDOWS} windows")
+        for wname, size in self.windows.items():
+            if not _NAME.match(wname) or size < 0:
+                raise ConfigError(f"EndpointConfig.windows.{wname}", "bad window name or negative size")
+        if self.poll_s <= 0:
+            raise ConfigError("EndpointConfig.poll_s", "must be > 0")
+
+
+class Notification(NamedTuple):
+    """What ``recv_notify`` returns: a put with ``notify`` became visible in our window."""
+
+    src: str
+    window: str
+    offset: int
+    nbytes: int
+    notify: bytes
+
+
+def _resolve(fut: asyncio.Future[bool], value: bool) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+class Endpoint(ABC):
+    """Base of every transport; see the module doc for the contract."""
+
+    def __init__(self, cfg: EndpointConfig, fabric: Any = None) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.npu = cfg.npu
+        self.ready = asyncio.Event()
+        self._fabric = fabric
+        self._loop = asyncio.get_running_loop()
+        self._closed = False
+        self._inbox: deque[tuple[str, list[memoryview] | None, XcclError | None]] = deque()
+        self._notes: deque[Notification] = deque()
+        self._recv_waiters: list[asyncio.Future[bool]] = []
+        self._note_waiters: list[asyncio.Future[bool]] = []
+        self.stats: dict[str, int] = dict.fromkeys((
+            "bytes_sent", "bytes_received", "sends", "recvs", "puts", "gets", "put_bytes", "get_bytes",
+            "notifies_received", "ring_waits", "doorbells_rung", "doorbells_received",
+            "duplicates_discarded", "protocol_errors", "inbox_peak"), 0)
+
+    # ---------------------------------------------------------------- subclass hooks
+    @abstractmethod
+    async def _open(self) -> None: ...
+
+    @abstractmethod
+    async def _send(self, peer: str, kind: int, pieces: list[memoryview], total: int, wait_ack: bool) -> None: ...
+
+    @abstractmethod
+    async def _put(self, peer: str, window: str, offset: int, data: memoryview, notify: bytes | None) -> None: ...
+
+    @abstractmethod
+    async def _get(self, peer: str, window: str, offset: int, nbytes: int) -> bytes | memoryview: ...
+
+    @abstractmethod
+    async def _close(self) -> None: ...
+
+    @abstractmethod
+    def window(self, name: str) -> np.ndarray: ...
+
+    def _poll(self) -> None:
+        """Re-scan for work without a wake-up (safety net against a lost doorbell)."""
+
+    def _on_inbox_space(self) -> None:
+        """The application consumed from a full inbox: resume copying out of the rings."""
+
+    # ---------------------------------------------------------------- inbox (used by subclasses)
+    def _inbox_has_room(self, kind: int = KIND_DATA) -> bool:
+        q = self._inbox if kind == KIND_DATA else self._notes
+        return len(q) < self.cfg.inbox_max
+
+    def _deliver(self, src: str, frames: list[memoryview], nbytes: int) -> None:
+        self._inbox.append((src, frames, None))
+        self.stats["bytes_received"] += nbytes
+        self.stats["inbox_peak"] = max(self.stats["inbox_peak"], len(self._inbox))
+        self._wake(self._recv_waiters)
+
+    def _deliver_error(self, src: str, exc: XcclError) -> None:
+        # Errors bypass the bound: there is at most one per violating chunk already consumed.
+        exc.peer = src  # type: ignore[attr-defined]
+        self.stats["protocol_errors"] += 1
+        self._inbox.append((src, None, exc))
+        self._wake(self._recv_waiters)
+
+    def _deliver_notify(self, note: Notification) -> None:
+        self._notes.append(note)
+        self.stats["notifies_received"] += 1
+        self._wake(self._note_waiters)
+
+    @staticmethod
+    def _wake(waiters: list[asyncio.Future[bool]]) -> None:
+        for fut in waiters:
+            _resolve(fut, True)
+        waiters.clear()
+
+    async def _park(self, waiters: list[asyncio.Future[bool]], timeout_s: float) -> bool:
+        """Wait until woken (True) or ``timeout_s`` passed (False)."""
+        fut: asyncio.Future[bool] = self._loop.create_future()
+        waiters.append(fut)
+        handle = self._loop.call_later(timeout_s, _resolve, fut, False)
+        try:
+            return await fut
+        finally:
+            handle.cancel()
+            if not fut.done():
+                fut.cancel()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EndpointClosed(f"endpoint {self.name} is closed")
+
+    async def _fabric_delay(self, dst_npu: int, nbytes: int) -> None:
+        """Hold the data back until the fabric says it has arrived (never early)."""
+        fab = self._fabric
+        if fab is None or fab.is_ideal:
+            return
+        delay_s = await fab.reserve(dst_npu, nbytes)
+        if delay_s > 0:
+            await fab.wait_until(time.monotonic() + delay_s)
+
+    # ---------------------------------------------------------------- public API
+    async def send(self, peer: str, frames: Sequence[Any], *, timeout_s: float = 5.0) -> None:
+        self._check_open()
+        views = as_byte_views(frames)
+        prefix = memoryview(frame_prefix(views))
+        pieces = [prefix, *views]
+        total = sum(v.nbytes for v in pieces)
+        if total > self.cfg.max_message_bytes:
+            raise WindowError(f"message of {total} B exceeds max_message_bytes={self.cfg.max_message_bytes}")
+        await self._timed(self._send(peer, KIND_DATA, pieces, total, True), timeout_s, f"send to {peer}")
+        self.stats["sends"] += 1
+        self.stats["bytes_sent"] += total
+
+    async def recv(self, peer: str | None = None, *, timeout_s: float = 5.0) -> tuple[str, list[memoryview]]:
+        self._check_open()
+        deadline = self._loop.time() + timeout_s
+        while True:
+            for i, (src, frames, err) in enumerate(self._inbox):
+                if peer is None or src == peer:
+                    was_full = len(self._inbox) >= self.cfg.inbox_max
+                    del self._inbox[i]
+                    if was_full:
+                        self._on_inbox_space()
+                    if err is not None:
+                        raise err
+                    self.stats["recvs"] += 1
+                    assert frames is not None
+                    return src, frames
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                raise XcclTimeout(f"{self.name}: nothing received from {peer or 'any peer'} in {timeout_s} s")
+            woken = await self._park(self._recv_waiters, min(remaining, self.cfg.poll_s))
+            self._check_open()
+            if not woken:
+                self._poll()
+
+    async def recv_notify(self, *, timeout_s: float = 5.0) -> Notification:
+        self._check_open()
+        deadline = self._loop.time() + timeout_s
+        while not self._notes:
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                raise XcclTimeout(f"{self.name}: no notification in {timeout_s} s")
+            woken = await self._park(self._note_waiters, min(remaining, self.cfg.poll_s))
+            self._check_open()
+            if not woken:
+                self._poll()
+        was_full = len(self._notes) >= self.cfg.inbox_max
+        note = self._notes.popleft()
+        if was_full:
+            self._on_inbox_space()
+        return note
+
+    async def put(self, peer: str, window: str, offset: int, data: Any, *,
+                  notify: bytes | None = None, timeout_s: float = 5.0) -> None:
+        self._check_open()
+        (view,) = as_byte_views([data])
+        if offset < 0:
+            raise WindowError(f"negative offset {offset}")
+        await self._timed(self._put(peer, window, offset, view, notify), timeout_s, f"put to {peer}")
+        self.stats["puts"] += 1
+        self.stats["put_bytes"] += view.nbytes
+
+    async def get(self, peer: str, window: str, offset: int, nbytes: int, *,
+                  timeout_s: float = 5.0) -> bytes | memoryview:
+        self._check_open()
+        if offset < 0 or nbytes < 0:
+            raise WindowError(f"negative offset {offset} or size {nbytes}")
+        out = await self._timed(self._get(peer, window, offset, nbytes), timeout_s, f"get from {peer}")
+        self.stats["gets"] += 1
+        self.stats["get_bytes"] += nbytes
+        return out
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._wake(self._recv_waiters)
+        self._wake(self._note_waiters)
+        await self._close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def _timed(self, coro: Any, timeout_s: float, what: str) -> Any:
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await coro
+        except TimeoutError:
+            self._check_open()
+            raise XcclTimeout(f"{self.name}: {what} timed out after {timeout_s} s") from None
+
+    async def __aenter__(self) -> Endpoint:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def window_slice(windows: dict[str, np.ndarray], name: str, offset: int, nbytes: int, owner: str) -> np.ndarray:
+    """Bounds-checked view of ``nbytes`` at ``offset`` in window ``name`` (raises WindowError)."""
+    win = windows.get(name)
+    if win is None:
+        raise WindowError(f"{owner} has no window {name!r} (has {sorted(windows)})")
+    if offset < 0 or nbytes < 0 or offset + nbytes > win.nbytes:
+        raise WindowError(f"window {owner}/{name}: [{offset}, {offset + nbytes}) outside 0..{win.nbytes}")
+    return win[offset:offset + nbytes]
+
+
+async def open_endpoint(cfg: EndpointConfig, fabric: Any = None, hub: Any = None) -> Endpoint:
+    """Open, register and return a ready endpoint of ``cfg.kind``."""
+    ep: Endpoint
+    if cfg.kind == "shm":
+        from xccl_net.shm_endpoint import ShmEndpoint
+        ep = ShmEndpoint(cfg, fabric)
+    elif cfg.kind == "tcp":
+        from xccl_net.tcp_endpoint import TcpEndpoint
+        ep = TcpEndpoint(cfg, fabric)
+    elif cfg.kind == "mem":
+        from xccl_net.mem import MemEndpoint, MemoryHub
+        if not isinstance(hub, MemoryHub):
+            raise ConfigError("EndpointConfig.kind", "kind 'mem' needs hub=MemoryHub()")
+        ep = MemEndpoint(cfg, fabric, hub)
+    else:
+        raise ConfigError("EndpointConfig.kind", f"unknown kind {cfg.kind!r} (shm, tcp, mem)")
+    try:
+        await ep._open()
+    except BaseException:
+        ep._closed = True
+        await ep._close()
+        raise
+    ep.ready.set()
+    return ep
+
+
+__all__ = ["Endpoint", "EndpointConfig", "Notification", "open_endpoint", "PeerUnreachable", "window_slice"]

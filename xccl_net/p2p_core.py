@@ -1,0 +1,224 @@
+"""Pure core of XCCL two-sided messaging: framing, chunking and the receiver's checks.
+
+No I/O, no asyncio: the shm, tcp and mem endpoints all feed chunks into ``Reassembler``
+and act on the effects it returns (deliver, acknowledge, negative-acknowledge).
+
+Rules of a peer pair (src -> dst), identical on every transport:
+- every message carries an event id; ids of a pair start at 1 and grow by exactly one;
+- a message of ``total`` bytes is cut into ``n_chunks = max(1, ceil(total / chunk_bytes))``
+  chunks of the RECEIVER's slot size, sent in order 0..n-1;
+- an event id <= the last one delivered is a duplicate: discarded, never delivered twice;
+- an event id > last + 1 is an ``EventIdMismatch`` unless its first chunk carries
+  ``FLAG_RESET`` (the sender gave up on earlier events after a timeout, so gaps and a
+  half-written message before it are expected and dropped);
+- a chunk out of order inside a message is a ``ChunkOrderError``: the partial message is
+  dropped (decision: detect, do not reassemble; the sender is told by a NACK);
+- impossible sizes/counts are ``CorruptMetadata``.
+A violation consumes the offending chunk and is reported to both sides; the pair stays usable.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from xccl_net.errors import ChunkOrderError, CorruptMetadata, EventIdMismatch, ProtocolError
+
+KIND_DATA = 0
+KIND_NOTIFY = 1
+KINDS = (KIND_DATA, KIND_NOTIFY)
+
+FLAG_RESET = 1
+
+NACK_NONE = 0
+NACK_CODES: dict[type[ProtocolError], int] = {EventIdMismatch: 1, ChunkOrderError: 2, CorruptMetadata: 3}
+NACK_ERRORS: dict[int, type[ProtocolError]] = {v: k for k, v in NACK_CODES.items()}
+
+_COUNT = struct.Struct("<I")
+MAX_FRAMES = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkHeader:
+    event_id: int
+    chunk_id: int
+    n_chunks: int
+    total_bytes: int
+    kind: int
+    flags: int
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    event_id: int
+    kind: int
+    data: bytearray | bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    event_id: int
+    error: ProtocolError
+
+
+@dataclass(frozen=True, slots=True)
+class Discarded:
+    event_id: int
+    chunk_id: int
+
+
+Effect = Delivered | Violation | Discarded
+
+
+def n_chunks_for(total_bytes: int, chunk_bytes: int) -> int:
+    return max(1, -(-total_bytes // chunk_bytes))
+
+
+def as_byte_views(frames: Sequence[object]) -> list[memoryview]:
+    """Flat uint8 views of caller buffers (no copy); non-contiguous buffers are refused."""
+    views = []
+    for f in frames:
+        mv = memoryview(f)  # type: ignore[arg-type]
+        if not mv.c_contiguous:
+            raise ValueError("frames must be C-contiguous buffers")
+        views.append(mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv)
+    return views
+
+
+def frame_prefix(views: Sequence[memoryview]) -> bytes:
+    """Frame table written before the frames: u32 count, then one u64 length per frame."""
+    if len(views) > MAX_FRAMES:
+        raise ValueError(f"at most {MAX_FRAMES} frames per message")
+    return _COUNT.pack(len(views)) + struct.pack(f"<{len(views)}Q", *(v.nbytes for v in views))
+
+
+def split_message(data: bytearray | bytes) -> list[memoryview]:
+    """Inverse of ``frame_prefix`` + frames; views into ``data`` (no copy)."""
+    mv = memoryview(data)
+    if mv.nbytes < _COUNT.size:
+        raise CorruptMetadata("message shorter than its frame table")
+    (n,) = _COUNT.unpack_from(mv, 0)
+    table_end = _COUNT.size + 8 * n
+    if n > MAX_FRAMES or table_end > mv.nbytes:
+        raise CorruptMetadata(f"frame table of {n} frames does not fit a {mv.nbytes} B message")
+    lens = struct.unpack_from(f"<{n}Q", mv, _COUNT.size)
+    if table_end + sum(lens) != mv.nbytes:
+        raise CorruptMetadata(f"frame lengths sum to {sum(lens)}, message holds {mv.nbytes - table_end}")
+    out, pos = [], table_end
+    for ln in lens:
+        out.append(mv[pos:pos + ln])
+        pos += ln
+    return out
+
+
+def gather_into(dst: memoryview, pieces: Sequence[memoryview], start: int) -> None:
+    """Copy bytes [start, start + len(dst)) of the concatenation of ``pieces`` into ``dst``."""
+    need, out, pos = dst.nbytes, 0, 0
+    for p in pieces:
+        n = p.nbytes
+        if pos + n <= start:
+            pos += n
+            continue
+        lo = max(0, start - pos)
+        take = min(n - lo, need - out)
+        dst[out:out + take] = p[lo:lo + take]
+        out += take
+        pos += n
+        if out == need:
+            return
+    if out != need:
+        raise ValueError("pieces shorter than the requested range")
+
+
+class Reassembler:
+    """Receiver state for one peer pair; ``on_chunk`` returns the effects to carry out."""
+
+    def __init__(self, chunk_bytes: int, max_message_bytes: int) -> None:
+        self.chunk_bytes = chunk_bytes
+        self.max_message_bytes = max_message_bytes
+        self.last_event = 0
+        self._cur: ChunkHeader | None = None
+        self._next_chunk = 0
+        self._buf: bytearray | None = None
+
+    def reset(self) -> None:
+        """The peer restarted: its event ids begin again at 1."""
+        self.last_event = 0
+        self._drop_partial()
+
+    def _drop_partial(self) -> None:
+        self._cur, self._buf, self._next_chunk = None, None, 0
+
+    def _check(self, h: ChunkHeader, nbytes: int) -> CorruptMetadata | None:
+        if h.kind not in KINDS or h.event_id <= 0:
+            return CorruptMetadata(f"bad kind {h.kind} or event id {h.event_id}")
+        if not 0 <= h.total_bytes <= self.max_message_bytes:
+            return CorruptMetadata(f"message size {h.total_bytes} B outside 0..{self.max_message_bytes}")
+        if h.n_chunks != n_chunks_for(h.total_bytes, self.chunk_bytes) or not 0 <= h.chunk_id < h.n_chunks:
+            return CorruptMetadata(f"chunk {h.chunk_id}/{h.n_chunks} impossible for {h.total_bytes} B")
+        want = min(self.chunk_bytes, h.total_bytes - h.chunk_id * self.chunk_bytes)
+        if nbytes != want:
+            return CorruptMetadata(f"chunk {h.chunk_id} holds {nbytes} B, expected {want}")
+        return None
+
+    def on_chunk(self, h: ChunkHeader, payload: memoryview) -> list[Effect]:
+        bad = self._check(h, payload.nbytes)
+        if bad is not None:
+            return [Violation(h.event_id, bad)]
+        effects: list[Effect] = []
+        cur = self._cur
+        if cur is not None:
+            if h.event_id == cur.event_id and h.chunk_id == self._next_chunk:
+                if h.n_chunks != cur.n_chunks or h.total_bytes != cur.total_bytes or h.kind != cur.kind:
+                    self._drop_partial()
+                    self.last_event = cur.event_id
+                    return [Violation(cur.event_id, CorruptMetadata(
+                        f"event {cur.event_id}: chunk {h.chunk_id} disagrees with chunk 0 on size"))]
+                return self._append(h, payload)
+            if h.event_id == cur.event_id and h.chunk_id < self._next_chunk:
+                return [Discarded(h.event_id, h.chunk_id)]
+            if h.event_id < cur.event_id:
+                return [Discarded(h.event_id, h.chunk_id)]
+            # Anything else breaks the message in progress.
+            expected = self._next_chunk
+            self._drop_partial()
+            if not (h.chunk_id == 0 and h.flags & FLAG_RESET and h.event_id > cur.event_id):
+                self.last_event = cur.event_id
+                effects.append(Violation(cur.event_id, ChunkOrderError(
+                    f"event {cur.event_id}: expected chunk {expected}, "
+                    f"got event {h.event_id} chunk {h.chunk_id}")))
+                if h.event_id == cur.event_id:
+                    return effects
+        if h.event_id <= self.last_event:
+            effects.append(Discarded(h.event_id, h.chunk_id))
+            return effects
+        if h.event_id != self.last_event + 1 and not (h.flags & FLAG_RESET and h.chunk_id == 0):
+            effects.append(Violation(h.event_id, EventIdMismatch(
+                f"expected event {self.last_event + 1}, got {h.event_id}")))
+            return effects
+        if h.chunk_id != 0:
+            self.last_event = h.event_id
+            effects.append(Violation(h.event_id, ChunkOrderError(
+                f"event {h.event_id}: first chunk seen is {h.chunk_id}, expected 0")))
+            return effects
+        if h.n_chunks == 1:
+            self.last_event = h.event_id
+            effects.append(Delivered(h.event_id, h.kind, bytes(payload)))
+            return effects
+        self._cur, self._next_chunk = h, 0
+        self._buf = bytearray(h.total_bytes)
+        effects.extend(self._append(h, payload))
+        return effects
+
+    def _append(self, h: ChunkHeader, payload: memoryview) -> list[Effect]:
+        assert self._buf is not None
+        lo = h.chunk_id * self.chunk_bytes
+        memoryview(self._buf)[lo:lo + payload.nbytes] = payload
+        self._next_chunk += 1
+        if self._next_chunk < h.n_chunks:
+            return []
+        buf = self._buf
+        self._drop_partial()
+        self.last_event = h.event_id
+        return [Delivered(h.event_id, h.kind, buf)]

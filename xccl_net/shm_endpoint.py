@@ -1,0 +1,409 @@
+"""Same-host XCCL endpoint: peers write straight into each other's shared-memory segment.
+
+send: the sender copies the payload into the ring that lives in the RECEIVER's segment
+(one memcpy per chunk), publishes the tail, rings the receiver's doorbell; the receiver
+checks each slot (p2p_core.Reassembler), copies ring -> a fresh buffer handed to the
+application, and acknowledges by writing head / acked event (or a NACK) into the SENDER's
+segment, then rings the sender. put/get are plain memcpys into/out of the peer's window.
+
+Wake-ups are the cost (MEASUREMENTS.md), so doorbells are coalesced: a ringer sets the
+owner's bell-pending word and only sends a datagram if it was clear; rings issued while
+handling an event are deferred to the end of the loop iteration, so an ack and the reply
+the application sends right after recv() share one wake-up. A timer every ``poll_s``
+re-scans as a safety net (lost wake-up, crashed ringer) and checks peer liveness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from dataclasses import dataclass, field
+
+import msgpack
+import numpy as np
+
+from xccl_net.doorbell import Doorbell, Ringer, bell_address, full_fence
+from xccl_net.endpoint import Endpoint, EndpointConfig, Notification, window_slice
+from xccl_net.errors import CorruptMetadata, PeerUnreachable, ProtocolError, WindowError, XcclError
+from xccl_net.layout import (
+    H_BELL_PENDING, H_INCARNATION, H_STATE, P_CHUNK, P_CLAIMED, P_EVENT, P_NACK_CODE, P_NACK_EVENT,
+    P_OUT_ACKED, P_OUT_HEAD, P_READER_INC, P_TAIL, P_WRITER_INC, S_CHECK, S_CHUNK, S_EVENT, S_FLAGS,
+    S_KIND, S_NBYTES, S_NCHUNKS, S_TOTAL, SLOT_HEADER_BYTES, STATE_CLOSED, STATE_OPEN, Geometry,
+    claim_entry, entry_name, slot_check,
+)
+from xccl_net.p2p_core import (
+    FLAG_RESET, KIND_DATA, KIND_NOTIFY, NACK_CODES, NACK_ERRORS, ChunkHeader, Delivered, Discarded,
+    Reassembler, Violation, gather_into, n_chunks_for, split_message,
+)
+from xccl_net.shm_segment import Segment, create_segment, map_peer, pid_alive, pretouch, segment_path
+
+
+@dataclass(eq=False)
+class _Link:
+    """Both directions of one peer pair, seen from this endpoint."""
+
+    name: str
+    seg: Segment            # the peer's segment (mapped)
+    geo: Geometry           # the peer's geometry (its ring, its windows)
+    windows: dict[str, np.ndarray]
+    npu: int
+    pid: int
+    incarnation: int
+    bell: bytes
+    remote_idx: int         # our entry in the peer's segment (ring we write)
+    local_idx: int          # the peer's entry in our segment (ring it writes; our acks)
+    tail: int = 0
+    next_event: int = 1
+    need_reset: bool = False
+    dead: XcclError | None = None
+    waiters: list = field(default_factory=list)
+    lock: object = None
+
+
+@dataclass(eq=False)
+class _Inbound:
+    name: str
+    writer_inc: int
+    reasm: Reassembler
+    head: int = 0
+    bad_tail: int = -1
+
+
+class ShmEndpoint(Endpoint):
+    def __init__(self, cfg: EndpointConfig, fabric: object = None) -> None:
+        super().__init__(cfg, fabric)
+        self._geo = Geometry(cfg.max_peers, cfg.ring_slots, cfg.slot_bytes, tuple(cfg.windows.items()))
+        self._incarnation = random.getrandbits(63) | 1
+        self._seg: Segment | None = None
+        self._bell: Doorbell | None = None
+        self._ringer = Ringer()
+        self._links: dict[str, _Link] = {}
+        self._inbound: dict[int, _Inbound] = {}
+        self._windows: dict[str, np.ndarray] = {}
+        self._deferred: dict[str, _Link] = {}
+        self._flush_scheduled = False
+        self._tick_handle: object = None
+
+    # ---------------------------------------------------------------- lifecycle
+    async def _open(self) -> None:
+        # The doorbell first: binding fails if a live process holds the name, before we
+        # judge any segment of that name stale.
+        self._bell = Doorbell(self.cfg.namespace, self.name)
+        self._seg = create_segment(segment_path(self.cfg.namespace, self.name), self._geo,
+                                   npu=self.npu, incarnation=self._incarnation)
+        for wname, (off, size) in self._geo.window_offsets().items():
+            if self.cfg.pretouch_windows:
+                pretouch(self._seg.mm, off, size, write=True)
+            self._windows[wname] = np.frombuffer(self._seg.mm, dtype=np.uint8, count=size, offset=off)
+        self._loop.add_reader(self._bell.fileno(), self._on_bell)
+        self._tick_handle = self._loop.call_later(self.cfg.poll_s, self._tick)
+
+    async def _close(self) -> None:
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        self._deferred.clear()
+        for link in self._links.values():
+            self._wake(link.waiters)
+        if self._bell is not None:
+            self._loop.remove_reader(self._bell.fileno())
+            self._bell.close()
+        if self._seg is not None:
+            self._seg.words[H_STATE] = STATE_CLOSED
+            self._windows.clear()
+            self._seg.close(unlink=True)
+        for link in self._links.values():
+            link.windows.clear()
+            link.seg.close(unlink=False)
+        self._links.clear()
+        self._ringer.close()
+
+    def window(self, name: str) -> np.ndarray:
+        self._check_open()
+        win = self._windows.get(name)
+        if win is None:
+            raise WindowError(f"{self.name} has no window {name!r} (has {sorted(self._windows)})")
+        return win
+
+    # ---------------------------------------------------------------- links
+    def _link(self, peer: str) -> _Link:
+        link = self._links.get(peer)
+        if link is not None:
+            w = link.seg.words
+            if link.dead is None and w[H_STATE] == STATE_OPEN and w[H_INCARNATION] == link.incarnation:
+                return link
+            self._drop_link(link, link.dead or PeerUnreachable(f"{peer} closed or restarted"))
+        if peer == self.name:
+            raise PeerUnreachable(f"{self.name}: send to self is not supported")
+        seg, hdr = map_peer(segment_path(self.cfg.namespace, peer))
+        try:
+            assert self._seg is not None
+            with self._seg.locked():
+                local_idx = claim_entry(self._seg.buf, self._seg.words, self._geo, peer)
+            with seg.locked():
+                remote_idx = claim_entry(seg.buf, seg.words, hdr.geometry, self.name)
+            if local_idx is None or remote_idx is None:
+                raise PeerUnreachable(f"peer table full ({self.name} <-> {peer}, max_peers)")
+            ow, pw, pg = self._seg.words, seg.words, hdr.geometry
+            # Acks for the new peer incarnation start from zero.
+            for f in (P_OUT_HEAD, P_OUT_ACKED, P_NACK_EVENT, P_NACK_CODE):
+                ow[self._geo.entry_word(local_idx, f)] = 0
+            ow[self._geo.entry_word(local_idx, P_READER_INC)] = hdr.incarnation
+            if pw[pg.entry_word(remote_idx, P_WRITER_INC)] != self._incarnation:
+                # (Re)start our ring in the peer: writer-inc 0 marks "resetting" so a reader
+                # never pairs the old incarnation with the new tail.
+                pw[pg.entry_word(remote_idx, P_WRITER_INC)] = 0
+                pw[pg.entry_word(remote_idx, P_TAIL)] = 0
+                pretouch(seg.mm, pg.ring_off(remote_idx), pg.ring_bytes, write=True)
+                pw[pg.entry_word(remote_idx, P_WRITER_INC)] = self._incarnation
+                tail = 0
+            else:
+                tail = pw[pg.entry_word(remote_idx, P_TAIL)]
+        except BaseException:
+            seg.close(unlink=False)
+            raise
+        wins = {n: np.frombuffer(seg.mm, dtype=np.uint8, count=size, offset=off)
+                for n, (off, size) in hdr.windows.items()}
+        link = _Link(name=peer, seg=seg, geo=pg, windows=wins, npu=hdr.npu, pid=hdr.pid,
+                     incarnation=hdr.incarnation, bell=bell_address(self.cfg.namespace, peer),
+                     remote_idx=remote_idx, local_idx=local_idx, tail=tail, lock=asyncio.Lock())
+        self._links[peer] = link
+        return link
+
+    def _drop_link(self, link: _Link, why: XcclError) -> None:
+        link.dead = why
+        self._wake(link.waiters)
+        if self._links.get(link.name) is link:
+            del self._links[link.name]
+        self._deferred.pop(link.name, None)
+        link.windows.clear()
+        link.seg.close(unlink=False)
+
+    def _check_link(self, link: _Link) -> None:
+        self._check_open()
+        if link.dead is not None:
+            raise link.dead
+        w = link.seg.words
+        if w[H_STATE] != STATE_OPEN or w[H_INCARNATION] != link.incarnation or not pid_alive(link.pid):
+            err = PeerUnreachable(f"{self.name}: peer {link.name} (pid {link.pid}) closed or died")
+            self._drop_link(link, err)
+            raise err
+
+    async def _wait_link(self, link: _Link) -> None:
+        woken = await self._park(link.waiters, self.cfg.poll_s)
+        if not woken:
+            self._pump()
+        self._check_link(link)
+
+    # ---------------------------------------------------------------- doorbells
+    def _ring(self, link: _Link) -> None:
+        self._deferred[link.name] = link
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_rings)
+
+    def _flush_rings(self) -> None:
+        self._flush_scheduled = False
+        if self._closed:
+            return
+        links, self._deferred = list(self._deferred.values()), {}
+        for link in links:
+            self._ring_now(link)
+
+    def _ring_now(self, link: _Link) -> None:
+        if link.dead is not None:
+            return
+        w = link.seg.words
+        full_fence()
+        if w[H_BELL_PENDING]:
+            return
+        w[H_BELL_PENDING] = 1
+        try:
+            self._ringer.ring(link.bell)
+        except PeerUnreachable as exc:
+            self._drop_link(link, exc)
+            return
+        self.stats["doorbells_rung"] += 1
+
+    def _on_bell(self) -> None:
+        assert self._bell is not None and self._seg is not None
+        self.stats["doorbells_received"] += self._bell.drain()
+        self._seg.words[H_BELL_PENDING] = 0
+        full_fence()
+        self._pump()
+
+    def _tick(self) -> None:
+        if self._closed or self._seg is None:
+            return
+        self._seg.words[H_BELL_PENDING] = 0
+        full_fence()
+        self._pump()
+        self._tick_handle = self._loop.call_later(self.cfg.poll_s, self._tick)
+
+    def _poll(self) -> None:
+        self._pump()
+
+    def _on_inbox_space(self) -> None:
+        self._loop.call_soon(self._pump)
+
+    # ---------------------------------------------------------------- receive side
+    def _pump(self) -> None:
+        if self._closed or self._seg is None:
+            return
+        w, geo = self._seg.words, self._geo
+        for idx in range(geo.max_peers):
+            if w[geo.entry_word(idx, P_CLAIMED)]:
+                self._consume(idx)
+        for link in self._links.values():
+            if link.waiters:
+                self._wake(link.waiters)
+
+    def _consume(self, idx: int) -> None:
+        assert self._seg is not None
+        w, buf, geo = self._seg.words, self._seg.buf, self._geo
+        inc_word = geo.entry_word(idx, P_WRITER_INC)
+        inc = w[inc_word]
+        if inc == 0:
+            return
+        st = self._inbound.get(idx)
+        if st is None or st.writer_inc != inc:
+            st = _Inbound(entry_name(buf, geo, idx), inc, Reassembler(geo.slot_bytes, self.cfg.max_message_bytes))
+            self._inbound[idx] = st
+            pretouch(self._seg.mm, geo.ring_off(idx), geo.ring_bytes, write=False)
+        tail = w[geo.entry_word(idx, P_TAIL)]
+        if w[inc_word] != inc:
+            return  # the writer is restarting this ring right now; its next ring brings us back
+        if tail < st.head or tail - st.head > geo.ring_slots:
+            if st.bad_tail != tail:
+                st.bad_tail = tail
+                self._deliver_error(st.name, CorruptMetadata(
+                    f"{st.name}->{self.name}: tail {tail} impossible with head {st.head} "
+                    f"and {geo.ring_slots} slots"))
+            return
+        nack: tuple[int, int] | None = None
+        start = st.head
+        while st.head < tail and self._inbox_has_room(KIND_DATA) and self._inbox_has_room(KIND_NOTIFY):
+            off = geo.slot_off(idx, st.head)
+            base = off // 8
+            hw = tuple(w[base:base + S_CHECK])
+            if w[base + S_CHECK] != slot_check(hw) or hw[S_NBYTES] > geo.slot_bytes:
+                effects = [Violation(hw[S_EVENT], CorruptMetadata(f"slot {st.head} header check failed"))]
+            else:
+                h = ChunkHeader(hw[S_EVENT], hw[S_CHUNK], hw[S_NCHUNKS], hw[S_TOTAL], hw[S_KIND], hw[S_FLAGS])
+                p0 = off + SLOT_HEADER_BYTES
+                effects = st.reasm.on_chunk(h, buf[p0:p0 + hw[S_NBYTES]])
+            st.head += 1
+            for eff in effects:
+                bad = self._apply(st.name, eff)
+                if bad is not None:
+                    nack = bad
+        if st.head != start or nack is not None:
+            self._acknowledge(st, nack)
+
+    def _apply(self, src: str, eff: object) -> tuple[int, int] | None:
+        """Carry out one reassembler effect; returns (event, nack code) for a violation."""
+        if isinstance(eff, Delivered):
+            try:
+                if eff.kind == KIND_DATA:
+                    self._deliver(src, split_message(eff.data), len(eff.data))
+                else:
+                    win, off, nbytes, note = msgpack.unpackb(eff.data)
+                    self._deliver_notify(Notification(src, str(win), int(off), int(nbytes), bytes(note)))
+            except (CorruptMetadata, ValueError, TypeError, msgpack.UnpackException) as exc:
+                err = exc if isinstance(exc, CorruptMetadata) else CorruptMetadata(f"bad notify record: {exc}")
+                return self._apply(src, Violation(eff.event_id, err))
+            return None
+        if isinstance(eff, Violation):
+            self._deliver_error(src, eff.error)
+            return eff.event_id, NACK_CODES.get(type(eff.error), NACK_CODES[CorruptMetadata])
+        if isinstance(eff, Discarded):
+            self.stats["duplicates_discarded"] += 1
+        return None
+
+    def _acknowledge(self, st: _Inbound, nack: tuple[int, int] | None) -> None:
+        try:
+            link = self._link(st.name)
+        except PeerUnreachable:
+            return  # the writer is gone (or never had a segment): nobody to acknowledge
+        pw, pg = link.seg.words, link.geo
+        if nack is not None:
+            pw[pg.entry_word(link.remote_idx, P_NACK_CODE)] = nack[1]
+            pw[pg.entry_word(link.remote_idx, P_NACK_EVENT)] = nack[0]
+        pw[pg.entry_word(link.remote_idx, P_OUT_ACKED)] = st.reasm.last_event
+        pw[pg.entry_word(link.remote_idx, P_OUT_HEAD)] = st.head
+        self._ring(link)
+
+    # ---------------------------------------------------------------- send side
+    async def _send(self, peer: str, kind: int, pieces: list[memoryview], total: int, wait_ack: bool) -> None:
+        link = self._link(peer)
+        await self._fabric_delay(link.npu, total)
+        assert self._seg is not None
+        ow, geo = self._seg.words, link.geo
+        head_word = self._geo.entry_word(link.local_idx, P_OUT_HEAD)
+        n = n_chunks_for(total, geo.slot_bytes)
+        async with link.lock:  # chunks of one message stay contiguous in the ring
+            self._check_link(link)
+            ev = link.next_event
+            link.next_event += 1
+            flags = FLAG_RESET if link.need_reset else 0
+            link.need_reset = True  # until the last chunk is in: a timeout leaves a partial message
+            pw, pbuf = link.seg.words, link.seg.buf
+            for k in range(n):
+                while link.tail - ow[head_word] >= geo.ring_slots:
+                    self.stats["ring_waits"] += 1
+                    self._ring_now(link)
+                    await self._wait_link(link)
+                off = geo.slot_off(link.remote_idx, link.tail)
+                lo = k * geo.slot_bytes
+                nb = min(geo.slot_bytes, total - lo)
+                p0 = off + SLOT_HEADER_BYTES
+                gather_into(pbuf[p0:p0 + nb], pieces, lo)
+                hw = (ev, k, n, total, nb, kind, flags if k == 0 else 0)
+                base = off // 8
+                for i, v in enumerate(hw):
+                    pw[base + i] = v
+                pw[base + S_CHECK] = slot_check(hw)
+                pw[geo.entry_word(link.remote_idx, P_EVENT)] = ev
+                pw[geo.entry_word(link.remote_idx, P_CHUNK)] = k
+                link.tail += 1
+                pw[geo.entry_word(link.remote_idx, P_TAIL)] = link.tail  # commit point
+                if n > 1 and k == 0:
+                    self._ring_now(link)  # let the receiver copy while we keep writing
+            link.need_reset = False
+        self._ring(link)
+        if not wait_ack:
+            return
+        nack_word = self._geo.entry_word(link.local_idx, P_NACK_EVENT)
+        acked_word = self._geo.entry_word(link.local_idx, P_OUT_ACKED)
+        while True:
+            if ow[nack_word] == ev:
+                code = ow[self._geo.entry_word(link.local_idx, P_NACK_CODE)]
+                raise NACK_ERRORS.get(code, ProtocolError)(f"{peer} rejected event {ev} (code {code})")
+            if ow[acked_word] >= ev:
+                return
+            await self._wait_link(link)
+
+    async def _put(self, peer: str, window: str, offset: int, data: memoryview, notify: bytes | None) -> None:
+        link = self._link(peer)
+        dst = window_slice(link.windows, window, offset, data.nbytes, peer)
+        await self._fabric_delay(link.npu, data.nbytes)
+        self._check_link(link)
+        memoryview(dst)[:] = data
+        if notify is not None:
+            rec = memoryview(msgpack.packb([window, offset, data.nbytes, bytes(notify)]))
+            await self._send(peer, KIND_NOTIFY, [rec], rec.nbytes, False)
+
+    async def _get(self, peer: str, window: str, offset: int, nbytes: int) -> bytes:
+        link = self._link(peer)
+        src = window_slice(link.windows, window, offset, nbytes, peer)
+        await self._fabric_delay(link.npu, nbytes)
+        self._check_link(link)
+        return src.tobytes()
+
+    @property
+    def segment_path(self) -> str:
+        return segment_path(self.cfg.namespace, self.name)
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()
