@@ -1,0 +1,131 @@
+"""Heartbeat plane: every service PUBlishes status + load; routers and masters SUBscribe.
+
+Beats are sent from the service's own event loop (never a side thread): when that loop hangs,
+beats stop, and the failure detector (``liveness.FailureDetector``) sees silence. There is no
+central registry: each subscriber connects to every publisher address the pod spec lists and
+forms its own view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import zmq
+
+from fabric_sim.zmqio import ZmqPump
+from services.common.liveness import Change, DetectorConfig, FailureDetector
+from services.common.logging import get_logger
+from services.common.wire import WireError, decode, encode, message
+
+log = get_logger()
+
+
+@message("heartbeat.Beat")
+@dataclass(frozen=True, slots=True)
+class Beat:
+    service: str            # unique name in the pod, e.g. "decode-1"
+    role: str               # router | prefill | decode | attention | moe-expert | kv-pool
+    epoch: str              # new at every process start
+    seq: int                # increases by one per beat within an epoch
+    status: str = "serving"  # serving | draining
+    group: int = -1         # DP group for decode/attention, else -1
+    load: dict[str, float] = field(default_factory=dict)  # running, queued, free_kv_blocks, ...
+
+
+def new_epoch() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+class HeartbeatPublisher:
+    """Publishes a Beat every ``interval_s`` from the running loop; ``load()`` supplies the load."""
+
+    def __init__(self, address: str, *, service: str, role: str, group: int = -1,
+                 interval_s: float = 0.2, load: Callable[[], Mapping[str, float]] = dict,
+                 ctx: zmq.Context | None = None) -> None:
+        self.service, self.role, self.group, self.interval_s = service, role, group, interval_s
+        self.epoch = new_epoch()
+        self.status = "serving"
+        self._load = load
+        self._seq = 0
+        self._sock = (ctx or zmq.Context.instance()).socket(zmq.PUB)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDHWM, 16)  # stale beats are worthless: drop, don't queue
+        self._sock.bind(address)
+        self.address = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def beat_now(self) -> None:
+        self._seq += 1
+        beat = Beat(self.service, self.role, self.epoch, self._seq, self.status, self.group,
+                    {k: float(v) for k, v in self._load().items()})
+        try:
+            self._sock.send_multipart(encode(beat), zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            pass  # no subscriber keeps up: the next beat supersedes this one
+
+    async def run(self) -> None:
+        try:
+            while True:
+                self.beat_now()
+                await asyncio.sleep(self.interval_s)
+        finally:
+            self._sock.close(0)
+
+
+class HeartbeatSubscriber:
+    """Connects to every publisher, feeds a FailureDetector, reports changes to ``on_change``."""
+
+    def __init__(self, addresses: Sequence[str], *, detector: FailureDetector | None = None,
+                 on_change: Callable[[Change], None] | None = None,
+                 on_beat: Callable[[Beat], None] | None = None, tick_s: float = 0.05,
+                 ctx: zmq.Context | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.detector = detector or FailureDetector(DetectorConfig())
+        self._on_change = on_change or (lambda c: None)
+        self._on_beat = on_beat or (lambda b: None)
+        self._tick_s, self._clock = tick_s, clock
+        self._sock = (ctx or zmq.Context.instance()).socket(zmq.SUB)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        for a in addresses:
+            self._sock.connect(a)
+        self._pump = ZmqPump(self._sock, self._on_batch)
+        self.bad_beats = 0
+        self.latest: dict[str, Beat] = {}
+
+    def connect(self, address: str) -> None:
+        self._sock.connect(address)
+
+    def _emit(self, changes: list[Change]) -> None:
+        for c in changes:
+            log.info("liveness.change", peer=c.peer, old=c.old and c.old.value, new=c.new.value, epoch=c.epoch)
+            self._on_change(c)
+
+    def _on_batch(self, batch: list[list[bytes]]) -> None:
+        now = self._clock()
+        for frames in batch:
+            try:
+                beat = decode(frames, expect=Beat)
+            except WireError as exc:
+                self.bad_beats += 1
+                log.warning("heartbeat.bad", error=str(exc))
+                continue
+            prev = self.latest.get(beat.service)
+            if prev is not None and prev.epoch == beat.epoch and beat.seq <= prev.seq:
+                continue  # duplicate or reordered beat
+            self.latest[beat.service] = beat
+            info = {"role": beat.role, "group": beat.group, "status": beat.status, **beat.load}
+            self._emit(self.detector.observe(beat.service, beat.epoch, now, info))
+            self._on_beat(beat)
+
+    async def run(self) -> None:
+        self._pump.start()
+        try:
+            while True:
+                await asyncio.sleep(self._tick_s)
+                self._emit(self.detector.tick(self._clock()))
+        finally:
+            self._pump.stop()
+            self._sock.close(0)
