@@ -73,10 +73,10 @@ class FabricService:
         for frames in messages:
             c.requests += 1
             if len(frames) < 2:
-                c.bad_messages += 1
-                c.last_problem = "bad_message: no message frames after the identity"
                 if frames:
-                    replies.append(self._failed(frames[0], -1, BAD_MESSAGE, "empty message"))
+                    replies.append(self._failed(frames[0], -1, BAD_MESSAGE, "no message frames after the identity"))
+                else:
+                    c.bad_messages += 1
                 continue
             ident = frames[0]
             try:
