@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 import math
 import struct
 import types
@@ -79,11 +80,11 @@ class ArrayMismatch(WireError):
 class _Bad(Exception):
     """Internal: raised by converters; ``path`` collects location parts innermost first."""
 
-    def __init__(self, reason: str, kind: type[WireError] = FieldError) -> None:
+    def __init__(self, reason: str, kind: type[WireError] = FieldError, part: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
         self.kind = kind
-        self.path: list[str] = []
+        self.path: list[str] = [part] if part else []
 
     def to_error(self, tag: str) -> WireError:
         path = tag + "".join(reversed(self.path))
@@ -111,6 +112,8 @@ _DTYPE_CODE: dict[np.dtype, str] = {dt: code for code, dt in _DTYPES.items()}
 
 
 # --------------------------------------------------------------------------- converters
+# A converter pair per annotation: enc(value, arrays) -> msgpack-able (appending ndarrays to
+# ``arrays``), dec(wire, ctx) -> value. Both raise _Bad; containers add their path part.
 
 Enc = Callable[[Any, list], Any]
 Dec = Callable[[Any, "_Arrays"], Any]
@@ -129,30 +132,21 @@ class _Arrays:
 _NO_ARRAYS = _Arrays([])
 
 
-def _enc_none(v: Any, arrays: list) -> None:
-    if v is None:
-        return None
-    raise _Bad(f"expected None, {_got(v)}")
+def _exact(t: type, name: str) -> Callable[[Any, Any], Any]:
+    """Accept exactly type ``t`` (msgpack's own types; never a bool for an int)."""
 
+    def conv(w: Any, _: Any) -> Any:
+        if type(w) is t:
+            return w
+        raise _Bad(f"expected {name}, {_got(w)}")
 
-def _dec_none(w: Any, ctx: _Arrays) -> None:
-    if w is None:
-        return None
-    raise _Bad(f"expected None, {_got(w)}")
+    return conv
 
 
 def _enc_bool(v: Any, arrays: list) -> bool:
-    if type(v) is bool:
-        return v
-    if isinstance(v, np.bool_):
+    if type(v) is bool or isinstance(v, np.bool_):
         return bool(v)
     raise _Bad(f"expected bool, {_got(v)}")
-
-
-def _dec_bool(w: Any, ctx: _Arrays) -> bool:
-    if type(w) is bool:
-        return w
-    raise _Bad(f"expected bool, {_got(w)}")
 
 
 def _enc_int(v: Any, arrays: list) -> int:
@@ -163,12 +157,6 @@ def _enc_int(v: Any, arrays: list) -> int:
     if _I64_MIN <= v <= _U64_MAX:
         return v
     raise _Bad(f"int {v} outside int64/uint64 range")
-
-
-def _dec_int(w: Any, ctx: _Arrays) -> int:
-    if type(w) is int:
-        return w
-    raise _Bad(f"expected int, {_got(w)}")
 
 
 def _enc_float(v: Any, arrays: list) -> float:
@@ -185,23 +173,15 @@ def _enc_float(v: Any, arrays: list) -> float:
 def _dec_float(w: Any, ctx: _Arrays) -> float:
     if type(w) is float:
         return w
-    if type(w) is int:  # msgpack ints in range always fit a float (with rounding)
+    if type(w) is int:  # "int is accepted for float"
         return float(w)
     raise _Bad(f"expected float, {_got(w)}")
 
 
 def _enc_str(v: Any, arrays: list) -> str:
-    if type(v) is str:
-        return v
     if isinstance(v, str):
-        return str.__str__(v)  # plain str of a subclass (e.g. a StrEnum member)
+        return v if type(v) is str else str.__str__(v)  # plain str of a subclass (StrEnum member)
     raise _Bad(f"expected str, {_got(v)}")
-
-
-def _dec_str(w: Any, ctx: _Arrays) -> str:
-    if type(w) is str:
-        return w
-    raise _Bad(f"expected str, {_got(w)}")
 
 
 def _enc_bytes(v: Any, arrays: list) -> bytes | bytearray:
@@ -212,31 +192,22 @@ def _enc_bytes(v: Any, arrays: list) -> bytes | bytearray:
     raise _Bad(f"expected bytes, {_got(v)}")
 
 
-def _dec_bytes(w: Any, ctx: _Arrays) -> bytes:
-    if type(w) is bytes:
-        return w
-    raise _Bad(f"expected bytes, {_got(w)}")
-
-
 _SCALARS: dict[Any, tuple[Enc, Dec]] = {
-    type(None): (_enc_none, _dec_none),
-    None: (_enc_none, _dec_none),
-    bool: (_enc_bool, _dec_bool),
-    int: (_enc_int, _dec_int),
+    type(None): (_exact(type(None), "None"), _exact(type(None), "None")),
+    bool: (_enc_bool, _exact(bool, "bool")),
+    int: (_enc_int, _exact(int, "int")),
     float: (_enc_float, _dec_float),
-    str: (_enc_str, _dec_str),
-    bytes: (_enc_bytes, _dec_bytes),
+    str: (_enc_str, _exact(str, "str")),
+    bytes: (_enc_bytes, _exact(bytes, "bytes")),
 }
 
 
 def _array_conv(tp: Any) -> tuple[Enc, Dec]:
     # npt.NDArray[np.float32] -> enforce the scalar type; bare np.ndarray -> any whitelisted dtype.
-    want: type | None = None
     args = typing.get_args(tp)
-    if len(args) == 2:
-        dargs = typing.get_args(args[1])
-        if dargs and isinstance(dargs[0], type) and issubclass(dargs[0], np.generic):
-            want = dargs[0]
+    want = (typing.get_args(args[1]) or [None])[0] if len(args) == 2 else None
+    if not (isinstance(want, type) and issubclass(want, np.generic)):
+        want = None
 
     def enc(v: Any, arrays: list) -> int:
         if type(v) is not np.ndarray:
@@ -274,11 +245,8 @@ def _array_conv(tp: Any) -> tuple[Enc, Dec]:
 
 def _enum_conv(tp: type[enum.Enum]) -> tuple[Enc, Dec]:
     values = [m.value for m in tp]
-    if issubclass(tp, int) or (values and all(type(x) is int for x in values)):
-        wire_t: type = int
-    elif issubclass(tp, str) or (values and all(type(x) is str for x in values)):
-        wire_t = str
-    else:
+    wire_t = next((t for t in (int, str) if issubclass(tp, t) or (values and all(type(x) is t for x in values))), None)
+    if wire_t is None:
         raise TypeError(f"enum {tp.__name__}: wire enums need all-int or all-str values")
     members = tp._value2member_map_
 
@@ -288,123 +256,89 @@ def _enum_conv(tp: type[enum.Enum]) -> tuple[Enc, Dec]:
         raise _Bad(f"expected {tp.__name__}, {_got(v)}")
 
     def dec(w: Any, ctx: _Arrays) -> Any:
-        if type(w) is not wire_t:
-            raise _Bad(f"expected {tp.__name__} ({wire_t.__name__}), {_got(w)}")
-        m = members.get(w)
-        if m is not None:
-            return m
-        try:
-            return tp(w)  # flag combinations and _missing_ hooks
-        except ValueError:
-            raise _Bad(f"{_short(w)} is not a valid {tp.__name__}") from None
+        if type(w) is wire_t:
+            if (m := members.get(w)) is not None:
+                return m
+            try:
+                return tp(w)  # flag combinations and _missing_ hooks
+            except ValueError:
+                pass
+        raise _Bad(f"expected a {tp.__name__} value, {_got(w)}")
 
     return enc, dec
 
 
 def _literal_conv(args: tuple) -> tuple[Enc, Dec]:
-    enc_map: dict[tuple, Any] = {}
-    dec_map: dict[tuple, Any] = {}
+    # Keyed by (type, value) so True never matches Literal[1]; enum members belong in an
+    # enum-typed field instead, which keeps encode and decode symmetric here.
     for lit in args:
-        if isinstance(lit, enum.Enum):
-            wire = lit.value
-        elif lit is None or type(lit) in (bool, int, str, bytes):
-            wire = lit
-        else:
-            raise TypeError(f"Literal value {lit!r} is not supported on the wire")
-        if type(wire) not in (type(None), bool, int, str, bytes):
-            raise TypeError(f"Literal value {lit!r}: enum value must be int or str")
-        wkey = (type(wire), wire)
-        if wkey in dec_map and dec_map[wkey] is not lit:
-            raise TypeError(f"Literal values {dec_map[wkey]!r} and {lit!r} look the same on the wire")
-        enc_map[(type(lit), lit)] = wire
-        dec_map[wkey] = lit
-    allowed = ", ".join(repr(a) for a in args)
+        if not (lit is None or type(lit) in (bool, int, str, bytes)):
+            raise TypeError(f"Literal value {lit!r} is not supported on the wire (use None/bool/int/str/bytes)")
+    allowed = {(type(a), a) for a in args}
+    names = ", ".join(repr(a) for a in args)
 
-    def enc(v: Any, arrays: list) -> Any:
+    def conv(v: Any, _: Any) -> Any:
         try:
-            return enc_map[(type(v), v)]
-        except (KeyError, TypeError):
-            raise _Bad(f"expected one of {allowed}, {_got(v)}") from None
+            if (type(v), v) in allowed:
+                return v
+        except TypeError:  # unhashable value
+            pass
+        raise _Bad(f"expected one of {names}, {_got(v)}")
 
-    def dec(w: Any, ctx: _Arrays) -> Any:
+    return conv, conv
+
+
+def _each(convs: Sequence[Callable[[Any, Any], Any]], values: Any, arg: Any) -> list:
+    """Convert item i with convs[i]; a failure's path gets ``[i]``."""
+    out = []
+    for i, (conv, x) in enumerate(zip(convs, values)):
         try:
-            return dec_map[(type(w), w)]
-        except (KeyError, TypeError):
-            raise _Bad(f"expected one of {allowed}, {_got(w)}") from None
-
-    return enc, dec
-
-
-def _optional_conv(inner: tuple[Enc, Dec]) -> tuple[Enc, Dec]:
-    ienc, idec = inner
-
-    def enc(v: Any, arrays: list) -> Any:
-        return None if v is None else ienc(v, arrays)
-
-    def dec(w: Any, ctx: _Arrays) -> Any:
-        return None if w is None else idec(w, ctx)
-
-    return enc, dec
+            out.append(conv(x, arg))
+        except _Bad as e:
+            e.path.append(f"[{i}]")
+            raise
+    return out
 
 
-def _seq_conv(inner: tuple[Enc, Dec], py_t: type) -> tuple[Enc, Dec]:
+def _seq_conv(tp: Any, where: str, py_t: type) -> tuple[Enc, Dec]:
     """list[X] (py_t=list) or tuple[X, ...] (py_t=tuple); both travel as msgpack arrays."""
-    ienc, idec = inner
+    ienc, idec = _build(tp, where)
     name = py_t.__name__
+    # Fast path: a list of plain scalars already is its wire form (token ids, lengths...).
+    plain = tp if tp in (bool, str, bytes, float, int) else None
 
-    def enc(v: Any, arrays: list) -> list:
+    def enc(v: Any, arrays: list) -> Any:
         if type(v) is not py_t:
             raise _Bad(f"expected {name}, {_got(v)}")
-        out = []
-        for i, x in enumerate(v):
-            try:
-                out.append(ienc(x, arrays))
-            except _Bad as e:
-                e.path.append(f"[{i}]")
-                raise
-        return out
+        if plain is not None and all(type(x) is plain for x in v) and (
+            plain is not int or not v or (_I64_MIN <= min(v) and max(v) <= _U64_MAX)
+        ):
+            return v
+        return _each(itertools.repeat(ienc, len(v)), v, arrays)
 
     def dec(w: Any, ctx: _Arrays) -> Any:
         if type(w) is not list:
             raise _Bad(f"expected {name}, {_got(w)}")
-        out = []
-        for i, x in enumerate(w):
-            try:
-                out.append(idec(x, ctx))
-            except _Bad as e:
-                e.path.append(f"[{i}]")
-                raise
-        return out if py_t is list else tuple(out)
+        if plain is None or not all(type(x) is plain for x in w):
+            w = _each(itertools.repeat(idec, len(w)), w, ctx)
+        return w if py_t is list else tuple(w)
 
     return enc, dec
 
 
 def _fixed_tuple_conv(items: list[tuple[Enc, Dec]]) -> tuple[Enc, Dec]:
     n = len(items)
+    encs, decs = [e for e, _ in items], [d for _, d in items]
 
     def enc(v: Any, arrays: list) -> list:
         if type(v) is not tuple or len(v) != n:
             raise _Bad(f"expected tuple of {n}, {_got(v)}")
-        out = []
-        for i, (x, (ienc, _)) in enumerate(zip(v, items)):
-            try:
-                out.append(ienc(x, arrays))
-            except _Bad as e:
-                e.path.append(f"[{i}]")
-                raise
-        return out
+        return _each(encs, v, arrays)
 
     def dec(w: Any, ctx: _Arrays) -> tuple:
         if type(w) is not list or len(w) != n:
             raise _Bad(f"expected array of {n}, {_got(w)}")
-        out = []
-        for i, (x, (_, idec)) in enumerate(zip(w, items)):
-            try:
-                out.append(idec(x, ctx))
-            except _Bad as e:
-                e.path.append(f"[{i}]")
-                raise
-        return tuple(out)
+        return tuple(_each(decs, w, ctx))
 
     return enc, dec
 
@@ -412,51 +346,25 @@ def _fixed_tuple_conv(items: list[tuple[Enc, Dec]]) -> tuple[Enc, Dec]:
 def _dict_conv(inner: tuple[Enc, Dec]) -> tuple[Enc, Dec]:
     ienc, idec = inner
 
-    def enc(v: Any, arrays: list) -> dict:
-        if type(v) is not dict:
-            raise _Bad(f"expected dict, {_got(v)}")
+    def conv(d: Any, arg: Any, fn: Callable[[Any, Any], Any]) -> dict:
+        if type(d) is not dict:
+            raise _Bad(f"expected dict, {_got(d)}")
         out = {}
-        for k, x in v.items():
+        for k, x in d.items():
             if type(k) is not str:
                 raise _Bad(f"dict keys must be str, {_got(k)}")
             try:
-                out[k] = ienc(x, arrays)
+                out[k] = fn(x, arg)
             except _Bad as e:
                 e.path.append(f"[{k!r}]")
                 raise
         return out
 
-    def dec(w: Any, ctx: _Arrays) -> dict:
-        if type(w) is not dict:
-            raise _Bad(f"expected map, {_got(w)}")
-        out = {}
-        for k, x in w.items():
-            if type(k) is not str:
-                raise _Bad(f"map keys must be str, {_got(k)}")
-            try:
-                out[k] = idec(x, ctx)
-            except _Bad as e:
-                e.path.append(f"[{k!r}]")
-                raise
-        return out
-
-    return enc, dec
-
-
-def _nested_conv(codec: _Codec) -> tuple[Enc, Dec]:
-    def enc(v: Any, arrays: list) -> dict:
-        if type(v) is not codec.cls:
-            raise _Bad(f"expected {codec.cls.__name__}, {_got(v)}")
-        return codec.enc_fields(v, arrays)
-
-    def dec(w: Any, ctx: _Arrays) -> Any:
-        return codec.dec_fields(w, ctx)
-
-    return enc, dec
+    return (lambda v, arrays: conv(v, arrays, ienc)), (lambda w, ctx: conv(w, ctx, idec))
 
 
 def _build(tp: Any, where: str) -> tuple[Enc, Dec]:
-    scalar = _SCALARS.get(tp) if not isinstance(tp, (list, dict)) else None
+    scalar = _SCALARS.get(type(None) if tp is None else tp)
     if scalar is not None:
         return scalar
     if tp is np.ndarray or typing.get_origin(tp) is np.ndarray:
@@ -467,7 +375,7 @@ def _build(tp: Any, where: str) -> tuple[Enc, Dec]:
         codec = _by_type.get(tp)
         if codec is None:
             raise TypeError(f"{where}: nested dataclass {tp.__name__} must be decorated with @message")
-        return _nested_conv(codec)
+        return codec.enc_value, codec.dec_fields
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is Literal:
@@ -475,13 +383,14 @@ def _build(tp: Any, where: str) -> tuple[Enc, Dec]:
     if origin in (typing.Union, types.UnionType):
         rest = [a for a in args if a is not type(None)]
         if len(rest) == 1 and len(args) == 2:
-            return _optional_conv(_build(rest[0], where))
+            ienc, idec = _build(rest[0], where)
+            return (lambda v, a: None if v is None else ienc(v, a)), (lambda w, c: None if w is None else idec(w, c))
         raise TypeError(f"{where}: only `X | None` unions are supported, got {tp!r}")
     if origin is list and len(args) == 1:
-        return _seq_conv(_build(args[0], where), list)
+        return _seq_conv(args[0], where, list)
     if origin is tuple and tp is not typing.Tuple:  # bare Tuple would read as tuple[()]
         if len(args) == 2 and args[1] is Ellipsis:
-            return _seq_conv(_build(args[0], where), tuple)
+            return _seq_conv(args[0], where, tuple)
         return _fixed_tuple_conv([_build(a, where) for a in args])
     if origin is dict and len(args) == 2:
         if args[0] is not str:
@@ -494,16 +403,15 @@ def _build(tp: Any, where: str) -> tuple[Enc, Dec]:
 
 
 class _Codec:
-    """Per-class converters. Compiled at registration, or at first use when an annotation
-    names a class defined later in its module (forward reference)."""
+    """Per-class converters, compiled at registration or, when an annotation names a class
+    defined later in its module (forward reference), at first use."""
 
     __slots__ = ("cls", "tag", "fields", "names")
 
     def __init__(self, cls: type, tag: str) -> None:
-        self.cls = cls
-        self.tag = tag
-        self.fields: tuple[tuple[str, Enc, Dec], ...] | None = None
-        self.names: frozenset[str] = frozenset()
+        self.cls, self.tag = cls, tag
+        self.fields: tuple[tuple[str, Enc, Dec], ...] = ()
+        self.names: frozenset[str] | None = None  # None until compiled
 
     def compile(self) -> None:
         hints = typing.get_type_hints(self.cls)
@@ -511,19 +419,20 @@ class _Codec:
         for f in dataclasses.fields(self.cls):
             if not f.init:
                 raise TypeError(f"{self.tag}.{f.name}: init=False fields cannot travel on the wire")
-            enc, dec = _build(hints[f.name], f"{self.tag}.{f.name}")
-            fields.append((f.name, enc, dec))
-        self.names = frozenset(name for name, _, _ in fields)
+            fields.append((f.name, *_build(hints[f.name], f"{self.tag}.{f.name}")))
         self.fields = tuple(fields)
+        self.names = frozenset(name for name, _, _ in fields)
 
-    def ready(self) -> tuple[tuple[str, Enc, Dec], ...]:
-        if self.fields is None:
-            self.compile()
-        return self.fields  # type: ignore[return-value]
+    def enc_value(self, v: Any, arrays: list) -> dict:
+        if type(v) is not self.cls:
+            raise _Bad(f"expected {self.cls.__name__}, {_got(v)}")
+        return self.enc_fields(v, arrays)
 
     def enc_fields(self, msg: Any, arrays: list) -> dict:
+        if self.names is None:
+            self.compile()
         out = {}
-        for name, enc, _ in self.fields or self.ready():
+        for name, enc, _ in self.fields:
             try:
                 out[name] = enc(getattr(msg, name), arrays)
             except _Bad as e:
@@ -534,12 +443,12 @@ class _Codec:
     def dec_fields(self, w: Any, ctx: _Arrays) -> Any:
         if type(w) is not dict:
             raise _Bad(f"expected a map of {self.cls.__name__} fields, {_got(w)}")
+        if self.names is None:
+            self.compile()
         kw = {}
-        for name, _, dec in self.fields or self.ready():
+        for name, _, dec in self.fields:
             if name not in w:
-                e = _Bad("missing field")
-                e.path.append("." + name)
-                raise e
+                raise _Bad("missing field", part="." + name)
             try:
                 kw[name] = dec(w[name], ctx)
             except _Bad as e:
@@ -547,9 +456,7 @@ class _Codec:
                 raise
         if len(w) != len(kw):
             extra = next(k for k in w if k not in self.names)
-            e = _Bad("unexpected field")
-            e.path.append(f".{extra}" if type(extra) is str else f"[{extra!r}]")
-            raise e
+            raise _Bad("unexpected field", part=f".{extra}" if type(extra) is str else f"[{extra!r}]")
         try:
             return self.cls(**kw)
         except (TypeError, ValueError) as exc:  # the class's own __post_init__ validation
@@ -577,12 +484,8 @@ def message(tag: str) -> Callable[[type], type]:
         old = _by_tag.get(tag)
         # Re-registering the same module-level class (module reload) replaces it; any
         # other clash is two protocols claiming one tag.
-        if old is not None and (old.cls.__module__, old.cls.__qualname__) != (
-            cls.__module__, cls.__qualname__
-        ):
-            raise ValueError(
-                f"message tag {tag!r} already used by {old.cls.__module__}.{old.cls.__qualname__}"
-            )
+        if old is not None and (old.cls.__module__, old.cls.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"message tag {tag!r} already used by {old.cls.__module__}.{old.cls.__qualname__}")
         if cls in _by_type:
             raise ValueError(f"{cls.__qualname__} is already registered as {_by_type[cls].tag!r}")
         codec = _Codec(cls, tag)
@@ -621,13 +524,9 @@ def encode(msg: Any) -> list[bytes | memoryview]:
         raise FieldError(f"{codec.tag}: message nests too deeply", tag=codec.tag) from None
     descr = [[_DTYPE_CODE[a.dtype], list(a.shape), a.nbytes] for a in arrays]
     try:
-        head = msgpack.packb(
-            {"t": codec.tag, "v": WIRE_VERSION, "f": fields, "a": descr}, use_bin_type=True
-        )
+        head = msgpack.packb({"t": codec.tag, "v": WIRE_VERSION, "f": fields, "a": descr}, use_bin_type=True)
     except (ValueError, TypeError, OverflowError) as exc:  # e.g. a str with lone surrogates
         raise FieldError(f"{codec.tag}: cannot pack: {exc}", tag=codec.tag) from exc
-    if not arrays:
-        return [head]
     return [head, *(a.reshape(-1).view(np.uint8).data for a in arrays)]
 
 
@@ -676,15 +575,11 @@ def decode(frames: Sequence[Any], *, expect: type | tuple[type, ...] | None = No
     ``expect`` optionally restricts the accepted classes (``UnexpectedMessage`` otherwise).
     Only ``WireError`` subclasses are raised for bad input.
     """
-    if isinstance(frames, (bytes, bytearray, memoryview, str)):
-        raise MalformedFrame("decode() takes a sequence of frames; use split_frames() on a joined buffer")
-    try:
-        n_frames = len(frames)
-        head = frames[0] if n_frames else None
-    except (TypeError, KeyError, IndexError):
-        raise MalformedFrame(f"decode() takes a sequence of frames, got {type(frames).__name__}") from None
-    if head is None:
+    if isinstance(frames, (bytes, bytearray, memoryview, str)) or not isinstance(frames, Sequence):
+        raise MalformedFrame(f"decode() takes a sequence of frames (see split_frames), got {type(frames).__name__}")
+    if not (n_frames := len(frames)):
         raise MalformedFrame("no frames")
+    head = frames[0]
     try:
         header = msgpack.unpackb(head, raw=False, strict_map_key=True)
     except (ValueError, TypeError, BufferError, msgpack.UnpackException) as exc:
@@ -700,19 +595,16 @@ def decode(frames: Sequence[Any], *, expect: type | tuple[type, ...] | None = No
     codec = _by_tag.get(tag)
     if codec is None:
         raise UnknownMessageType(f"unknown message type {_short(tag)}", tag=tag)
-    if expect is not None and not (
-        codec.cls in expect if isinstance(expect, tuple) else codec.cls is expect
-    ):
+    if expect is not None and codec.cls not in (expect if isinstance(expect, tuple) else (expect,)):
         raise UnexpectedMessage(f"unexpected message {tag!r}", tag=tag)
     fields, descr = header["f"], header["a"]
     if type(fields) is not dict:
         raise MalformedFrame(f"{tag}: fields must be a map, {_got(fields)}", tag=tag)
     if type(descr) is not list:
         raise MalformedFrame(f"{tag}: array list must be a list, {_got(descr)}", tag=tag)
-    if n_frames - 1 < len(descr):
-        raise TruncatedFrame(f"{tag}: header declares {len(descr)} array frames, got {n_frames - 1}", tag=tag)
-    if n_frames - 1 > len(descr):
-        raise MalformedFrame(f"{tag}: header declares {len(descr)} array frames, got {n_frames - 1}", tag=tag)
+    if n_frames - 1 != len(descr):
+        kind = TruncatedFrame if n_frames - 1 < len(descr) else MalformedFrame
+        raise kind(f"{tag}: header declares {len(descr)} array frames, got {n_frames - 1}", tag=tag)
     if descr:
         try:
             ctx = _Arrays([_decode_array(i, e, frames[i + 1]) for i, e in enumerate(descr)])
