@@ -310,16 +310,14 @@ def _seq_conv(tp: Any, where: str, py_t: type) -> tuple[Enc, Dec]:
     def enc(v: Any, arrays: list) -> Any:
         if type(v) is not py_t:
             raise _Bad(f"expected {name}, {_got(v)}")
-        if plain is not None and all(type(x) is plain for x in v) and (
-            plain is not int or not v or (_I64_MIN <= min(v) and max(v) <= _U64_MAX)
-        ):
-            return v
+        if plain is not None and set(map(type, v)) <= {plain}:
+            return v  # an out-of-range int fails in packb, still as a FieldError
         return _each(itertools.repeat(ienc, len(v)), v, arrays)
 
     def dec(w: Any, ctx: _Arrays) -> Any:
         if type(w) is not list:
             raise _Bad(f"expected {name}, {_got(w)}")
-        if plain is None or not all(type(x) is plain for x in w):
+        if plain is None or not set(map(type, w)) <= {plain}:
             w = _each(itertools.repeat(idec, len(w)), w, ctx)
         return w if py_t is list else tuple(w)
 

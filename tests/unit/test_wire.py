@@ -384,6 +384,10 @@ def test_encode_misuse_names_the_field_path():
         encode(Containers([], ["not", "tuple"], (1, "a"), {}, [], []))
     with pytest.raises(FieldError, match=r"test\.Containers\.pair"):
         encode(Containers([], (), (1, "a", 2), {}, [], []))
+    with pytest.raises(FieldError, match=r"test\.Containers"):  # plain-int list fast path
+        encode(Containers([1, U64_MAX + 1], (), (1, "a"), {}, [], []))
+    with pytest.raises(FieldError, match=r"test\.Containers\.ints\[1\]"):
+        encode(Containers([1, "2"], (), (1, "a"), {}, [], []))
     with pytest.raises(UnknownMessageType):
         encode(object())
 
