@@ -25,7 +25,7 @@ from fabric_sim.config import FabricConfig
 from fabric_sim.host import HostMonitor
 from fabric_sim.model import FabricModel
 from fabric_sim.service import FabricService
-from fabric_sim.zmqio import ZmqPump
+from services.common.zmqio import ZmqPump
 from services.api.xds.v1 import fabric_pb2_grpc as pb_grpc
 from services.common.logging import get_logger
 

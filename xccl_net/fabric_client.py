@@ -27,7 +27,7 @@ import zmq
 from fabric_sim.protocol import (BAD_REQUEST, REPLIES, Failed, FidelityReport, Granted, Refused, Register,
                                  Registered, Reserve)
 from fabric_sim.topology import PLANES
-from fabric_sim.zmqio import SendQueueFull, ZmqPump
+from services.common.zmqio import SendQueueFull, ZmqPump
 from services.common.logging import get_logger
 from services.common.wire import WireError, decode, encode
 from xccl_net.errors import EndpointClosed, FabricUnavailable, LinkDown, PeerUnreachable, XcclError

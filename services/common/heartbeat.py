@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from fabric_sim.zmqio import ZmqPump
+from services.common.zmqio import ZmqPump
 from services.common.liveness import Change, DetectorConfig, FailureDetector
 from services.common.logging import get_logger
 from services.common.wire import WireError, decode, encode, message
