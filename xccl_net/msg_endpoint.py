@@ -155,7 +155,7 @@ class MsgEndpoint(Endpoint):
         p = await self._peer(peer)
         await self._fabric_delay(p.npu, total)
         n = n_chunks_for(total, p.slot_bytes)
-        async with p.lock:
+        async with p.lock:  # chunks of one message stay contiguous; acks are awaited outside
             ev = p.next_event
             p.next_event += 1
             flags = FLAG_RESET if p.need_reset else 0
@@ -174,19 +174,25 @@ class MsgEndpoint(Endpoint):
                                                flags if k == 0 else 0, payload))
                     p.tail += 1
                     sent += 1
-                if not wait_ack:
-                    p.need_reset = False
-                    return
-                while ev not in p.nacks and p.acked < ev:
-                    await self._wait_peer(p)
-                p.need_reset = False
-                code = p.nacks.pop(ev, 0)
-                if code:
-                    raise NACK_ERRORS.get(code, ProtocolError)(f"{peer} rejected event {ev} (code {code})")
             except (asyncio.CancelledError, XcclError):
-                if p.acked < ev:
-                    p.forgiven += sent  # presumed lost: give the credits back (see module doc)
+                p.forgiven += sent  # a partial message is abandoned: its credits come back
                 raise
+            p.need_reset = False
+        if not wait_ack:
+            return
+        try:
+            while ev not in p.nacks and p.acked < ev:
+                await self._wait_peer(p)
+        except (asyncio.CancelledError, XcclError):
+            if p.acked < ev:
+                # Presumed lost (see module doc): credits back, and the next message tells the
+                # receiver that a gap before it is expected.
+                p.forgiven += sent
+                p.need_reset = True
+            raise
+        code = p.nacks.pop(ev, 0)
+        if code:
+            raise NACK_ERRORS.get(code, ProtocolError)(f"{peer} rejected event {ev} (code {code})")
 
     async def _put(self, peer: str, window: str, offset: int, data: memoryview, notify: bytes | None) -> None:
         p = await self._peer(peer)

@@ -1,0 +1,63 @@
+"""Fixtures shared by the XCCL p2p tests: endpoints of any kind, wired together, always closed.
+
+``xnet`` yields a factory ``await xnet.open(name, **overrides)``; tcp endpoints learn each
+other's (port-0) addresses, mem endpoints share one hub. At teardown every endpoint is
+closed and no /dev/shm entry of the test's namespace may remain.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import pytest
+
+from xccl_net.endpoint import Endpoint, EndpointConfig, open_endpoint
+from xccl_net.mem import MemoryHub
+
+KINDS = ["shm", "tcp", "mem"]
+SMALL_GEOMETRY = dict(ring_slots=4, slot_bytes=4096)
+
+
+def shm_entries(namespace: str) -> list[str]:
+    return [f for f in os.listdir("/dev/shm") if f".{namespace}." in f]
+
+
+class XNet:
+    def __init__(self, kind: str, tmp_path: Any) -> None:
+        self.kind = kind
+        self.namespace = f"t{uuid.uuid4().hex[:10]}"
+        self.run_dir = str(tmp_path)
+        self.hub = MemoryHub(seed=1234) if kind == "mem" else None
+        self.eps: list[Endpoint] = []
+
+    def config(self, name: str, **overrides: Any) -> EndpointConfig:
+        base = dict(name=name, namespace=self.namespace, kind=self.kind, npu=len(self.eps),
+                    run_dir=self.run_dir, windows={"kv": 64 * 1024}, poll_s=0.02, handshake_timeout_s=1.0,
+                    **SMALL_GEOMETRY)
+        base.update(overrides)
+        return EndpointConfig(**base)
+
+    async def open(self, name: str, *, fabric: Any = None, **overrides: Any) -> Endpoint:
+        ep = await open_endpoint(self.config(name, **overrides), fabric=fabric, hub=self.hub)
+        if self.kind == "tcp":
+            for other in self.eps:
+                other.set_peer_address(ep.name, ep.address)  # type: ignore[attr-defined]
+                ep.set_peer_address(other.name, other.address)  # type: ignore[attr-defined]
+        self.eps.append(ep)
+        return ep
+
+    async def close(self) -> None:
+        for ep in self.eps:
+            await ep.close()
+
+
+@pytest.fixture(params=KINDS)
+async def xnet(request, tmp_path):
+    net = XNet(request.param, tmp_path)
+    try:
+        yield net
+    finally:
+        await net.close()
+        assert shm_entries(net.namespace) == [], "an endpoint left its segment in /dev/shm"
