@@ -1,0 +1,110 @@
+"""What every pod service process shares: set-up, readiness, heartbeats, shutdown.
+
+``ServiceRuntime`` is entered once per process. It configures logging for the service's role
+and rank, connects the fabric client and opens the service's XCCL endpoint (not for routers),
+publishes heartbeats from the service's own event loop, serves its RPC socket, writes the
+ready file (``<run_dir>/<name>.ready``, JSON, atomic) once the service says it is ready, and
+turns SIGTERM/SIGINT into a stop event: stop accepting -> drain with a deadline -> exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from services.common.heartbeat import HeartbeatPublisher
+from services.common.logging import configure_logging
+from services.common.rpc import RpcServer
+from services.pod.spec import PodSpec, ServiceSpec, address, bind_address, service
+
+FABRIC_CONNECT_TIMEOUT_S = 10.0
+
+
+def ready_path(spec: PodSpec, name: str) -> Path:
+    return spec.run_path / f"{name}.ready"
+
+
+def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+class ServiceRuntime:
+    def __init__(self, spec: PodSpec, name: str, *, windows: Mapping[str, int] | None = None,
+                 load: Callable[[], Mapping[str, float]] = dict, xccl: bool = True) -> None:
+        self.spec = spec
+        self.me: ServiceSpec = service(spec, name)
+        self.log = configure_logging(self.me.role, self.me.rank if self.me.group < 0 else self.me.group)
+        self._windows = dict(windows or {})
+        self._load = load
+        self._want_xccl = xccl and self.me.role not in ("router", "fabric")
+        self.fabric: Any = None
+        self.endpoint: Any = None
+        self.heartbeat: HeartbeatPublisher | None = None
+        self.rpc: RpcServer | None = None
+        self.stopping = asyncio.Event()
+        self.draining = False
+
+    async def __aenter__(self) -> ServiceRuntime:
+        self.spec.run_path.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)  # the handler only sets an event
+        if self._want_xccl:
+            from xccl_net.endpoint import EndpointConfig, open_endpoint
+            from xccl_net.fabric_client import FabricClient
+
+            self.fabric = await FabricClient.connect(address(self.spec, "fabric", "fabric"), name=self.me.name,
+                                                     npu=self.me.npu, timeout_s=FABRIC_CONNECT_TIMEOUT_S)
+            self.endpoint = await open_endpoint(EndpointConfig(
+                name=self.me.name, namespace=self.spec.namespace, kind=self.spec.transport, npu=self.me.npu,
+                windows=self._windows, run_dir=str(self.spec.run_path)), fabric=self.fabric)
+        self.heartbeat = HeartbeatPublisher(
+            bind_address(self.spec, self.me.name, "heartbeat"), service=self.me.name, role=self.me.role,
+            group=self.me.group, interval_s=self.spec.heartbeat.interval_s, load=self._load)
+        return self
+
+    def serve_rpc(self, handler: Callable[[Any, bytes], Awaitable[Any]]) -> RpcServer:
+        self.rpc = RpcServer(bind_address(self.spec, self.me.name, "rpc"), handler)
+        self.rpc.start()
+        return self.rpc
+
+    def mark_ready(self, **info: Any) -> None:
+        write_json_atomic(ready_path(self.spec, self.me.name),
+                          {"name": self.me.name, "role": self.me.role, "pid": os.getpid(),
+                           "epoch": self.heartbeat.epoch if self.heartbeat else "", **info})
+        self.log.info("service.ready", **info)
+
+    async def run_until_stopped(self, *workers: Awaitable[Any], drain: Callable[[], Awaitable[None]] | None = None,
+                                drain_timeout_s: float = 5.0) -> None:
+        """Run the heartbeat and ``workers`` until SIGTERM/SIGINT, then drain and return."""
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(self.heartbeat.run())] + [tg.create_task(w) for w in workers]
+            await self.stopping.wait()
+            self.log.info("shutdown.drain")
+            self.draining = True
+            if self.heartbeat:
+                self.heartbeat.status = "draining"
+            if drain is not None:
+                try:
+                    await asyncio.wait_for(drain(), drain_timeout_s)
+                except asyncio.TimeoutError:
+                    self.log.warning("shutdown.drain_timeout", timeout_s=drain_timeout_s)
+            for t in tasks:
+                t.cancel()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self.rpc is not None:
+            await self.rpc.close()
+        if self.endpoint is not None:
+            await self.endpoint.close()
+        if self.fabric is not None:
+            await self.fabric.close()
+        ready_path(self.spec, self.me.name).unlink(missing_ok=True)
+        self.log.info("shutdown.done")

@@ -1,0 +1,163 @@
+"""The pod spec: one YAML file describes a pod's topology; everything else is derived from it.
+
+``services(spec)`` lists every service process (name, role, DP group, rank, emulated NPU) and
+``address(spec, name, plane)`` is the single addressing rule: ipc sockets in ``run_dir`` and
+127.0.0.1 ports under ``xds up`` (``addressing: local``), service names inside Docker Compose
+(``addressing: compose``). The launcher, the compose generator and every service call these
+two functions, so there is no second hand-kept list of addresses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from services.common.config import ConfigError, from_mapping, load_yaml
+
+Role = Literal["fabric", "router", "prefill", "kvpool", "decode", "attention", "expert"]
+Plane = Literal["rpc", "heartbeat", "grpc", "fabric", "fabric_admin"]
+
+# Fixed container ports under compose (each service is its own host there).
+COMPOSE_PORTS = {"rpc": 5100, "heartbeat": 5101, "grpc": 50051, "fabric": 5200, "fabric_admin": 5201}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    preset: str = "tiny"
+    seed: int = 0
+    dir: str | None = None   # a model directory; None: made from preset+seed in the cache
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatSpec:
+    interval_s: float = 0.2
+    suspect_after_s: float = 0.6
+    dead_after_s: float = 1.5
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeSpec:
+    groups: int = 2                 # DP groups: one decode master each
+    attention_per_group: int = 1
+    max_batch: int = 16
+    kv_blocks: int = 256            # KV capacity per group, in blocks of kv_pool.block_size
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertSpec:
+    instances: int = 4
+    replicas: int = 2               # copies of every routed expert (on distinct instances)
+
+
+@dataclass(frozen=True, slots=True)
+class KVPoolSpec:
+    nodes: int = 1
+    capacity_blocks: int = 1024
+    block_size: int = 16
+
+
+@dataclass(frozen=True, slots=True)
+class PodSpec:
+    name: str = "xds"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    routers: int = 2
+    router_ports: tuple[int, ...] = ()   # local addressing; empty or 0 entries = pick free ports
+    prefill: int = 1
+    decode: DecodeSpec = field(default_factory=DecodeSpec)
+    experts: ExpertSpec = field(default_factory=ExpertSpec)
+    kv_pool: KVPoolSpec = field(default_factory=KVPoolSpec)
+    heartbeat: HeartbeatSpec = field(default_factory=HeartbeatSpec)
+    fabric: dict[str, Any] = field(default_factory=dict)  # fabric_sim FabricConfig settings
+    transport: Literal["shm", "tcp"] = "shm"
+    addressing: Literal["local", "compose"] = "local"
+    run_dir: str = ""                     # local: sockets + ready files; default /tmp/xds-<name>
+    cache_dir: str = ""                   # model cache; default ~/.cache/xdeepserve
+
+    def __post_init__(self) -> None:
+        positive = {"routers": self.routers, "prefill": self.prefill, "decode.groups": self.decode.groups,
+                    "decode.attention_per_group": self.decode.attention_per_group,
+                    "decode.max_batch": self.decode.max_batch, "experts.instances": self.experts.instances,
+                    "kv_pool.nodes": self.kv_pool.nodes, "kv_pool.block_size": self.kv_pool.block_size}
+        for key, v in positive.items():
+            if v < 1:
+                raise ConfigError(f"PodSpec.{key}", "must be >= 1")
+        if not 1 <= self.experts.replicas <= self.experts.instances:
+            raise ConfigError("PodSpec.experts.replicas", "must be in 1..experts.instances")
+        if self.router_ports and len(self.router_ports) != self.routers:
+            raise ConfigError("PodSpec.router_ports", f"needs {self.routers} entries (one per router)")
+        if not self.name.replace("-", "").isalnum() or len(self.name) > 24:
+            raise ConfigError("PodSpec.name", "letters, digits and '-' only, at most 24 characters")
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir or f"/tmp/xds-{self.name}")
+
+    @property
+    def namespace(self) -> str:
+        """XCCL namespace: unique per run directory, so two pods never share segments."""
+        return f"{self.name}-{hashlib.blake2b(str(self.run_path).encode(), digest_size=3).hexdigest()}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    name: str
+    role: Role
+    group: int = -1      # DP group (decode, attention)
+    rank: int = 0        # index within its role (or within its group for attention)
+    npu: int = 0         # emulated NPU in the fabric
+
+
+def services(spec: PodSpec) -> list[ServiceSpec]:
+    """Every process of the pod, in start order (dependencies first)."""
+    out: list[ServiceSpec] = [ServiceSpec("fabric", "fabric")]
+    npu = iter(range(1 << 20))
+    out += [ServiceSpec(f"kvpool-{i}", "kvpool", rank=i, npu=next(npu)) for i in range(spec.kv_pool.nodes)]
+    out += [ServiceSpec(f"expert-{i}", "expert", rank=i, npu=next(npu)) for i in range(spec.experts.instances)]
+    for g in range(spec.decode.groups):
+        out += [ServiceSpec(f"attention-{g}-{r}", "attention", group=g, rank=r, npu=next(npu))
+                for r in range(spec.decode.attention_per_group)]
+        out.append(ServiceSpec(f"decode-{g}", "decode", group=g, rank=g, npu=next(npu)))
+    out += [ServiceSpec(f"prefill-{i}", "prefill", rank=i, npu=next(npu)) for i in range(spec.prefill)]
+    out += [ServiceSpec(f"router-{i}", "router", rank=i) for i in range(spec.routers)]
+    return out
+
+
+def service(spec: PodSpec, name: str) -> ServiceSpec:
+    for s in services(spec):
+        if s.name == name:
+            return s
+    raise ConfigError("service", f"no service named {name!r} in pod {spec.name!r}")
+
+
+def address(spec: PodSpec, name: str, plane: Plane) -> str:
+    """The one addressing rule. ``grpc`` gives host:port; the others ZeroMQ endpoints."""
+    if spec.addressing == "compose":
+        host = name
+        if plane == "grpc":
+            return f"{host}:{COMPOSE_PORTS['grpc']}"
+        return f"tcp://{host}:{COMPOSE_PORTS[plane]}"
+    if plane == "grpc":
+        i = service(spec, name).rank
+        port = spec.router_ports[i] if spec.router_ports else 0
+        return f"127.0.0.1:{port}"
+    suffix = {"rpc": "rpc", "heartbeat": "hb", "fabric": "fabric", "fabric_admin": "fabric-admin"}[plane]
+    return f"ipc://{spec.run_path}/{name}.{suffix}"
+
+
+def bind_address(spec: PodSpec, name: str, plane: Plane) -> str:
+    """Where the owner binds: all interfaces under compose, the same path locally."""
+    a = address(spec, name, plane)
+    if spec.addressing == "compose":
+        return a.replace(f"//{name}:", "//*:") if a.startswith("tcp://") else f"0.0.0.0:{COMPOSE_PORTS['grpc']}"
+    return a
+
+
+def load_pod(file: str | Path | None) -> PodSpec:
+    """The pod spec from a YAML file, or the built-in default pod when ``file`` is None."""
+    return PodSpec() if file is None else load_yaml(PodSpec, file)
+
+
+def pod_from_mapping(data: dict[str, Any]) -> PodSpec:
+    return from_mapping(PodSpec, data)
