@@ -65,6 +65,11 @@ class Notice:
     meta: BlockMeta
 
 
+def _flat_bytes(a: np.ndarray) -> np.ndarray:
+    """A 1-D uint8 view (no copy): a zero-row [0, H] array is not castable by memoryview."""
+    return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+
+
 def _remaining(deadline: float) -> float:
     return deadline - time.monotonic()
 
@@ -145,7 +150,7 @@ class A2EDispatcher:
             rows = pack_rows(x, plan, r)
             meta = a2e_meta(plan, r, self.layout)
             self.stats["rows_sent"] += meta.count
-            ops.append(self.ep.put(self.expert_peers[r], self.windows.a2e, meta.offset, rows,
+            ops.append(self.ep.put(self.expert_peers[r], self.windows.a2e, meta.offset, _flat_bytes(rows),
                                    notify=encode_meta(meta), timeout_s=max(_remaining(deadline), 1e-3)))
         await _all(ops)
 
@@ -214,7 +219,11 @@ class E2AHandler:
             else:
                 waiting = f"A2E of sources {coll.missing()}" + (
                     f" for event {coll.event_id}" if coll.event_id is not None else "")
-                note = await _next_notice(self.ep, deadline, waiting)
+                try:
+                    note = await _next_notice(self.ep, deadline, waiting)
+                except CorruptMetadata as exc:  # undecodable notify
+                    self._rejected(exc, src=None)
+                    raise
             self._accept(coll, note)
         self._coll = None
         event_id = coll.event_id
@@ -229,7 +238,7 @@ class E2AHandler:
         for s, y in outs.items():
             meta = e2a_meta(event_id, self.rank, y.shape[0], self.layout)
             self.stats["rows_served"] += meta.count
-            ops.append(self.ep.put(self.source_peers[s], self.windows.e2a, meta.offset, y,
+            ops.append(self.ep.put(self.source_peers[s], self.windows.e2a, meta.offset, _flat_bytes(y),
                                    notify=encode_meta(meta), timeout_s=max(_remaining(deadline), 1e-3)))
         await _all(ops)
         self.stats["events"] += 1
@@ -252,6 +261,9 @@ class E2AHandler:
                                       f"event {meta.event_id} (missing {coll.missing()})")
             coll.add(meta, note.nbytes)
         except ProtocolError as exc:
-            self.stats["rejected_notices"] += 1
-            log.warning("dispatch.notice_rejected", src=note.src, error=type(exc).__name__, detail=str(exc))
+            self._rejected(exc, src=note.src)
             raise
+
+    def _rejected(self, exc: ProtocolError, src: str | None) -> None:
+        self.stats["rejected_notices"] += 1
+        log.warning("dispatch.notice_rejected", rank=self.rank, src=src, error=type(exc).__name__, detail=str(exc))
