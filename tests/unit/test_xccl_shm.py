@@ -1,0 +1,142 @@
+"""shm transport specifics: a peer writing garbage into the shared metadata, name ownership."""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+import pytest
+
+from tests.xccl_fixtures import XNet, shm_entries
+from xccl_net.doorbell import NameInUse, Ringer, bell_address
+from xccl_net.errors import CorruptMetadata, EventIdMismatch, XcclError
+from xccl_net.layout import (
+    H_BELL_PENDING, P_TAIL, S_CHECK, SLOT_HEADER_BYTES, find_entry, read_header, slot_check,
+)
+from xccl_net.p2p_core import KIND_DATA
+
+
+@pytest.fixture
+async def shm(tmp_path):
+    net = XNet("shm", tmp_path)
+    yield net
+    await net.close()
+    assert shm_entries(net.namespace) == []
+
+
+class Rogue:
+    """Maps the receiver's segment as a buggy peer would, and rings its doorbell."""
+
+    def __init__(self, path: str, namespace: str, receiver: str, writer: str) -> None:
+        self.fd = os.open(path, os.O_RDWR)
+        self.mm = mmap.mmap(self.fd, os.fstat(self.fd).st_size)
+        self.buf = memoryview(self.mm)
+        self.w = self.buf.cast("Q")
+        self.hdr = read_header(self.buf, self.w)
+        self.geo = self.hdr.geometry
+        idx = find_entry(self.buf, self.w, self.geo, writer)
+        assert idx is not None
+        self.idx = idx
+        self.bell = bell_address(namespace, receiver)
+
+    def ring(self) -> None:
+        self.w[H_BELL_PENDING] = 1
+        r = Ringer()
+        r.ring(self.bell)
+        r.close()
+
+    def close(self) -> None:
+        self.w.release()
+        self.buf.release()
+        self.mm.close()
+        os.close(self.fd)
+
+
+async def test_garbage_tail_pointer_is_corrupt_metadata_and_pair_recovers(shm: XNet):
+    a, b = await shm.open("a"), await shm.open("b")
+    await a.send("b", [b"one"])
+    await b.recv("a")
+    rogue = Rogue(b.segment_path, shm.namespace, "b", "a")
+    try:
+        tail_word = rogue.geo.entry_word(rogue.idx, P_TAIL)
+        good = rogue.w[tail_word]
+        rogue.w[tail_word] = 0xDEAD_BEEF_DEAD_BEEF
+        rogue.ring()
+        with pytest.raises(CorruptMetadata) as info:
+            await b.recv(timeout_s=2)
+        assert info.value.peer == "a"
+        rogue.w[tail_word] = good
+    finally:
+        rogue.close()
+    await a.send("b", [b"two"])  # the endpoint stayed up and the pair still works
+    assert bytes((await b.recv("a", timeout_s=2))[1][0]) == b"two"
+
+
+async def test_wrong_event_id_in_slot_is_event_id_mismatch(shm: XNet):
+    a, b, c = await shm.open("a"), await shm.open("b"), await shm.open("c")
+    await a.send("b", [b"one"])
+    await b.recv("a")
+    rogue = Rogue(b.segment_path, shm.namespace, "b", "a")
+    try:
+        tail_word = rogue.geo.entry_word(rogue.idx, P_TAIL)
+        tail = rogue.w[tail_word]
+        off = rogue.geo.slot_off(rogue.idx, tail)
+        msg = b"\x00\x00\x00\x00"  # empty frame table
+        rogue.buf[off + SLOT_HEADER_BYTES:off + SLOT_HEADER_BYTES + len(msg)] = msg
+        hw = (999, 0, 1, len(msg), len(msg), KIND_DATA, 0)  # well-formed, but event 999 != 2
+        base = off // 8
+        for i, v in enumerate(hw):
+            rogue.w[base + i] = v
+        rogue.w[base + S_CHECK] = slot_check(hw)
+        rogue.w[tail_word] = tail + 1
+        rogue.ring()
+        with pytest.raises(EventIdMismatch):
+            await b.recv(timeout_s=2)
+    finally:
+        rogue.close()
+    await c.send("b", [b"from-c"])  # other peers are unaffected
+    assert bytes((await b.recv("c", timeout_s=2))[1][0]) == b"from-c"
+
+
+async def test_garbage_slot_header_is_corrupt_metadata(shm: XNet):
+    a, b = await shm.open("a"), await shm.open("b")
+    await a.send("b", [b"one"])
+    await b.recv("a")
+    rogue = Rogue(b.segment_path, shm.namespace, "b", "a")
+    try:
+        tail_word = rogue.geo.entry_word(rogue.idx, P_TAIL)
+        tail = rogue.w[tail_word]
+        base = rogue.geo.slot_off(rogue.idx, tail) // 8
+        for i in range(8):
+            rogue.w[base + i] = 0x0123_4567_89AB_CDEF * (i + 1) & 0xFFFF_FFFF_FFFF_FFFF
+        rogue.w[tail_word] = tail + 1
+        rogue.ring()
+        with pytest.raises(CorruptMetadata):
+            await b.recv(timeout_s=2)
+    finally:
+        rogue.close()
+
+
+async def test_second_open_of_a_live_name_is_refused(shm: XNet):
+    await shm.open("a")
+    with pytest.raises(NameInUse):
+        await shm.open("a")
+    assert isinstance(NameInUse("x"), XcclError)
+    assert len(shm_entries(shm.namespace)) == 1
+
+
+async def test_segment_geometry_and_windows_are_published(shm: XNet):
+    a = await shm.open("a", windows={"kv": 10_000, "a2e": 5000}, npu=7)
+    fd = os.open(a.segment_path, os.O_RDONLY)
+    try:
+        with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as mm:
+            buf = memoryview(mm)
+            w = buf.cast("Q")
+            hdr = read_header(buf, w)
+            assert (hdr.npu, hdr.pid, hdr.geometry.ring_slots, hdr.geometry.slot_bytes) == (7, os.getpid(), 4, 4096)
+            assert {k: v[1] for k, v in hdr.windows.items()} == {"kv": 10_000, "a2e": 5000}
+            w.release()
+            buf.release()
+    finally:
+        os.close(fd)
+    assert a.window("kv").nbytes == 10_000
