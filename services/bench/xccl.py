@@ -171,38 +171,47 @@ async def bench_xccl_p2p(kind: str, namespace: str, run_dir: str, plan: BenchPla
     from xccl_net.endpoint import open_endpoint
 
     cfg = endpoint_config(kind, "bench", namespace, 0, run_dir, slot_bytes=P2P_SLOT_BYTES,
-                           ring_slots=P2P_RING_SLOTS)
+                          ring_slots=P2P_RING_SLOTS)
     ep = await open_endpoint(cfg, fabric=None)
-    out: dict[str, Any] = {"rtt": {}, "bandwidth": {}}
     try:
-        for size, n in zip(plan.rtt_sizes, plan.rtt_reps):
-            payload = np.ones(size, dtype=np.uint8)
-            for _ in range(min(20, n)):
-                await ep.send("echo", [ECHO, payload], timeout_s=30.0)
-                await ep.recv("echo", timeout_s=30.0)
-            times = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                await ep.send("echo", [ECHO, payload], timeout_s=30.0)
-                _, frames = await ep.recv("echo", timeout_s=30.0)
-                times.append(time.perf_counter() - t0)
-            if sum(memoryview(f).nbytes for f in frames) != size + 1:
-                raise RuntimeError(f"echo returned a wrong payload size for {size} B")
-            out["rtt"][str(size)] = summary(times)
-        for size, n in zip(plan.bw_sizes, plan.bw_reps):
-            payload = np.ones(size, dtype=np.uint8)
-            await ep.send("echo", [SINK, payload], timeout_s=30.0)  # warm-up: touches the ring
-            times = []
-            for _ in range(max(n, 3)):
-                # send completes when the receiver acknowledged: one full transfer.
-                t0 = time.perf_counter()
-                await ep.send("echo", [SINK, payload], timeout_s=30.0)
-                times.append(time.perf_counter() - t0)
-            med = statistics.median(times)
-            out["bandwidth"][str(size)] = {**summary(times), "gbps": gbps(size, med)}
-        out["stats"] = dict(ep.stats)
+        # tcp: the peer learns our address from its argv and tells us its own when ready.
+        extra = ["--peer-address", f"bench={ep.address}"] if kind == "tcp" else []
+        with peer_process("xccl-echo", kind, namespace, run_dir, *extra) as info:
+            if kind == "tcp":
+                ep.set_peer_address("echo", info)
+            return await _p2p_measure(ep, plan)
     finally:
         await ep.close()
+
+
+async def _p2p_measure(ep: Any, plan: BenchPlan) -> dict[str, Any]:
+    out: dict[str, Any] = {"rtt": {}, "bandwidth": {}}
+    for size, n in zip(plan.rtt_sizes, plan.rtt_reps):
+        payload = np.ones(size, dtype=np.uint8)
+        for _ in range(min(20, n)):
+            await ep.send("echo", [ECHO, payload], timeout_s=30.0)
+            await ep.recv("echo", timeout_s=30.0)
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await ep.send("echo", [ECHO, payload], timeout_s=30.0)
+            _, frames = await ep.recv("echo", timeout_s=30.0)
+            times.append(time.perf_counter() - t0)
+        if sum(memoryview(f).nbytes for f in frames) != size + 1:
+            raise RuntimeError(f"echo returned a wrong payload size for {size} B")
+        out["rtt"][str(size)] = summary(times)
+    for size, n in zip(plan.bw_sizes, plan.bw_reps):
+        payload = np.ones(size, dtype=np.uint8)
+        await ep.send("echo", [SINK, payload], timeout_s=30.0)  # warm-up: touches the ring
+        times = []
+        for _ in range(max(n, 3)):
+            # send completes when the receiver acknowledged: one full transfer.
+            t0 = time.perf_counter()
+            await ep.send("echo", [SINK, payload], timeout_s=30.0)
+            times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        out["bandwidth"][str(size)] = {**summary(times), "gbps": gbps(size, med)}
+    out["stats"] = dict(ep.stats)
     return out
 
 
@@ -376,8 +385,7 @@ async def _bench_all(plan: BenchPlan, work: str) -> dict[str, Any]:
     res["p2p"] = {}
     for kind in ("shm", "tcp") if plan.tcp else ("shm",):
         ns = f"bx{os.getpid()}{kind}"
-        with peer_process("xccl-echo", kind, ns, work):
-            res["p2p"][kind] = await bench_xccl_p2p(kind, ns, work, plan)
+        res["p2p"][kind] = await bench_xccl_p2p(kind, ns, work, plan)
     res["dispatch"] = [await bench_dispatch(case, plan.dispatch_reps, f"bd{os.getpid()}{i}", work)
                        for i, case in enumerate(plan.dispatch_cases)]
     cfg_path = os.path.join(work, "fabric.yaml")

@@ -179,7 +179,8 @@ def endpoint_config(kind: str, name: str, namespace: str, npu: int, run_dir: str
                           directory=directory or {})
 
 
-async def _xccl_echo_peer(kind: str, namespace: str, run_dir: str, *, fabric_address: str | None = None) -> None:
+async def _xccl_echo_peer(kind: str, namespace: str, run_dir: str, *, fabric_address: str | None = None,
+                          directory: dict[str, str] | None = None) -> None:
     """ECHO: send the frames back; SINK: swallow (bandwidth runs); STAMP: reply with the
     ``time.monotonic()`` at which the message became visible here (fidelity runs)."""
     from xccl_net.endpoint import open_endpoint
@@ -190,9 +191,9 @@ async def _xccl_echo_peer(kind: str, namespace: str, run_dir: str, *, fabric_add
         from xccl_net.fabric_client import FabricClient
         fabric = await FabricClient.connect(fabric_address, name="echo", npu=1, timeout_s=5.0)
     cfg = endpoint_config(kind, "echo", namespace, 1, run_dir, slot_bytes=P2P_SLOT_BYTES,
-                          ring_slots=P2P_RING_SLOTS)
+                          ring_slots=P2P_RING_SLOTS, directory=directory)
     ep = await open_endpoint(cfg, fabric=fabric)
-    _announce("echo")
+    _announce(getattr(ep, "address", "") or "echo")
 
     async def serve() -> None:
         while True:
@@ -221,13 +222,16 @@ def main(argv: list[str]) -> int:
     p.add_argument("role", choices=["zmq-echo", "grpc-sink", "xccl-echo"])
     p.add_argument("args", nargs="*")
     p.add_argument("--fabric", default=None, help="fabric-sim data address (xccl-echo)")
+    p.add_argument("--peer-address", action="append", default=[], metavar="NAME=ADDR",
+                   help="tcp directory entry of a peer (xccl-echo)")
     a = p.parse_args(argv)
     if a.role == "zmq-echo":
         coro = _zmq_echo_peer(a.args[0])
     elif a.role == "grpc-sink":
         coro = _grpc_sink_peer()
     else:
-        coro = _xccl_echo_peer(*a.args, fabric_address=a.fabric)
+        directory = dict(entry.split("=", 1) for entry in a.peer_address)
+        coro = _xccl_echo_peer(*a.args, fabric_address=a.fabric, directory=directory)
     uvloop.run(coro)
     return 0
 
