@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,17 +75,18 @@ def _remaining(deadline: float) -> float:
     return deadline - time.monotonic()
 
 
-async def _all(ops: Sequence[Awaitable[Any]]) -> None:
+async def _all(ops: Sequence[Callable[[], Awaitable[Any]]]) -> None:
     """Run ``ops`` concurrently to completion; then raise the first XCCL error, if any.
 
     One failing peer must not cancel the writes to the healthy ones (they would be left
-    waiting for a block that never comes).
+    waiting for a block that never comes). Ops are thunks so that nothing is started when
+    building the list fails half-way.
     """
     errors: list[XcclError] = []
 
-    async def one(op: Awaitable[Any]) -> None:
+    async def one(op: Callable[[], Awaitable[Any]]) -> None:
         try:
-            await op
+            await op()
         except XcclError as exc:
             errors.append(exc)
 
@@ -150,8 +152,8 @@ class A2EDispatcher:
             rows = pack_rows(x, plan, r)
             meta = a2e_meta(plan, r, self.layout)
             self.stats["rows_sent"] += meta.count
-            ops.append(self.ep.put(self.expert_peers[r], self.windows.a2e, meta.offset, _flat_bytes(rows),
-                                   notify=encode_meta(meta), timeout_s=max(_remaining(deadline), 1e-3)))
+            ops.append(partial(self.ep.put, self.expert_peers[r], self.windows.a2e, meta.offset, _flat_bytes(rows),
+                               notify=encode_meta(meta), timeout_s=max(_remaining(deadline), 1e-3)))
         await _all(ops)
 
     async def _collect(self, plan: DispatchPlan, deadline: float) -> dict[int, np.ndarray]:
@@ -238,8 +240,8 @@ class E2AHandler:
         for s, y in outs.items():
             meta = e2a_meta(event_id, self.rank, y.shape[0], self.layout)
             self.stats["rows_served"] += meta.count
-            ops.append(self.ep.put(self.source_peers[s], self.windows.e2a, meta.offset, _flat_bytes(y),
-                                   notify=encode_meta(meta), timeout_s=max(_remaining(deadline), 1e-3)))
+            ops.append(partial(self.ep.put, self.source_peers[s], self.windows.e2a, meta.offset, _flat_bytes(y),
+                               notify=encode_meta(meta), timeout_s=max(_remaining(deadline), 1e-3)))
         await _all(ops)
         self.stats["events"] += 1
         return event_id

@@ -8,8 +8,8 @@ Layout (all sizes in rows of ``hidden`` float32 values):
 - attention rank ``s`` owns an "e2a" window of ``num_ranks`` blocks; block ``r`` is written
   only by expert rank ``r``.
 A block holds at most ``capacity_rows`` rows. A row is one (token, top-k slot) pair, so a
-token choosing two experts on the same rank is sent twice (keeps the expert side a pure
-row-wise gather; see README of the design in the report).
+token choosing two experts on the same rank is sent twice: the expert side stays a pure
+row-wise gather, at the cost of duplicate bytes when k experts share a rank.
 
 Row order is canonical, which is what makes results bitwise independent of placement:
 - inside a block, rows are sorted by (expert id, token, slot);
