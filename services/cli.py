@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fabric-sim": ("fabric_sim.cli", "run the fabric simulator process"),
     "generate": ("services.model.cli_generate", "generate text with the reference engine"),
     "model": ("services.model.cli_model", "create model directories with deterministic random weights"),
+    "up": ("services.pod.cli", "start the whole pod as local processes; Ctrl-C stops it"),
 }
 
 
