@@ -310,7 +310,7 @@ class MsgEndpoint(Endpoint):
         if isinstance(eff, Delivered):
             try:
                 if eff.kind == KIND_DATA:
-                    self._deliver(src, split_message(eff.data), len(eff.data))
+                    self._deliver(src, split_message(eff.data), memoryview(eff.data).nbytes)
                     return None
                 raise CorruptMetadata("notify records travel as PutReq on message transports")
             except CorruptMetadata as exc:

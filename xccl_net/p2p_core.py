@@ -23,6 +23,8 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from xccl_net.errors import ChunkOrderError, CorruptMetadata, EventIdMismatch, ProtocolError
 
 KIND_DATA = 0
@@ -53,7 +55,7 @@ class ChunkHeader:
 class Delivered:
     event_id: int
     kind: int
-    data: bytearray | bytes
+    data: np.ndarray | bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +95,7 @@ def frame_prefix(views: Sequence[memoryview]) -> bytes:
     return _COUNT.pack(len(views)) + struct.pack(f"<{len(views)}Q", *(v.nbytes for v in views))
 
 
-def split_message(data: bytearray | bytes) -> list[memoryview]:
+def split_message(data: np.ndarray | bytes | bytearray) -> list[memoryview]:
     """Inverse of ``frame_prefix`` + frames; views into ``data`` (no copy)."""
     mv = memoryview(data)
     if mv.nbytes < _COUNT.size:
@@ -140,7 +142,7 @@ class Reassembler:
         self.last_event = 0
         self._cur: ChunkHeader | None = None
         self._next_chunk = 0
-        self._buf: bytearray | None = None
+        self._buf: np.ndarray | None = None
 
     def reset(self) -> None:
         """The peer restarted: its event ids begin again at 1."""
@@ -207,14 +209,16 @@ class Reassembler:
             effects.append(Delivered(h.event_id, h.kind, bytes(payload)))
             return effects
         self._cur, self._next_chunk = h, 0
-        self._buf = bytearray(h.total_bytes)
+        # np.empty, not bytearray: no zero-fill pass, and numpy asks for huge pages on big
+        # buffers, so first touch runs near memcpy speed instead of ~2 GB/s of page faults.
+        self._buf = np.empty(h.total_bytes, dtype=np.uint8)
         effects.extend(self._append(h, payload))
         return effects
 
     def _append(self, h: ChunkHeader, payload: memoryview) -> list[Effect]:
         assert self._buf is not None
         lo = h.chunk_id * self.chunk_bytes
-        memoryview(self._buf)[lo:lo + payload.nbytes] = payload
+        self._buf.data[lo:lo + payload.nbytes] = payload
         self._next_chunk += 1
         if self._next_chunk < h.n_chunks:
             return []

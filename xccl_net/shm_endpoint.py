@@ -270,33 +270,44 @@ class ShmEndpoint(Endpoint):
             st = _Inbound(entry_name(buf, geo, idx), inc, Reassembler(geo.slot_bytes, self.cfg.max_message_bytes))
             self._inbound[idx] = st
             pretouch(self._seg.mm, geo.ring_off(idx), geo.ring_bytes, write=False)
-        tail = w[geo.entry_word(idx, P_TAIL)]
-        if w[inc_word] != inc:
-            return  # the writer is restarting this ring right now; its next ring brings us back
-        if tail < st.head or tail - st.head > geo.ring_slots:
-            if st.bad_tail != tail:
-                st.bad_tail = tail
-                self._deliver_error(st.name, CorruptMetadata(
-                    f"{st.name}->{self.name}: tail {tail} impossible with head {st.head} "
-                    f"and {geo.ring_slots} slots"))
-            return
+        tail_word = geo.entry_word(idx, P_TAIL)
         nack: tuple[int, int] | None = None
         start = st.head
-        while st.head < tail and self._inbox_has_room(KIND_DATA) and self._inbox_has_room(KIND_NOTIFY):
-            off = geo.slot_off(idx, st.head)
-            base = off // 8
-            hw = tuple(w[base:base + S_CHECK])
-            if w[base + S_CHECK] != slot_check(hw) or hw[S_NBYTES] > geo.slot_bytes:
-                effects = [Violation(hw[S_EVENT], CorruptMetadata(f"slot {st.head} header check failed"))]
-            else:
-                h = ChunkHeader(hw[S_EVENT], hw[S_CHUNK], hw[S_NCHUNKS], hw[S_TOTAL], hw[S_KIND], hw[S_FLAGS])
-                p0 = off + SLOT_HEADER_BYTES
-                effects = st.reasm.on_chunk(h, buf[p0:p0 + hw[S_NBYTES]])
-            st.head += 1
-            for eff in effects:
-                bad = self._apply(st.name, eff)
-                if bad is not None:
-                    nack = bad
+        # Keep copying while the writer keeps writing (re-read the tail): one wake-up can
+        # drain a whole multi-slot transfer while the sender fills the ring in parallel.
+        while True:
+            tail = w[tail_word]
+            if w[inc_word] != inc:
+                break  # the writer is restarting this ring right now; its next ring brings us back
+            if tail < st.head or tail - st.head > geo.ring_slots:
+                if st.bad_tail != tail:
+                    st.bad_tail = tail
+                    self._deliver_error(st.name, CorruptMetadata(
+                        f"{st.name}->{self.name}: tail {tail} impossible with head {st.head} "
+                        f"and {geo.ring_slots} slots"))
+                break
+            if st.head == tail or not (self._inbox_has_room(KIND_DATA) and self._inbox_has_room(KIND_NOTIFY)):
+                break
+            ring_full = tail - st.head == geo.ring_slots
+            while st.head < tail and self._inbox_has_room(KIND_DATA) and self._inbox_has_room(KIND_NOTIFY):
+                off = geo.slot_off(idx, st.head)
+                base = off // 8
+                hw = tuple(w[base:base + S_CHECK])
+                if w[base + S_CHECK] != slot_check(hw) or hw[S_NBYTES] > geo.slot_bytes:
+                    effects = [Violation(hw[S_EVENT], CorruptMetadata(f"slot {st.head} header check failed"))]
+                else:
+                    h = ChunkHeader(hw[S_EVENT], hw[S_CHUNK], hw[S_NCHUNKS], hw[S_TOTAL], hw[S_KIND], hw[S_FLAGS])
+                    p0 = off + SLOT_HEADER_BYTES
+                    effects = st.reasm.on_chunk(h, buf[p0:p0 + hw[S_NBYTES]])
+                st.head += 1
+                for eff in effects:
+                    bad = self._apply(st.name, eff)
+                    if bad is not None:
+                        nack = bad
+                if ring_full:
+                    # The writer may be parked waiting for space: free it now, not after the batch.
+                    self._acknowledge(st, None, now=True)
+                    ring_full = False
         if st.head != start or nack is not None:
             self._acknowledge(st, nack)
 
@@ -305,7 +316,7 @@ class ShmEndpoint(Endpoint):
         if isinstance(eff, Delivered):
             try:
                 if eff.kind == KIND_DATA:
-                    self._deliver(src, split_message(eff.data), len(eff.data))
+                    self._deliver(src, split_message(eff.data), memoryview(eff.data).nbytes)
                 else:
                     win, off, nbytes, note = msgpack.unpackb(eff.data)
                     self._deliver_notify(Notification(src, str(win), int(off), int(nbytes), bytes(note)))
@@ -320,7 +331,7 @@ class ShmEndpoint(Endpoint):
             self.stats["duplicates_discarded"] += 1
         return None
 
-    def _acknowledge(self, st: _Inbound, nack: tuple[int, int] | None) -> None:
+    def _acknowledge(self, st: _Inbound, nack: tuple[int, int] | None, *, now: bool = False) -> None:
         try:
             link = self._link(st.name)
         except PeerUnreachable:
@@ -331,7 +342,10 @@ class ShmEndpoint(Endpoint):
             pw[pg.entry_word(link.remote_idx, P_NACK_EVENT)] = nack[0]
         pw[pg.entry_word(link.remote_idx, P_OUT_ACKED)] = st.reasm.last_event
         pw[pg.entry_word(link.remote_idx, P_OUT_HEAD)] = st.head
-        self._ring(link)
+        if now:
+            self._ring_now(link)
+        else:
+            self._ring(link)
 
     # ---------------------------------------------------------------- send side
     async def _send(self, peer: str, kind: int, pieces: list[memoryview], total: int, wait_ack: bool) -> None:
@@ -367,8 +381,8 @@ class ShmEndpoint(Endpoint):
                 pw[geo.entry_word(link.remote_idx, P_CHUNK)] = k
                 link.tail += 1
                 pw[geo.entry_word(link.remote_idx, P_TAIL)] = link.tail  # commit point
-                if n > 1 and k == 0:
-                    self._ring_now(link)  # let the receiver copy while we keep writing
+                if n > 1:
+                    self._ring_now(link)  # coalesced: a datagram only if the receiver went to sleep
             link.need_reset = False
         self._ring(link)
         if not wait_ack:
