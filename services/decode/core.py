@@ -1,0 +1,420 @@
+"""Decode master core: one DP group's scheduler (pure: no sockets, no asyncio, no clock).
+
+The server feeds it admissions, cancels, ``Loaded`` answers and step results; it answers with
+effects (``SendLoad``, ``SendFree``, ``Emit``) and step plans (one ``Run`` per attention rank).
+
+Rules:
+- Admission is FIFO and bounded: beyond ``max_queue`` waiting requests, ``admit`` refuses with
+  RESOURCE_EXHAUSTED (the router tries another group); nothing is ever dropped silently.
+- KV accounting in blocks: a sequence reserves ``ceil((prompt_len + max_tokens) / block_size)``
+  blocks when it leaves the queue, and gives them back when it ends. When the head of the queue
+  does not fit (blocks or ``max_batch``), everything behind it waits too (no starvation of long
+  requests by short ones): that is the backpressure.
+- Continuous batching: ``loading + running <= max_batch``; a sequence joins at the next step
+  after its ``Loaded``. One step is in flight at a time; a sequence that ends while its step is
+  in flight keeps its blocks and gets its ``Free`` only when that step completes, so an attention
+  rank never frees a cache it is still computing on.
+- Token positions follow the reference engine: with ``generated`` tokens out (the last one,
+  ``last_token``, not yet fed), the step feeds ``last_token`` at ``prompt_len + generated - 1`` and
+  samples output number ``generated`` at position ``prompt_len + generated``.
+- Lifecycle is the table ``TRANSITIONS``; anything else raises ``IllegalTransition``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from services.model.sampling import SamplingParams, sample
+from services.protocol.inference import KVRef, Tokens
+from services.protocol.step import Free, Load, Run
+
+# The same strings as services.common.rpc (the core may not import zmq-backed modules).
+INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, RESOURCE_EXHAUSTED = (
+    "INVALID_ARGUMENT", "NOT_FOUND", "UNAVAILABLE", "RESOURCE_EXHAUSTED")
+
+
+class SeqState(enum.StrEnum):
+    QUEUED = "queued"
+    LOADING = "loading"
+    RUNNING = "running"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+class SeqEvent(enum.StrEnum):
+    LOAD = "load"          # left the queue: blocks reserved, Load sent to a rank
+    LOADED = "loaded"      # the rank holds the KV
+    FINISH = "finish"      # stop token or max_tokens
+    CANCEL = "cancel"
+    FAIL = "fail"          # load failed, rank silent or broken
+
+
+TRANSITIONS: dict[tuple[SeqState, SeqEvent], SeqState] = {
+    (SeqState.QUEUED, SeqEvent.LOAD): SeqState.LOADING,
+    (SeqState.QUEUED, SeqEvent.CANCEL): SeqState.CANCELLED,
+    (SeqState.QUEUED, SeqEvent.FAIL): SeqState.FAILED,
+    (SeqState.LOADING, SeqEvent.LOADED): SeqState.RUNNING,
+    (SeqState.LOADING, SeqEvent.CANCEL): SeqState.CANCELLED,
+    (SeqState.LOADING, SeqEvent.FAIL): SeqState.FAILED,
+    (SeqState.RUNNING, SeqEvent.FINISH): SeqState.FINISHED,
+    (SeqState.RUNNING, SeqEvent.CANCEL): SeqState.CANCELLED,
+    (SeqState.RUNNING, SeqEvent.FAIL): SeqState.FAILED,
+}
+TERMINAL = frozenset({SeqState.FINISHED, SeqState.CANCELLED, SeqState.FAILED})
+
+
+class IllegalTransition(RuntimeError):
+    def __init__(self, request_id: str, state: SeqState, event: SeqEvent) -> None:
+        super().__init__(f"decode request {request_id!r}: illegal event {event.value!r} in state {state.value!r}")
+        self.request_id, self.state, self.event = request_id, state, event
+
+
+def next_state(request_id: str, state: SeqState, event: SeqEvent) -> SeqState:
+    nxt = TRANSITIONS.get((state, event))
+    if nxt is None:
+        raise IllegalTransition(request_id, state, event)
+    return nxt
+
+
+class Refused(Exception):
+    """``admit``/``cancel`` refused; ``code`` is an RPC status code (see services.common.rpc)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message = code, message
+
+
+@dataclass(frozen=True, slots=True)
+class CoreConfig:
+    block_size: int
+    kv_blocks: int
+    max_batch: int
+    ranks: tuple[str, ...]          # the group's attention ranks
+    max_queue: int = 64
+    max_positions: int = 1 << 30    # the model's position limit
+
+    def __post_init__(self) -> None:
+        for key in ("block_size", "kv_blocks", "max_batch", "max_queue", "max_positions"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"CoreConfig.{key} must be >= 1")
+        if not self.ranks:
+            raise ValueError("CoreConfig.ranks: a DP group needs at least one attention rank")
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """An admission, already decoded from the wire (``Admit`` plus the pushing router)."""
+    request_id: str
+    prompt_len: int
+    params: SamplingParams
+    kv: KVRef
+    next_token: int
+    generated: int                  # outputs so far, next_token included (it is output generated-1)
+    router: str
+
+
+# -- effects ---------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class SendLoad:
+    rank: str
+    load: Load
+
+
+@dataclass(frozen=True, slots=True)
+class SendFree:
+    rank: str
+    free: Free
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    router: str
+    tokens: Tokens
+
+
+Effect = SendLoad | SendFree | Emit
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    step: int
+    runs: tuple[tuple[str, Run], ...]   # (rank, Run) for every rank with running sequences
+
+
+@dataclass(slots=True)
+class _Seq:
+    req: Request
+    blocks: int
+    state: SeqState = SeqState.QUEUED
+    rank: str = ""
+    generated: int = 0
+    last_token: int = 0
+
+    @property
+    def rid(self) -> str:
+        return self.req.request_id
+
+
+@dataclass(slots=True)
+class CoreStats:
+    admitted: int = 0
+    refused: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    steps: int = 0
+    tokens: int = 0
+    queue_peak: int = 0
+
+
+def blocks_for(prompt_len: int, max_tokens: int, block_size: int) -> int:
+    return math.ceil((prompt_len + max_tokens) / block_size)
+
+
+class DecodeCore:
+    def __init__(self, cfg: CoreConfig) -> None:
+        self.cfg = cfg
+        self.free_blocks = cfg.kv_blocks
+        self.stats = CoreStats()
+        self._seqs: dict[str, _Seq] = {}         # every non-terminal sequence
+        self._queue: deque[_Seq] = deque()
+        self._by_rank: dict[str, set[str]] = {r: set() for r in cfg.ranks}   # loading + running
+        self._down: set[str] = set()
+        self._step = 0
+        self._inflight: StepPlan | None = None
+        self._inflight_ids: set[str] = set()
+        self._deferred: list[_Seq] = []           # ended during the in-flight step
+
+    # -- views -----------------------------------------------------------------------------
+    def state_of(self, request_id: str) -> SeqState | None:
+        s = self._seqs.get(request_id)
+        return s.state if s else None
+
+    def count(self, state: SeqState) -> int:
+        return sum(1 for s in self._seqs.values() if s.state is state)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def has_running(self) -> bool:
+        return any(s.state is SeqState.RUNNING for s in self._seqs.values())
+
+    @property
+    def step_in_flight(self) -> int | None:
+        return self._inflight.step if self._inflight else None
+
+    def load(self) -> dict[str, float]:
+        """Heartbeat load (what routers choose a group by)."""
+        return {"running": self.count(SeqState.RUNNING) + self.count(SeqState.LOADING),
+                "queued": len(self._queue), "free_kv_blocks": self.free_blocks,
+                "max_batch": self.cfg.max_batch, "live_ranks": len(self.cfg.ranks) - len(self._down)}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def _move(self, s: _Seq, event: SeqEvent) -> None:
+        s.state = next_state(s.rid, s.state, event)
+
+    def admit(self, req: Request) -> list[Effect]:
+        """Queue ``req`` (idempotent per request id) and start what fits. Raises ``Refused``."""
+        if req.request_id in self._seqs:
+            return []   # a retried Admit: already here
+        try:
+            self._check(req)
+        except Refused:
+            self.stats.refused += 1
+            raise
+        s = _Seq(req, blocks_for(req.prompt_len, req.params.max_tokens, self.cfg.block_size),
+                 generated=req.generated, last_token=req.next_token)
+        self._seqs[req.request_id] = s
+        self._queue.append(s)
+        self.stats.admitted += 1
+        self.stats.queue_peak = max(self.stats.queue_peak, len(self._queue))
+        return self._promote()
+
+    def _check(self, req: Request) -> None:
+        p, rid = req.params, req.request_id
+        if not rid:
+            raise Refused(INVALID_ARGUMENT, "request_id is empty")
+        if req.prompt_len < 1:
+            raise Refused(INVALID_ARGUMENT, f"{rid}: prompt_len must be >= 1, got {req.prompt_len}")
+        if not 1 <= req.generated < p.max_tokens:
+            raise Refused(INVALID_ARGUMENT, f"{rid}: generated must be in 1..max_tokens-1 "
+                          f"(max_tokens={p.max_tokens}), got {req.generated}: nothing left to decode")
+        if req.next_token in p.stop_token_ids:
+            raise Refused(INVALID_ARGUMENT, f"{rid}: next_token {req.next_token} is a stop token: already finished")
+        want = req.prompt_len + req.generated - 1
+        if req.kv.num_tokens != want:
+            raise Refused(INVALID_ARGUMENT, f"{rid}: kv holds {req.kv.num_tokens} positions, expected "
+                          f"prompt_len + generated - 1 = {want}")
+        if req.prompt_len + p.max_tokens > self.cfg.max_positions:
+            raise Refused(INVALID_ARGUMENT, f"{rid}: prompt_len + max_tokens = {req.prompt_len + p.max_tokens} "
+                          f"exceeds the model's {self.cfg.max_positions} positions")
+        need = blocks_for(req.prompt_len, p.max_tokens, self.cfg.block_size)
+        if need > self.cfg.kv_blocks:
+            raise Refused(RESOURCE_EXHAUSTED, f"{rid}: needs {need} KV blocks, the group has {self.cfg.kv_blocks} in all")
+        if len(self._down) == len(self.cfg.ranks):
+            raise Refused(UNAVAILABLE, "no live attention rank in this DP group")
+        if len(self._queue) >= self.cfg.max_queue:
+            raise Refused(RESOURCE_EXHAUSTED, f"admission queue full ({self.cfg.max_queue} waiting)")
+
+    def _promote(self) -> list[Effect]:
+        out: list[Effect] = []
+        live = [r for r in self.cfg.ranks if r not in self._down]
+        while self._queue and live:
+            s = self._queue[0]
+            active = sum(len(v) for v in self._by_rank.values())
+            if active >= self.cfg.max_batch or s.blocks > self.free_blocks:
+                break
+            self._queue.popleft()
+            self._move(s, SeqEvent.LOAD)
+            self.free_blocks -= s.blocks
+            s.rank = min(live, key=lambda r: len(self._by_rank[r]))   # least loaded; ties: first
+            self._by_rank[s.rank].add(s.rid)
+            capacity = s.req.prompt_len + s.req.params.max_tokens
+            out.append(SendLoad(s.rank, Load(s.rid, s.req.kv, capacity)))
+        return out
+
+    def loaded(self, request_id: str, rank: str, error: str = "") -> list[Effect]:
+        """A rank's ``Loaded``. Late answers for ended sequences are answered with a Free."""
+        s = self._seqs.get(request_id)
+        if s is None or s.rank != rank:
+            # It ended (cancel, load timeout) or never was ours on that rank: the rank may hold it now.
+            return [] if error or rank not in self._by_rank else [SendFree(rank, Free((request_id,)))]
+        if s.state is not SeqState.LOADING:
+            return []   # a duplicate answer
+        if error:
+            return self._end(s, SeqEvent.FAIL, error=f"attention rank {rank} could not load the KV: {error}",
+                             free_rank=False)
+        self._move(s, SeqEvent.LOADED)
+        return []
+
+    def load_failed(self, request_id: str, error: str) -> list[Effect]:
+        """No ``Loaded`` in time (or the Load could not be sent)."""
+        s = self._seqs.get(request_id)
+        if s is None or s.state is not SeqState.LOADING:
+            return []
+        return self._end(s, SeqEvent.FAIL, error=error)
+
+    def cancel(self, request_id: str) -> list[Effect]:
+        s = self._seqs.get(request_id)
+        if s is None:
+            raise Refused(NOT_FOUND, f"no request {request_id!r} on this decode group")
+        return self._end(s, SeqEvent.CANCEL)
+
+    def _end(self, s: _Seq, event: SeqEvent, *, error: str = "", free_rank: bool = True) -> list[Effect]:
+        """Terminal transition: final Tokens (unless it carried the last token), blocks back, Free."""
+        was_queued = s.state is SeqState.QUEUED
+        self._move(s, event)
+        del self._seqs[s.rid]
+        out: list[Effect] = []
+        if event is SeqEvent.CANCEL:
+            self.stats.cancelled += 1
+            out.append(Emit(s.req.router, Tokens(s.rid, s.generated, (), "cancelled")))
+        elif event is SeqEvent.FAIL:
+            self.stats.failed += 1
+            out.append(Emit(s.req.router, Tokens(s.rid, s.generated, (), "error", error)))
+        else:
+            self.stats.finished += 1
+        if was_queued:
+            self._queue.remove(s)
+            return out
+        if s.rid in self._inflight_ids:
+            self._deferred.append(s)     # its step is still computing: free when it completes
+            return out
+        out += self._release(s, free_rank and s.rank not in self._down)
+        return out + self._promote()
+
+    def _release(self, s: _Seq, send_free: bool) -> list[Effect]:
+        self.free_blocks += s.blocks
+        self._by_rank[s.rank].discard(s.rid)
+        return [SendFree(s.rank, Free((s.rid,)))] if send_free else []
+
+    # -- steps -------------------------------------------------------------------------------
+    def plan_step(self) -> StepPlan | None:
+        """The next step over every running sequence, or None (nothing runs, or one is in flight)."""
+        if self._inflight is not None:
+            return None
+        per_rank: dict[str, list[_Seq]] = {}
+        for s in self._seqs.values():
+            if s.state is SeqState.RUNNING:
+                per_rank.setdefault(s.rank, []).append(s)
+        if not per_rank:
+            return None
+        self._step += 1
+        runs = []
+        for rank in self.cfg.ranks:
+            seqs = per_rank.get(rank)
+            if seqs:
+                runs.append((rank, Run(self._step, tuple(s.rid for s in seqs), tuple(s.last_token for s in seqs),
+                                       tuple(s.req.prompt_len + s.generated - 1 for s in seqs))))
+        self._inflight = StepPlan(self._step, tuple(runs))
+        self._inflight_ids = {rid for _, run in runs for rid in run.request_ids}
+        return self._inflight
+
+    def complete_step(self, step: int, results: Mapping[str, np.ndarray | str]) -> list[Effect]:
+        """Results of the in-flight step: per rank the ``[batch, vocab]`` logits, or an error text
+        (no answer in time, an error answer, a malformed array). A rank with an error is marked
+        down and its sequences end with finish_reason "error"."""
+        plan = self._inflight
+        if plan is None or plan.step != step:
+            raise ValueError(f"complete_step({step}): the step in flight is {plan.step if plan else None}")
+        self._inflight, self._inflight_ids = None, set()
+        self.stats.steps += 1
+        out: list[Effect] = []
+        for rank, run in plan.runs:
+            res = results.get(rank, f"attention rank {rank} gave no result for step {step}")
+            if isinstance(res, np.ndarray) and (res.ndim != 2 or res.shape[0] != len(run.request_ids)):
+                res = f"attention rank {rank} sent logits of shape {res.shape} for {len(run.request_ids)} sequences"
+            if isinstance(res, str):
+                out += self._rank_failed(rank, res)
+                continue
+            for rid, row in zip(run.request_ids, res):
+                s = self._seqs.get(rid)
+                if s is not None and s.state is SeqState.RUNNING:
+                    out += self._emit(s, row)
+        deferred, self._deferred = self._deferred, []
+        for s in deferred:
+            out += self._release(s, s.rank not in self._down)
+        return out + self._promote()
+
+    def _emit(self, s: _Seq, row: np.ndarray) -> list[Effect]:
+        p = s.req.params
+        tok = sample(row, p, s.rid, s.req.prompt_len + s.generated)
+        index = s.generated
+        s.generated += 1
+        s.last_token = tok
+        self.stats.tokens += 1
+        reason = "stop" if tok in p.stop_token_ids else "length" if s.generated >= p.max_tokens else ""
+        out: list[Effect] = [Emit(s.req.router, Tokens(s.rid, index, (tok,), reason))]
+        if reason:
+            out += self._end(s, SeqEvent.FINISH)
+        return out
+
+    def _rank_failed(self, rank: str, error: str) -> list[Effect]:
+        self._down.add(rank)
+        out: list[Effect] = []
+        for rid in sorted(self._by_rank[rank]):
+            s = self._seqs.get(rid)
+            if s is not None:
+                out += self._end(s, SeqEvent.FAIL, error=error, free_rank=False)
+        if len(self._down) == len(self.cfg.ranks):
+            for s in list(self._queue):
+                out += self._end(s, SeqEvent.FAIL, error="no live attention rank in this DP group")
+        return out
+
+    def rank_up(self, rank: str) -> list[Effect]:
+        """A rank that was marked down answers again (e.g. restarted): use it for new admissions."""
+        self._down.discard(rank)
+        return self._promote()
+
+
+__all__ = ["DecodeCore", "CoreConfig", "Request", "Refused", "IllegalTransition", "SeqState", "SeqEvent",
+           "TRANSITIONS", "next_state", "SendLoad", "SendFree", "Emit", "StepPlan", "blocks_for"]

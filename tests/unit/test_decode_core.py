@@ -1,0 +1,286 @@
+"""Decode master scheduler (pure core): batching, KV backpressure, FIFO, finish, cancel, lifecycle."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from services.decode.core import (
+    TRANSITIONS, CoreConfig, DecodeCore, Emit, IllegalTransition, Refused, Request, SendFree, SendLoad,
+    SeqEvent, SeqState, blocks_for, next_state)
+from services.model.sampling import SamplingParams
+from services.protocol.inference import KVRef
+
+VOCAB = 32
+STOP = 31
+
+
+def req(rid: str, prompt_len: int = 4, max_tokens: int = 4, *, generated: int = 1, next_token: int = 5,
+        stop: tuple[int, ...] = (STOP,), router: str = "router-0") -> Request:
+    kv = KVRef(prompt_len + generated - 1, 4, ())
+    return Request(rid, prompt_len, SamplingParams(max_tokens=max_tokens, stop_token_ids=stop), kv,
+                   next_token, generated, router)
+
+
+def core(*, block_size: int = 4, kv_blocks: int = 64, max_batch: int = 4, ranks=("a0",), max_queue: int = 8,
+         max_positions: int = 512) -> DecodeCore:
+    return DecodeCore(CoreConfig(block_size, kv_blocks, max_batch, tuple(ranks), max_queue, max_positions))
+
+
+def onehot(tokens: list[int]) -> np.ndarray:
+    """Logits whose greedy choice is ``tokens[i]`` for row i."""
+    out = np.zeros((len(tokens), VOCAB), np.float32)
+    out[np.arange(len(tokens)), tokens] = 1.0
+    return out
+
+
+def loads(effects) -> list[str]:
+    return [e.load.request_id for e in effects if isinstance(e, SendLoad)]
+
+
+def frees(effects) -> list[str]:
+    return [rid for e in effects if isinstance(e, SendFree) for rid in e.free.request_ids]
+
+
+def emitted(effects) -> list:
+    return [e.tokens for e in effects if isinstance(e, Emit)]
+
+
+def load_all(c: DecodeCore, effects) -> None:
+    for e in effects:
+        if isinstance(e, SendLoad):
+            assert c.loaded(e.load.request_id, e.rank) == []
+
+
+def run_step(c: DecodeCore, pick) -> list:
+    """One step; ``pick(request_id) -> token`` decides each row's greedy token."""
+    plan = c.plan_step()
+    assert plan is not None
+    results = {rank: onehot([pick(rid) for rid in run.request_ids]) for rank, run in plan.runs}
+    return c.complete_step(plan.step, results)
+
+
+def test_batch_limit_and_continuous_batching() -> None:
+    c = core(max_batch=2)
+    eff = c.admit(req("r1", max_tokens=2)) + c.admit(req("r2", max_tokens=5)) + c.admit(req("r3"))
+    assert loads(eff) == ["r1", "r2"] and c.queued == 1
+    load_all(c, eff)
+    plan = c.plan_step()
+    assert plan is not None and plan.runs[0][1].request_ids == ("r1", "r2")
+    out = c.complete_step(plan.step, {"a0": onehot([7, 8])})
+    # r1 reached max_tokens=2: finished, freed, and r3 takes its place.
+    assert [(t.request_id, t.index, t.token_ids, t.finish_reason) for t in emitted(out)] == [
+        ("r1", 1, (7,), "length"), ("r2", 1, (8,), "")]
+    assert frees(out) == ["r1"] and loads(out) == ["r3"] and c.queued == 0
+    assert c.count(SeqState.RUNNING) + c.count(SeqState.LOADING) == 2
+
+
+def test_kv_block_backpressure_then_admission_when_freed() -> None:
+    # Each request needs ceil((4 + 8) / 4) = 3 blocks; 5 blocks hold one at a time.
+    c = core(kv_blocks=5, max_batch=8)
+    assert blocks_for(4, 8, 4) == 3
+    eff = c.admit(req("r1", max_tokens=8)) + c.admit(req("r2", max_tokens=8))
+    assert loads(eff) == ["r1"] and c.free_blocks == 2 and c.queued == 1
+    load_all(c, eff)
+    assert c.load()["free_kv_blocks"] == 2 and c.load()["queued"] == 1
+    out = run_step(c, lambda rid: STOP)
+    assert emitted(out)[0].finish_reason == "stop"
+    assert loads(out) == ["r2"] and c.free_blocks == 2
+
+
+def test_fifo_head_of_line_waits_even_if_a_later_one_fits() -> None:
+    c = core(kv_blocks=6, max_batch=8)
+    eff = c.admit(req("big1", max_tokens=16))          # 5 blocks
+    eff += c.admit(req("big2", max_tokens=16))         # 5 blocks: waits
+    eff += c.admit(req("small", max_tokens=2))         # 2 blocks would fit, but FIFO
+    assert loads(eff) == ["big1"] and c.queued == 2
+    load_all(c, eff)
+    out = c.cancel("big1")
+    assert loads(out) == ["big2"]                       # then small still waits for blocks
+    assert c.queued == 1 and c.state_of("small") is SeqState.QUEUED
+
+
+def test_positions_and_indices_follow_the_reference_rule() -> None:
+    c = core()
+    eff = c.admit(req("r", prompt_len=6, max_tokens=4, generated=2, next_token=9))
+    load_all(c, eff)
+    assert eff[0].load.capacity == 6 + 4
+    plan = c.plan_step()
+    run = plan.runs[0][1]
+    assert run.tokens == (9,) and run.positions == (6 + 2 - 1,)
+    out = c.complete_step(plan.step, {"a0": onehot([11])})
+    assert emitted(out)[0].index == 2
+    plan = c.plan_step()
+    assert plan.runs[0][1].tokens == (11,) and plan.runs[0][1].positions == (8,)
+    out = c.complete_step(plan.step, {"a0": onehot([12])})
+    t = emitted(out)[0]
+    assert (t.index, t.token_ids, t.finish_reason) == (3, (12,), "length")
+    assert c.free_blocks == 64 and c.plan_step() is None
+
+
+def test_stop_token_finishes_and_frees() -> None:
+    c = core()
+    load_all(c, c.admit(req("r", max_tokens=10)))
+    out = run_step(c, lambda rid: STOP)
+    assert [(t.token_ids, t.finish_reason) for t in emitted(out)] == [((STOP,), "stop")]
+    assert frees(out) == ["r"] and c.state_of("r") is None and c.stats.finished == 1
+
+
+def test_cancel_frees_blocks_in_every_state() -> None:
+    c = core(kv_blocks=9, max_batch=2)
+    eff = c.admit(req("run", max_tokens=8)) + c.admit(req("load", max_tokens=8)) + c.admit(req("q", max_tokens=8))
+    assert c.free_blocks == 3
+    c.loaded("run", "a0")
+    # queued: no blocks held, no Free.
+    out = c.cancel("q")
+    assert frees(out) == [] and c.free_blocks == 3 and c.queued == 0
+    assert emitted(out)[0].finish_reason == "cancelled"
+    # loading: blocks back and Free sent (the rank may already hold it); a late Loaded frees again.
+    out = c.cancel("load")
+    assert frees(out) == ["load"] and c.free_blocks == 6
+    assert frees(c.loaded("load", "a0")) == ["load"]
+    # running with its step in flight: blocks and Free wait for the step to complete.
+    plan = c.plan_step()
+    out = c.cancel("run")
+    assert frees(out) == [] and c.free_blocks == 6
+    assert [(t.request_id, t.finish_reason) for t in emitted(out)] == [("run", "cancelled")]
+    out = c.complete_step(plan.step, {"a0": onehot([3])})
+    assert emitted(out) == [], "a cancelled sequence's row is not streamed"
+    assert frees(out) == ["run"] and c.free_blocks == 9 and c.stats.cancelled == 3
+
+
+def test_refusals_carry_codes() -> None:
+    c = core(max_queue=1, max_batch=1, kv_blocks=8)
+    c.admit(req("r1"))
+    c.admit(req("r2"))                       # queued (batch full)
+    with pytest.raises(Refused) as e:
+        c.admit(req("r3"))
+    assert e.value.code == "RESOURCE_EXHAUSTED" and "queue full" in e.value.message
+    assert c.admit(req("r2")) == [], "a retried Admit is idempotent"
+    with pytest.raises(Refused) as e:
+        core(kv_blocks=2).admit(req("huge", max_tokens=40))
+    assert e.value.code == "RESOURCE_EXHAUSTED" and "needs 11 KV blocks" in e.value.message
+    bad = [req("x", generated=0), req("x", next_token=STOP), req("x", max_tokens=1),
+           req("x", prompt_len=500, max_tokens=20), req("", max_tokens=4), req("x", prompt_len=0)]
+    bad.append(Request("x", 4, SamplingParams(), KVRef(7, 4, ()), 5, 1, "r"))
+    for r in bad:
+        with pytest.raises(Refused) as e:
+            core().admit(r)
+        assert e.value.code == "INVALID_ARGUMENT", r
+    with pytest.raises(Refused) as e:
+        c.cancel("nope")
+    assert e.value.code == "NOT_FOUND"
+    assert c.stats.refused == 1 + 0 and c.stats.admitted == 2
+
+
+def test_every_illegal_transition_names_request_state_and_event() -> None:
+    for state, event in itertools.product(SeqState, SeqEvent):
+        if (state, event) in TRANSITIONS:
+            assert next_state("r9", state, event) in SeqState
+            continue
+        with pytest.raises(IllegalTransition) as e:
+            next_state("r9", state, event)
+        msg = str(e.value)
+        assert "r9" in msg and state.value in msg and event.value in msg
+    for terminal in (SeqState.FINISHED, SeqState.CANCELLED, SeqState.FAILED):
+        assert not any(s is terminal for s, _ in TRANSITIONS), "terminal states have no way out"
+
+
+def test_least_loaded_rank_and_rank_failure() -> None:
+    c = core(ranks=("a0", "a1"), max_batch=8)
+    eff = []
+    for i in range(3):
+        eff += c.admit(req(f"r{i}"))
+    assert [e.rank for e in eff] == ["a0", "a1", "a0"]
+    load_all(c, eff)
+    plan = c.plan_step()
+    assert {rank: run.request_ids for rank, run in plan.runs} == {"a0": ("r0", "r2"), "a1": ("r1",)}
+    out = c.complete_step(plan.step, {"a0": onehot([1, 2]), "a1": "attention rank a1 did not answer step 1 in 2 s"})
+    errs = [t for t in emitted(out) if t.finish_reason == "error"]
+    assert [(t.request_id, t.index, t.token_ids) for t in errs] == [("r1", 1, ())]
+    assert "did not answer" in errs[0].error
+    assert frees(out) == [], "no Free to a rank that is down"
+    assert c.load()["live_ranks"] == 1
+    assert {e.rank for e in c.admit(req("r9"))} == {"a0"}
+    # A wrong-shaped answer is a peer fault, too; with no live rank left, admission is refused.
+    plan = c.plan_step()
+    out = c.complete_step(plan.step, {"a0": np.zeros((1, VOCAB), np.float32)})
+    assert {t.finish_reason for t in emitted(out)} == {"error"} and c.free_blocks == 64
+    with pytest.raises(Refused) as e:
+        c.admit(req("late"))
+    assert e.value.code == "UNAVAILABLE"
+    assert loads(c.rank_up("a1")) == [] and loads(c.admit(req("late"))) == ["late"]
+
+
+def test_load_error_and_timeout_fail_only_that_request() -> None:
+    c = core(kv_blocks=8)
+    eff = c.admit(req("a")) + c.admit(req("b"))
+    out = c.loaded("a", "a0", error="KV pool miss for block 0")
+    assert emitted(out)[0].finish_reason == "error" and "KV pool miss" in emitted(out)[0].error
+    out = c.load_failed("b", "attention rank a0 did not answer Load in 5 s")
+    assert frees(out) == ["b"] and emitted(out)[0].finish_reason == "error"
+    assert c.free_blocks == 8 and c.load()["live_ranks"] == 1
+    assert c.load_failed("b", "again") == [] and c.stats.failed == 2
+
+
+def test_complete_step_checks_the_step_number() -> None:
+    c = core()
+    load_all(c, c.admit(req("r")))
+    plan = c.plan_step()
+    assert c.plan_step() is None, "one step in flight at a time"
+    with pytest.raises(ValueError):
+        c.complete_step(plan.step + 1, {})
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["admit", "cancel", "step", "load"]),
+                              st.integers(0, 9), st.integers(2, 12), st.integers(0, VOCAB - 1)),
+                    max_size=60))
+def test_random_schedules_keep_accounting_and_end_every_request_once(ops) -> None:
+    c = core(kv_blocks=10, max_batch=3, max_queue=4, ranks=("a0", "a1"))
+    finals: dict[str, int] = {}
+    admitted: set[str] = set()
+    pending_loads: list[SendLoad] = []
+
+    def absorb(effects) -> None:
+        for e in effects:
+            if isinstance(e, SendLoad):
+                pending_loads.append(e)
+            elif isinstance(e, Emit) and e.tokens.finish_reason:
+                finals[e.tokens.request_id] = finals.get(e.tokens.request_id, 0) + 1
+
+    for op, i, n, tok in ops:
+        rid = f"r{i}-{len(admitted)}" if op == "admit" else f"r{i}"
+        if op == "admit":
+            try:
+                absorb(c.admit(req(rid, max_tokens=n)))
+                admitted.add(rid)
+            except Refused as e:
+                assert e.code == "RESOURCE_EXHAUSTED"
+        elif op == "cancel" and admitted:
+            target = sorted(admitted)[i % len(admitted)]
+            if c.state_of(target) is not None:
+                absorb(c.cancel(target))
+        elif op == "load" and pending_loads:
+            e = pending_loads.pop(0)
+            absorb(c.loaded(e.load.request_id, e.rank))
+        elif op == "step":
+            plan = c.plan_step()
+            if plan:
+                absorb(c.complete_step(plan.step, {r: onehot([tok] * len(run.request_ids)) for r, run in plan.runs}))
+        assert 0 <= c.free_blocks <= 10
+        assert c.count(SeqState.RUNNING) + c.count(SeqState.LOADING) <= 3
+        assert c.queued <= 4
+    # Drain: load everything, step until nothing runs.
+    while pending_loads or c.has_running or c.queued:
+        while pending_loads:
+            e = pending_loads.pop(0)
+            absorb(c.loaded(e.load.request_id, e.rank))
+        plan = c.plan_step()
+        if plan:
+            absorb(c.complete_step(plan.step, {r: onehot([0] * len(run.request_ids)) for r, run in plan.runs}))
+    assert c.free_blocks == 10
+    assert set(finals) == admitted and set(finals.values()) <= {1}, "every request ends exactly once"
