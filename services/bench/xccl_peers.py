@@ -169,6 +169,10 @@ async def _grpc_sink_peer() -> None:
         await server.stop(0.5)
 
 
+# The echo peer's registered window: the target of one-sided put bandwidth runs.
+BULK_WINDOW_BYTES = 64 << 20
+
+
 def endpoint_config(kind: str, name: str, namespace: str, npu: int, run_dir: str, *,
                     slot_bytes: int, ring_slots: int, windows: dict[str, int] | None = None,
                     directory: dict[str, str] | None = None) -> Any:
@@ -191,7 +195,7 @@ async def _xccl_echo_peer(kind: str, namespace: str, run_dir: str, *, fabric_add
         from xccl_net.fabric_client import FabricClient
         fabric = await FabricClient.connect(fabric_address, name="echo", npu=1, timeout_s=5.0)
     cfg = endpoint_config(kind, "echo", namespace, 1, run_dir, slot_bytes=P2P_SLOT_BYTES,
-                          ring_slots=P2P_RING_SLOTS, directory=directory)
+                          ring_slots=P2P_RING_SLOTS, directory=directory, windows={"bulk": BULK_WINDOW_BYTES})
     ep = await open_endpoint(cfg, fabric=fabric)
     _announce(getattr(ep, "address", "") or "echo")
 
