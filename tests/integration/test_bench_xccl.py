@@ -58,10 +58,12 @@ def test_bench_xccl_quick_reports_every_section(bench_run):
     _positive(base["grpc_stream"], "per_message_us", "gbps")
     for size in ("1048576", "16777216"):
         _positive(res["p2p"]["shm"]["bandwidth"][size], "median_us", "gbps")
+        _positive(res["p2p"]["shm"]["put_bandwidth"][size], "median_us", "gbps")
     assert res["dispatch"] and all(d["median_us"] > 0 and d["p99_us"] >= d["median_us"] for d in res["dispatch"])
     fid = res["fidelity"]
     assert fid["transfers"] > 0 and fid["target_min_ms"] >= 5.0
     assert 0 <= fid["rel_error_median"] <= fid["rel_error_max"]
-    _positive(res["ratios"], "bw16_p2p_over_shm_copy", "rtt64_p2p_over_zmq_asyncio", "transfer16_grpc_over_p2p")
+    _positive(res["ratios"], "bw16_p2p_over_shm_copy", "bw16_put_over_shm_copy", "rtt64_p2p_over_zmq_asyncio",
+              "transfer16_grpc_over_p2p")
     names = {t["name"] for t in res["targets"]}
-    assert len(names) == 4 and all(isinstance(t["pass"], bool) for t in res["targets"])
+    assert len(names) == 5 and all(isinstance(t["pass"], bool) for t in res["targets"])
