@@ -1,0 +1,342 @@
+"""KV pool client used by prefill and attention ranks: metadata over RPC, bytes over XCCL.
+
+Every key (block hash, or a sequence's private tail key) lives on ``HashRing(pool
+nodes).node_for(key)``; an operation talks to the nodes its keys map to, concurrently.
+
+Failure policy (the caller decides what a miss costs, never waits forever):
+- ``fetch_prefix`` is a cache *lookup*: an unreachable, draining or hung node is a miss for
+  its blocks (the prefix ends before the first block it holds) — never an error.
+- ``store`` either returns a ``KVRef`` whose every block is committed in the pool **and
+  pinned by ``owner``** (so LRU eviction cannot drop a hand-off before decode loads it), or
+  raises ``KVPoolUnavailable`` (a node unreachable or full) after dropping everything
+  ``owner`` holds in the pool. It never returns a ref to KV the pool does not hold: the
+  caller hands the KV over another way or fails the request clearly.
+- ``load`` raises ``KVPoolUnavailable`` when a block of the ref is gone (node died, lease
+  expired and the block was evicted): the KV must be recomputed (re-prefill).
+- A node that timed out or whose data plane failed is skipped for ``retry_after_s``, so a
+  dead pool costs one timeout, not one per request.
+- ``KVPoolProtocolError``: the pool refused a well-formed request or answered nonsense (a
+  bug or a version skew) — not retried, not turned into a miss.
+
+Pins are per ``owner`` and leased (they expire in the pool if the owner dies). Use the
+request id as owner on both sides of a hand-off: ``load`` then drops the pins ``store``
+took, and ``release(owner)`` drops whatever is left when the request ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+
+from services.common.logging import get_logger
+from services.common.rpc import RemoteError, RpcClient, RpcTimeout
+from services.common.zmqio import SendQueueFull
+from services.kvpool.core import HashRing, block_hashes
+from services.kvpool.handler import Pin
+from services.kvpool.layout import KV, BlockLayout, KVLayoutError, kv_ref, ref_keys, runs
+from services.model.config import ModelConfig
+from services.pod.spec import PodSpec, address, services
+from services.protocol.inference import KVRef
+from services.protocol.kvpool import Acquire, Commit, Release, Reserve, Slots, Stats, StatsQuery
+from xccl_net.errors import RETRYABLE, EndpointClosed, XcclError
+
+log = get_logger()
+T = TypeVar("T")
+
+_TRANSIENT_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "NOT_FOUND")
+_WAIT_FIRST_S, _WAIT_MAX_S = 0.002, 0.05
+
+
+class KVPoolError(Exception):
+    """Base of KV pool client errors."""
+
+
+class KVPoolUnavailable(KVPoolError):
+    """The pool cannot serve this now (node unreachable, draining or full; KV evicted)."""
+
+
+class KVPoolProtocolError(KVPoolError):
+    """The pool refused a well-formed request or answered something impossible."""
+
+
+class KVPoolClient:
+    def __init__(self, spec: PodSpec, endpoint: Any, cfg: ModelConfig, *, retry_after_s: float = 1.0) -> None:
+        self.layout = BlockLayout.of(cfg, spec.kv_pool.block_size)
+        self.nodes = [s.name for s in services(spec) if s.role == "kvpool"]
+        self.ring = HashRing(self.nodes)
+        self.endpoint = endpoint
+        self.retry_after_s = retry_after_s
+        self._rpc = {n: RpcClient(address(spec, n, "rpc")) for n in self.nodes}
+        self._down: dict[str, tuple[float, str]] = {}   # node -> (skip until, why)
+
+    async def close(self) -> None:
+        for c in self._rpc.values():
+            await c.close()
+
+    # ------------------------------------------------------------------ public API
+    async def fetch_prefix(self, tokens: Sequence[int], owner: str, *,
+                           timeout_s: float = 5.0) -> tuple[int, KV]:
+        """Longest cached prefix of ``tokens`` in whole blocks: (positions, per-layer (k, v)).
+
+        To leave at least one token to compute (prefill needs its logits), pass
+        ``tokens[:-1]``."""
+        deadline = self._deadline(timeout_s)
+        hashes = block_hashes(tokens, self.layout.block_size)
+        groups = self._group(hashes)
+
+        async def acquire(node: str, idx: list[int]) -> tuple[str, list[int], tuple[int, ...]]:
+            asked = tuple(hashes[i] for i in idx)
+            try:
+                reply = await self._call(node, Acquire(owner, asked), deadline)
+            except KVPoolUnavailable as exc:
+                log.info("kvpool.miss_unavailable", node=node, error=str(exc))
+                return node, idx, ()
+            return node, idx, self._leading_slots(node, reply, asked)
+
+        results = await _gather([acquire(n, idx) for n, idx in groups.items()])
+        n = len(hashes)
+        where: dict[int, tuple[str, int]] = {}
+        for node, idx, slots in results:
+            if len(slots) < len(idx):
+                n = min(n, idx[len(slots)])
+            where.update((i, (node, s)) for i, s in zip(idx, slots))
+        try:
+            if n == 0:
+                return 0, self._empty_kv()
+            blocks = await self._get_blocks([where[i] for i in range(n)], deadline)
+        except KVPoolUnavailable as exc:
+            log.info("kvpool.miss_transfer", error=str(exc))
+            return 0, self._empty_kv()
+        finally:
+            self._unpin(owner, {node: [hashes[i] for i in idx[:len(slots)]] for node, idx, slots in results})
+        return n * self.layout.block_size, self.layout.unpack(blocks, n * self.layout.block_size)
+
+    async def store(self, tokens: Sequence[int], kv: Sequence[tuple[np.ndarray, np.ndarray]], owner: str, *,
+                    timeout_s: float = 5.0) -> KVRef:
+        """Write the KV of every position of ``tokens``; see the module doc for the guarantee."""
+        deadline = self._deadline(timeout_s)
+        ref = kv_ref(tokens, owner, self.layout.block_size)
+        keys = ref_keys(ref)
+        blocks = self.layout.pack(kv, ref.num_tokens)
+        try:
+            await _gather([self._store_on(node, [keys[i] for i in idx],
+                                          blocks if len(idx) == len(keys) else blocks[idx], owner, deadline)
+                           for node, idx in self._group(keys).items()])
+        except KVPoolError:
+            self._abandon(owner)
+            raise
+        return ref
+
+    async def load(self, ref: KVRef, owner: str, *, timeout_s: float = 5.0) -> KV:
+        """All ``ref.num_tokens`` positions (full blocks + tail); drops ``owner``'s pins on them."""
+        if ref.block_size != self.layout.block_size:
+            raise KVLayoutError(f"KVRef has blocks of {ref.block_size} positions, the pool {self.layout.block_size}")
+        deadline = self._deadline(timeout_s)
+        keys = ref_keys(ref)
+        groups = self._group(keys)
+        pinned: dict[str, list[bytes]] = {}
+
+        async def pin(node: str, idx: list[int]) -> list[tuple[str, int]]:
+            asked = tuple(keys[i] for i in idx)
+            slots = self._leading_slots(node, await self._call(node, Pin(owner, asked), deadline), asked)
+            pinned[node] = list(asked[:len(slots)])
+            if len(slots) < len(asked):
+                raise KVPoolUnavailable(f"KV of {ref.num_tokens} positions is incomplete: block "
+                                        f"{asked[len(slots)].hex()[:12]} is no longer on {node} (evicted or expired)")
+            return [(node, s) for s in slots]
+
+        try:
+            placed = await _gather([pin(n, idx) for n, idx in groups.items()])
+            where: dict[int, tuple[str, int]] = {}
+            for (node, idx), locs in zip(groups.items(), placed):
+                where.update(zip(idx, locs))
+            blocks = await self._get_blocks([where[i] for i in range(len(keys))], deadline)
+        finally:
+            self._unpin(owner, pinned)
+        return self.layout.unpack(blocks, ref.num_tokens)
+
+    async def release(self, owner: str, *, timeout_s: float = 2.0) -> list[str]:
+        """Drop every pin and write reservation of ``owner``; returns the nodes not reached
+        (their leases expire on their own)."""
+        deadline = self._deadline(timeout_s)
+
+        async def one(node: str) -> str | None:
+            try:
+                await self._call(node, Release(owner, (), True), deadline)
+            except KVPoolUnavailable as exc:
+                log.info("kvpool.release_unreached", node=node, error=str(exc))
+                return node
+            return None
+
+        return [n for n in await _gather([one(n) for n in self.nodes]) if n is not None]
+
+    async def stats(self, *, timeout_s: float = 2.0) -> dict[str, Stats]:
+        deadline = self._deadline(timeout_s)
+        replies = await _gather([self._call(n, StatsQuery(), deadline, Stats) for n in self.nodes])
+        return dict(zip(self.nodes, replies))
+
+    # ------------------------------------------------------------------ store, per node
+    async def _store_on(self, node: str, keys: list[bytes], blocks: np.ndarray, owner: str, deadline: float) -> None:
+        """Until every key is ready and pinned by ``owner`` on ``node``: pin what is there
+        (which also shields it from our own evictions), reserve and write the rest, commit."""
+        index = {k: i for i, k in enumerate(keys)}
+        wait_s = _WAIT_FIRST_S
+        while True:
+            asked = tuple(keys)
+            n = len(self._leading_slots(node, await self._call(node, Pin(owner, asked), deadline), asked))
+            if n == len(keys):
+                return
+            todo = asked[n:]
+            got = await self._call(node, Reserve(owner, todo), deadline)
+            if not isinstance(got, Slots) or got.block_bytes != self.layout.block_bytes \
+                    or len(got.hashes) != len(got.slots) or not set(got.hashes) <= set(todo) \
+                    or len(set(got.hashes)) != len(got.hashes):
+                raise KVPoolProtocolError(f"{node}: impossible answer to Reserve: {got!r:.200}")
+            if got.hashes:
+                await self._put_blocks(node, blocks, [(index[h], s) for h, s in zip(got.hashes, got.slots)], deadline)
+                await self._call(node, Commit(owner, got.hashes), deadline)
+                wait_s = _WAIT_FIRST_S
+                continue
+            # Nothing to write yet not all ready: another writer holds the next block, or no slot is free.
+            st = await self._call(node, StatsQuery(), deadline, Stats)
+            if st.free == 0 and st.ready <= st.pinned:
+                raise KVPoolUnavailable(f"{node} is full: {st.capacity} blocks, {st.pinned} pinned, "
+                                        f"{st.writing} being written")
+            # No event reaches us when another writer commits: poll, bounded by the deadline.
+            await asyncio.sleep(min(wait_s, max(0.0, deadline - self._now())))
+            wait_s = min(wait_s * 2, _WAIT_MAX_S)
+
+    # ------------------------------------------------------------------ data plane
+    async def _put_blocks(self, node: str, blocks: np.ndarray, pairs: list[tuple[int, int]], deadline: float) -> None:
+        bb = self.layout.block_bytes
+        for i, slot, count in runs(pairs):
+            chunk = blocks[i:i + count]
+            await self._xfer(node, deadline, lambda t, c=chunk, s=slot: self.endpoint.put(node, "kv", s * bb, c,
+                                                                                       timeout_s=t))
+
+    async def _get_blocks(self, locs: list[tuple[str, int]], deadline: float) -> np.ndarray:
+        """Blocks at (node, slot) in order, as one ``[len(locs), *block_shape]`` array."""
+        bb = self.layout.block_bytes
+        out = np.empty((len(locs), *self.layout.block_shape), dtype=np.float32)
+        flat = out.reshape(len(locs), -1).view(np.uint8)
+        by_node: dict[str, list[tuple[int, int]]] = {}
+        for i, (node, slot) in enumerate(locs):
+            by_node.setdefault(node, []).append((i, slot))
+
+        async def fetch(node: str, pairs: list[tuple[int, int]]) -> None:
+            for i, slot, count in runs(pairs):
+                data = await self._xfer(node, deadline, lambda t, s=slot, c=count: self.endpoint.get(
+                    node, "kv", s * bb, c * bb, timeout_s=t))
+                if len(data) != count * bb:
+                    raise KVPoolProtocolError(f"get from {node} returned {len(data)} bytes, asked {count * bb}")
+                flat[i:i + count] = np.frombuffer(data, dtype=np.uint8).reshape(count, bb)
+
+        await _gather([fetch(n, p) for n, p in by_node.items()])
+        return out
+
+    async def _xfer(self, node: str, deadline: float, op: Any) -> Any:
+        remaining = self._check_node(node, deadline)
+        try:
+            return await op(remaining)
+        except EndpointClosed:
+            raise  # our own endpoint: local misuse, not the pool's fault
+        except RETRYABLE as exc:
+            self._mark_down(node, f"{type(exc).__name__}: {exc}")
+            raise KVPoolUnavailable(f"XCCL transfer with {node} failed: {type(exc).__name__}: {exc}") from exc
+        except XcclError as exc:
+            raise KVPoolProtocolError(f"XCCL transfer with {node} failed: {type(exc).__name__}: {exc}") from exc
+
+    # ------------------------------------------------------------------ metadata plane
+    async def _call(self, node: str, msg: Any, deadline: float, expect: type = Slots) -> Any:
+        remaining = self._check_node(node, deadline)
+        try:
+            reply = await self._rpc[node].call(msg, timeout_s=remaining)
+        except RpcTimeout as exc:
+            self._mark_down(node, str(exc))
+            raise KVPoolUnavailable(str(exc)) from exc
+        except RemoteError as exc:
+            if exc.code in _TRANSIENT_CODES:   # draining, overloaded, or our reservation expired
+                raise KVPoolUnavailable(f"{node}: {exc}") from exc
+            raise KVPoolProtocolError(f"{node} refused {type(msg).__name__}: {exc}") from exc
+        except SendQueueFull as exc:
+            raise KVPoolUnavailable(f"{node}: {exc}") from exc
+        self._down.pop(node, None)
+        if isinstance(msg, (Commit, Release)):
+            return reply
+        if not isinstance(reply, expect):
+            raise KVPoolProtocolError(f"{node} answered {type(msg).__name__} with {type(reply).__name__}")
+        return reply
+
+    def _leading_slots(self, node: str, reply: Slots, asked: tuple[bytes, ...]) -> tuple[int, ...]:
+        """Validated answer to Acquire/Pin: slots of a leading run of ``asked``."""
+        n = len(reply.hashes)
+        if reply.block_bytes != self.layout.block_bytes:
+            raise KVPoolProtocolError(f"{node} has blocks of {reply.block_bytes} bytes, this model needs "
+                                      f"{self.layout.block_bytes} (different model or block_size?)")
+        if n > len(asked) or len(reply.slots) != n or tuple(reply.hashes) != asked[:n]:
+            raise KVPoolProtocolError(f"{node}: answer does not match the keys asked ({n} of {len(asked)})")
+        return tuple(reply.slots)
+
+    def _unpin(self, owner: str, pinned: dict[str, list[bytes]]) -> None:
+        """One-way Release: the caller never waits on cleanup; leases back it up."""
+        for node, hashes in pinned.items():
+            if hashes:
+                self._send(node, Release(owner, tuple(hashes)))
+
+    def _abandon(self, owner: str) -> None:
+        for node in self.nodes:
+            self._send(node, Release(owner, (), True))
+
+    def _send(self, node: str, msg: Any) -> None:
+        try:
+            self._rpc[node].send(msg)
+        except SendQueueFull as exc:
+            log.warning("kvpool.release_dropped", node=node, error=str(exc))
+
+    # ------------------------------------------------------------------ helpers
+    def _group(self, keys: Sequence[bytes]) -> dict[str, list[int]]:
+        groups: dict[str, list[int]] = {}
+        for i, k in enumerate(keys):
+            groups.setdefault(self.ring.node_for(k), []).append(i)
+        return groups
+
+    def _empty_kv(self) -> KV:
+        shape = (self.layout.num_kv_heads, 0, self.layout.head_dim)
+        return [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(self.layout.num_layers)]
+
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_running_loop().time()
+
+    def _deadline(self, timeout_s: float) -> float:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        return self._now() + timeout_s
+
+    def _check_node(self, node: str, deadline: float) -> float:
+        now = self._now()
+        down = self._down.get(node)
+        if down is not None and down[0] > now:
+            raise KVPoolUnavailable(f"{node} skipped for {down[0] - now:.2f} s more after: {down[1]}")
+        if deadline <= now:
+            raise KVPoolUnavailable(f"{node}: operation ran out of time")
+        return deadline - now
+
+    def _mark_down(self, node: str, why: str) -> None:
+        if self.retry_after_s > 0:
+            self._down[node] = (self._now() + self.retry_after_s, why)
+
+
+async def _gather(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run concurrently, all owned by one TaskGroup; the first failure is raised as itself."""
+    if len(coros) == 1:
+        return [await coros[0]]
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(c) for c in coros]
+    except ExceptionGroup as eg:
+        raise eg.exceptions[0] from None
+    return [t.result() for t in tasks]

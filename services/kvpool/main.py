@@ -1,0 +1,56 @@
+"""KV pool service process: ``python -m services.run --pod FILE --name kvpool-i``.
+
+Holds a ``KVPoolCore`` of ``kv_pool.capacity_blocks`` slots and the XCCL window ``kv`` of
+``capacity_blocks * block_bytes`` bytes that writers ``put`` into and readers ``get`` from
+(slot ``s`` at byte ``s * block_bytes``). Only metadata passes through this process (ZeroMQ
+RPC, handled by ``PoolHandler``); block bytes move one-sided between the client and the
+window. Leases are expired on a timer so a client that died mid-transfer cannot leak slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from services.common.rpc import RemoteError
+from services.common.runtime import ServiceRuntime
+from services.kvpool.core import KVPoolCore
+from services.kvpool.handler import UNAVAILABLE, Pin, PoolHandler, Refused
+from services.kvpool.layout import BlockLayout
+from services.model.cache import ensure_model
+from services.model.config import ModelConfig
+from services.pod.spec import PodSpec
+from services.protocol.kvpool import Acquire, Reserve
+
+LEASE_S = 10.0
+EXPIRE_EVERY_S = LEASE_S / 8
+
+
+async def _expire_leases(core: KVPoolCore) -> None:
+    while True:
+        await asyncio.sleep(EXPIRE_EVERY_S)
+        core.expire(time.monotonic())
+
+
+async def serve(spec: PodSpec, name: str) -> None:
+    model_dir = ensure_model(spec.model.dir, spec.model.preset, spec.model.seed, spec.cache_dir)
+    layout = BlockLayout.of(ModelConfig.load(model_dir), spec.kv_pool.block_size)
+    core = KVPoolCore(spec.kv_pool.capacity_blocks, lease_s=LEASE_S)
+    handler = PoolHandler(core, layout.block_bytes)
+    window_bytes = spec.kv_pool.capacity_blocks * layout.block_bytes
+    async with ServiceRuntime(spec, name, windows={"kv": window_bytes}, load=handler.load) as rt:
+
+        async def on_rpc(msg: object, _peer: bytes) -> object:
+            # Draining: finish what is in flight (commits, releases), take on nothing new.
+            if rt.draining and isinstance(msg, (Acquire, Pin, Reserve)):
+                raise RemoteError(UNAVAILABLE, f"{name} is shutting down")
+            try:
+                return handler.handle(msg, time.monotonic())
+            except Refused as exc:
+                rt.log.warning("kvpool.refused", code=exc.code, error=exc.message, msg_type=type(msg).__name__)
+                raise RemoteError(exc.code, exc.message) from None
+
+        rt.serve_rpc(on_rpc)
+        rt.mark_ready(block_bytes=layout.block_bytes, capacity_blocks=spec.kv_pool.capacity_blocks,
+                      block_size=layout.block_size)
+        await rt.run_until_stopped(_expire_leases(core))
