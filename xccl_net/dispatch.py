@@ -4,8 +4,10 @@
 - ``A2EDispatcher`` (attention rank ``source``): one put+notify per live expert rank into that
   rank's "a2e" block for this source, then waits for every rank's E2A answer in its own "e2a"
   window and applies the gate weights.
-- ``E2AHandler`` (expert rank ``rank``): waits for every source's A2E block of one event, runs
-  the experts, answers each source with one put+notify into its "e2a" block.
+- ``E2AHandler`` (expert rank ``rank``): serves each source on its own: as soon as one
+  source's A2E block arrives it runs the experts on it and answers that source with one
+  put+notify into its "e2a" block. It never waits for other sources, so DP groups step
+  independently (each source numbers its own events).
 
 Each object owns its endpoint's notify stream (``recv_notify``): do not share an endpoint's
 notifications with another consumer. Every wait is bounded by the caller's ``timeout_s``:
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from dataclasses import dataclass
@@ -31,9 +32,9 @@ from xccl_net.dispatch_core import (
     CombineCollector,
     DispatchLayout,
     DispatchPlan,
-    ExpertEventCollector,
     ExpertFn,
     Placement,
+    SourceGuard,
     a2e_meta,
     combine,
     decode_meta,
@@ -41,9 +42,9 @@ from xccl_net.dispatch_core import (
     encode_meta,
     pack_rows,
     plan_dispatch,
-    run_experts,
+    run_block,
 )
-from xccl_net.errors import CorruptMetadata, EventIdMismatch, ProtocolError, XcclError, XcclTimeout
+from xccl_net.errors import CorruptMetadata, ProtocolError, XcclError, XcclTimeout
 
 log = get_logger(component="dispatch")
 
@@ -109,14 +110,21 @@ async def _next_notice(ep: Any, deadline: float, waiting_for: str) -> Notice:
 
 
 class A2EDispatcher:
-    """Attention-rank side: ``run_layer`` = dispatch, wait for the experts, combine."""
+    """Attention-rank side: ``run_layer`` = dispatch, wait for the experts, combine.
+
+    Event ids are this source's own (increasing); ``incarnation`` must grow across restarts of
+    the source (default: the wall clock in ns at construction) so the experts take a restarted
+    source's fresh small ids as new, not stale.
+    """
 
     def __init__(self, ep: Any, *, source: int, expert_peers: Sequence[str], placement: Placement,
-                 layout: DispatchLayout, windows: DispatchWindows = DispatchWindows()) -> None:
+                 layout: DispatchLayout, windows: DispatchWindows = DispatchWindows(),
+                 incarnation: int | None = None) -> None:
         if len(expert_peers) != layout.num_ranks:
             raise ValueError(f"{len(expert_peers)} expert peers for {layout.num_ranks} ranks")
         self.ep = ep
         self.source = source
+        self.incarnation = time.time_ns() if incarnation is None else incarnation
         self.expert_peers = tuple(expert_peers)
         self.placement = placement
         self.layout = layout
@@ -132,7 +140,8 @@ class A2EDispatcher:
         self.excluded.discard(rank)
 
     def plan(self, event_id: int, topk_ids: np.ndarray) -> DispatchPlan:
-        return plan_dispatch(event_id, self.source, topk_ids, self.placement, self.layout, self.excluded)
+        return plan_dispatch(event_id, self.source, topk_ids, self.placement, self.layout, self.excluded,
+                             self.incarnation)
 
     async def run_layer(self, event_id: int, x: np.ndarray, topk_ids: np.ndarray, topk_w: np.ndarray, *,
                         timeout_s: float = 5.0) -> np.ndarray:
@@ -162,9 +171,10 @@ class A2EDispatcher:
             note = await _next_notice(self.ep, deadline, f"E2A of event {plan.event_id} from expert ranks "
                                       f"{coll.missing()}")
             meta = note.meta
-            if meta.event_id < plan.event_id:
-                # An answer to an abandoned earlier attempt: its block is rewritten before
-                # the current answer's notify (a rank answers in order), so dropping is safe.
+            if meta.incarnation != self.incarnation or meta.event_id < plan.event_id:
+                # An answer to an abandoned earlier attempt (or to a previous incarnation of
+                # this source): its block is rewritten before the current answer's notify (a
+                # rank answers a source in order), so dropping is safe.
                 self.stats["stale_notices"] += 1
                 log.warning("dispatch.stale_notice", src=note.src, event_id=meta.event_id, current=plan.event_id)
                 continue
@@ -179,13 +189,22 @@ class A2EDispatcher:
                 for r, m in coll.blocks.items()}
 
 
-class E2AHandler:
-    """Expert-rank side: ``serve_event`` handles one event from every source.
+@dataclass(frozen=True, slots=True)
+class Served:
+    """What one ``serve_event`` call did: answered ``source``'s event with ``rows`` rows."""
 
-    Bad metadata from a peer raises a typed ``ProtocolError`` and consumes only that notice,
-    so a serving loop can log it and call ``serve_event`` again. A notice for a newer event
-    while one is being collected means the sources abandoned the current one: it raises
-    ``EventIdMismatch`` and the newer notice is kept for the next call (nothing is lost).
+    source: int
+    event_id: int
+    rows: int
+
+
+class E2AHandler:
+    """Expert-rank side: ``serve_event`` answers the next A2E block, whichever source sent it.
+
+    Bad metadata from a peer raises a typed ``ProtocolError`` and consumes only that notice
+    (nothing else is held between calls), so a serving loop can log it and call
+    ``serve_event`` again. A replayed or late block (not newer than the last one served for
+    that source) is ``EventIdMismatch``.
     """
 
     def __init__(self, ep: Any, *, rank: int, source_peers: Sequence[str], placement: Placement,
@@ -199,72 +218,45 @@ class E2AHandler:
         self.layout = layout
         self.windows = windows
         self.hosted = placement.hosted(rank)
-        self.last_event_id: int | None = None
-        # At most one newer notice is parked per abandoned event; bounded all the same.
-        self._pending: deque[Notice] = deque(maxlen=layout.num_sources)
-        self._coll: ExpertEventCollector | None = None
+        self._guard = SourceGuard(layout, self.hosted)
         self.stats = {"events": 0, "rows_served": 0, "rejected_notices": 0}
+        # source index -> [events, rows] served for it.
+        self.per_source: list[list[int]] = [[0, 0] for _ in range(layout.num_sources)]
 
-    async def serve_event(self, expert_fn: ExpertFn, *, timeout_s: float = 5.0) -> int:
-        """Process one event; returns its id.
-
-        The collector survives a raised error, so blocks already accepted are not lost when
-        one bad or stale notice is rejected, or when the wait times out.
-        """
+    async def serve_event(self, expert_fn: ExpertFn, *, timeout_s: float = 5.0) -> Served:
+        """Wait for the next A2E block (bounded by ``timeout_s``), compute it, answer its source."""
         deadline = time.monotonic() + timeout_s
-        if self._coll is None:
-            self._coll = ExpertEventCollector(self.layout, self.hosted, last_event_id=self.last_event_id)
-        coll = self._coll
-        while not coll.done:
-            if self._pending:
-                note = self._pending.popleft()
-            else:
-                waiting = f"A2E of sources {coll.missing()}" + (
-                    f" for event {coll.event_id}" if coll.event_id is not None else "")
-                try:
-                    note = await _next_notice(self.ep, deadline, waiting)
-                except CorruptMetadata as exc:  # undecodable notify
-                    self._rejected(exc, src=None)
-                    raise
-            self._accept(coll, note)
-        self._coll = None
-        event_id = coll.event_id
-        assert event_id is not None  # done implies at least one block
-        self.last_event_id = event_id
+        try:
+            note = await _next_notice(self.ep, deadline, "an A2E block from any source")
+        except CorruptMetadata as exc:  # undecodable notify
+            self._rejected(exc, src=None)
+            raise
+        meta = self._accept(note)
         view = self.ep.window(self.windows.a2e)
         h, rb = self.layout.hidden, self.layout.row_bytes
-        blocks = {s: (view[m.offset:m.offset + m.count * rb].view(DTYPE).reshape(m.count, h), m.expert_ids)
-                  for s, m in coll.blocks.items()}
-        outs = run_experts(blocks, expert_fn, h)
-        ops = []
-        for s, y in outs.items():
-            meta = e2a_meta(event_id, self.rank, y.shape[0], self.layout)
-            self.stats["rows_served"] += meta.count
-            ops.append(partial(self.ep.put, self.source_peers[s], self.windows.e2a, meta.offset, _flat_bytes(y),
-                               notify=encode_meta(meta), timeout_s=max(_remaining(deadline), 1e-3)))
-        await _all(ops)
+        rows = view[meta.offset:meta.offset + meta.count * rb].view(DTYPE).reshape(meta.count, h)
+        y = run_block(rows, meta.expert_ids, expert_fn, h)
+        answer = e2a_meta(meta.event_id, self.rank, y.shape[0], self.layout, meta.incarnation)
+        await self.ep.put(self.source_peers[meta.sender], self.windows.e2a, answer.offset, _flat_bytes(y),
+                          notify=encode_meta(answer), timeout_s=max(_remaining(deadline), 1e-3))
         self.stats["events"] += 1
-        return event_id
+        self.stats["rows_served"] += answer.count
+        self.per_source[meta.sender][0] += 1
+        self.per_source[meta.sender][1] += answer.count
+        return Served(source=meta.sender, event_id=meta.event_id, rows=answer.count)
 
-    def _accept(self, coll: ExpertEventCollector, note: Notice) -> None:
+    def _accept(self, note: Notice) -> BlockMeta:
         meta = note.meta
         try:
             if note.window != self.windows.a2e:
                 raise CorruptMetadata(f"{note.src} notified window {note.window!r}, expected {self.windows.a2e!r}")
             if not 0 <= meta.sender < len(self.source_peers) or self.source_peers[meta.sender] != note.src:
                 raise CorruptMetadata(f"{note.src} claims to be source {meta.sender}")
-            if coll.event_id is not None and meta.event_id > coll.event_id:
-                # Sources only move on after every rank answered, so a newer event means the
-                # current one was abandoned (a source gave up on it): drop it, keep the newer.
-                self._pending.append(note)
-                self.last_event_id = coll.event_id
-                self._coll = None
-                raise EventIdMismatch(f"event {coll.event_id} abandoned: source {meta.sender} moved on to "
-                                      f"event {meta.event_id} (missing {coll.missing()})")
-            coll.add(meta, note.nbytes)
+            self._guard.accept(meta, note.nbytes)
         except ProtocolError as exc:
             self._rejected(exc, src=note.src)
             raise
+        return meta
 
     def _rejected(self, exc: ProtocolError, src: str | None) -> None:
         self.stats["rejected_notices"] += 1

@@ -11,15 +11,23 @@ A block holds at most ``capacity_rows`` rows. A row is one (token, top-k slot) p
 token choosing two experts on the same rank is sent twice: the expert side stays a pure
 row-wise gather, at the cost of duplicate bytes when k experts share a rank.
 
+Sources are independent (DP groups share nothing but the experts): an expert rank answers
+each source's block as soon as it arrives, never waiting for other sources. An event is
+(source, event id); each source numbers its own events (``pack_event_id`` of its own steps),
+and ``incarnation`` (chosen by the source at start, increasing across restarts) keeps a
+restarted source's small ids from looking stale.
+
 Row order is canonical, which is what makes results bitwise independent of placement:
 - inside a block, rows are sorted by (expert id, token, slot);
-- an expert computes on the concatenation of its rows over sources 0..M-1 in that order
-  (``expert_gather_order``), exactly what ``reference_moe`` does without any transport;
+- an expert computes on that source's rows for it, in that order (``run_block``), exactly
+  what ``reference_moe`` does without any transport; a row's result must not depend on its
+  companions across sources (``layers.linear`` computes in fixed row tiles for that reason,
+  so answering per source is bitwise equal to a whole-batch computation too);
 - the combine adds the k contributions in slot order j = 0..k-1 (``weighted_sum``).
 
-Single buffering is safe because each layer is a strict round trip: a source writes its
-a2e block for event e+1 only after every expert rank answered event e, and an expert rank
-answers only after it has consumed its a2e blocks.
+Single buffering is safe because each layer is a strict round trip per source: a source
+writes its a2e block for event e+1 only after every expert rank answered its event e, and an
+expert rank answers only after it has consumed that block.
 """
 
 from __future__ import annotations
@@ -153,6 +161,13 @@ def pack_event_id(layer: int, step: int, attempt: int = 0) -> int:
     return (step << 24) | (layer << 8) | attempt
 
 
+def unpack_event_id(event_id: int) -> tuple[int, int, int]:
+    """The inverse of ``pack_event_id``: (layer, step, attempt)."""
+    if event_id < 0:
+        raise ValueError(f"event id {event_id} is negative")
+    return (event_id >> 8) & 0xFFFF, event_id >> 24, event_id & 0xFF
+
+
 # ---------------------------------------------------------------- metadata (the notify payload)
 
 
@@ -163,6 +178,7 @@ class BlockMeta:
 
     A2E: ``expert_ids`` holds one id per row. E2A: ``expert_ids`` is empty (the source
     knows its own plan). ``sender`` is the sender's index (source index or expert rank).
+    ``incarnation`` is the source's (an E2A answer echoes the one of the block it answers).
     """
 
     event_id: int
@@ -170,6 +186,7 @@ class BlockMeta:
     offset: int
     count: int
     expert_ids: npt.NDArray[np.int32] = field(default_factory=lambda: np.empty(0, dtype=ID_DTYPE))
+    incarnation: int = 0
 
 
 def encode_meta(meta: BlockMeta) -> bytes:
@@ -219,13 +236,14 @@ class DispatchPlan:
     ranks: tuple[int, ...]
     rows: Mapping[int, np.ndarray]
     experts: Mapping[int, np.ndarray]
+    incarnation: int = 0
 
     def count(self, rank: int) -> int:
         return int(self.rows[rank].size)
 
 
 def plan_dispatch(event_id: int, source: int, topk_ids: np.ndarray, placement: Placement,
-                  layout: DispatchLayout, excluded: Iterable[int] = ()) -> DispatchPlan:
+                  layout: DispatchLayout, excluded: Iterable[int] = (), incarnation: int = 0) -> DispatchPlan:
     """Decide which rows go to which rank; raise at the sender on capacity overflow."""
     ids = np.asarray(topk_ids)
     if ids.ndim != 2:
@@ -254,7 +272,7 @@ def plan_dispatch(event_id: int, source: int, topk_ids: np.ndarray, placement: P
         rows[r] = sel
         experts[r] = flat[sel].astype(ID_DTYPE)
     return DispatchPlan(event_id=event_id, source=source, num_tokens=ids.shape[0], top_k=ids.shape[1],
-                        ranks=ranks, rows=rows, experts=experts)
+                        ranks=ranks, rows=rows, experts=experts, incarnation=incarnation)
 
 
 def pack_rows(x: np.ndarray, plan: DispatchPlan, rank: int) -> np.ndarray:
@@ -264,46 +282,39 @@ def pack_rows(x: np.ndarray, plan: DispatchPlan, rank: int) -> np.ndarray:
 
 def a2e_meta(plan: DispatchPlan, rank: int, layout: DispatchLayout) -> BlockMeta:
     return BlockMeta(event_id=plan.event_id, sender=plan.source, offset=layout.a2e_offset(plan.source),
-                     count=plan.count(rank), expert_ids=plan.experts[rank])
+                     count=plan.count(rank), expert_ids=plan.experts[rank], incarnation=plan.incarnation)
 
 
 # ---------------------------------------------------------------- expert side
 
 
-class ExpertEventCollector:
-    """Gathers the A2E metadata of one event from every source; pure state, no I/O.
+class SourceGuard:
+    """Checks A2E blocks for one expert rank, each source on its own; pure state, no I/O.
 
-    The event id is fixed by the first block (or given); it must be newer than the last
-    event this rank served. A duplicate source, a foreign expert id or a block that does not
-    match the layout is a peer violation (typed ``ProtocolError``).
+    Per source it remembers the newest (incarnation, event id) accepted: a block must be newer
+    than that (a replay or a late duplicate is ``EventIdMismatch``); a bigger incarnation is a
+    restarted source and starts afresh. A block that does not match the layout, a foreign or
+    unsorted expert id is a peer violation (``CorruptMetadata``). A rejected block changes
+    nothing: a bad notice costs only itself.
     """
 
-    def __init__(self, layout: DispatchLayout, hosted: frozenset[int], *, last_event_id: int | None = None,
-                 event_id: int | None = None) -> None:
+    def __init__(self, layout: DispatchLayout, hosted: frozenset[int]) -> None:
         self.layout = layout
         self.hosted = hosted
-        self.last_event_id = last_event_id
-        self.event_id = event_id
-        self.blocks: dict[int, BlockMeta] = {}
+        self.last: dict[int, tuple[int, int]] = {}   # source -> (incarnation, event id)
 
-    @property
-    def done(self) -> bool:
-        return len(self.blocks) == self.layout.num_sources
-
-    def missing(self) -> list[int]:
-        return [s for s in range(self.layout.num_sources) if s not in self.blocks]
-
-    def add(self, meta: BlockMeta, nbytes: int | None = None) -> bool:
-        if self.event_id is None:
-            if self.last_event_id is not None and meta.event_id <= self.last_event_id:
-                raise EventIdMismatch(f"stale event {meta.event_id} from source {meta.sender}; "
-                                      f"last served {self.last_event_id}")
-            self.event_id = meta.event_id
-        _check_common(meta, event_id=self.event_id, senders=self.layout.num_sources,
+    def accept(self, meta: BlockMeta, nbytes: int | None = None) -> None:
+        """Validate ``meta``; on success record it as the source's newest event."""
+        if not 0 <= meta.sender < self.layout.num_sources:
+            raise CorruptMetadata(f"sender index {meta.sender} outside 0..{self.layout.num_sources - 1}")
+        key = (meta.incarnation, meta.event_id)
+        prev = self.last.get(meta.sender)
+        if prev is not None and key <= prev:
+            raise EventIdMismatch(f"stale event {meta.event_id} (incarnation {meta.incarnation}) from source "
+                                  f"{meta.sender}; last served {prev[1]} (incarnation {prev[0]})")
+        _check_common(meta, event_id=meta.event_id, senders=self.layout.num_sources,
                       offset_of=self.layout.a2e_offset, capacity_rows=self.layout.capacity_rows,
                       nbytes=nbytes, row_bytes=self.layout.row_bytes)
-        if meta.sender in self.blocks:
-            raise ProtocolError(f"source {meta.sender} posted event {meta.event_id} twice")
         ids = meta.expert_ids
         if ids.shape != (meta.count,):
             raise CorruptMetadata(f"source {meta.sender}: {ids.shape} expert ids for {meta.count} rows")
@@ -313,46 +324,32 @@ class ExpertEventCollector:
             foreign = set(np.unique(ids).tolist()) - self.hosted
             if foreign:
                 raise CorruptMetadata(f"source {meta.sender} sent rows for experts {sorted(foreign)} not hosted here")
-        self.blocks[meta.sender] = meta
-        return self.done
+        self.last[meta.sender] = key
 
 
-def run_experts(blocks: Mapping[int, tuple[np.ndarray, np.ndarray]], expert_fn: ExpertFn,
-                hidden: int) -> dict[int, np.ndarray]:
-    """Per source: rows [n, H] and their expert ids -> outputs [n, H] in the same row order.
+def run_block(rows: np.ndarray, expert_ids: np.ndarray, expert_fn: ExpertFn, hidden: int) -> np.ndarray:
+    """One source's block: rows [n, H] sorted by expert id -> outputs [n, H] in the same order.
 
-    Each expert runs once on its rows concatenated over sources in increasing source order,
-    the order ``reference_moe`` uses, so outputs are bitwise those of the direct computation.
+    Each expert runs once on its contiguous run of rows, the rows ``reference_moe`` gives it.
     """
-    sources = sorted(blocks)
-    outs = {s: np.empty((blocks[s][0].shape[0], hidden), dtype=DTYPE) for s in sources}
-    # expert -> [(source, start, stop)] of its contiguous run inside each source's block.
-    runs: dict[int, list[tuple[int, int, int]]] = {}
-    for s in sources:
-        ids = blocks[s][1]
-        if ids.size == 0:
-            continue
-        cut = np.flatnonzero(np.diff(ids)) + 1
-        starts = np.concatenate(([0], cut))
-        stops = np.concatenate((cut, [ids.size]))
-        for a, b in zip(starts.tolist(), stops.tolist()):
-            runs.setdefault(int(ids[a]), []).append((s, a, b))
-    for e in sorted(runs):
-        parts = runs[e]
-        inp = np.concatenate([blocks[s][0][a:b] for s, a, b in parts]) if len(parts) > 1 \
-            else np.ascontiguousarray(blocks[parts[0][0]][0][parts[0][1]:parts[0][2]])
-        y = np.asarray(expert_fn(e, inp), dtype=DTYPE)
+    out = np.empty((rows.shape[0], hidden), dtype=DTYPE)
+    if expert_ids.size == 0:
+        return out
+    cut = np.flatnonzero(np.diff(expert_ids)) + 1
+    starts = np.concatenate(([0], cut)).tolist()
+    stops = np.concatenate((cut, [expert_ids.size])).tolist()
+    for a, b in zip(starts, stops):
+        inp = np.ascontiguousarray(rows[a:b])
+        y = np.asarray(expert_fn(int(expert_ids[a]), inp), dtype=DTYPE)
         if y.shape != inp.shape:
-            raise ValueError(f"expert_fn({e}) returned shape {y.shape} for input {inp.shape}")
-        pos = 0
-        for s, a, b in parts:
-            outs[s][a:b] = y[pos:pos + b - a]
-            pos += b - a
-    return outs
+            raise ValueError(f"expert_fn({int(expert_ids[a])}) returned shape {y.shape} for input {inp.shape}")
+        out[a:b] = y
+    return out
 
 
-def e2a_meta(event_id: int, rank: int, count: int, layout: DispatchLayout) -> BlockMeta:
-    return BlockMeta(event_id=event_id, sender=rank, offset=layout.e2a_offset(rank), count=count)
+def e2a_meta(event_id: int, rank: int, count: int, layout: DispatchLayout, incarnation: int = 0) -> BlockMeta:
+    return BlockMeta(event_id=event_id, sender=rank, offset=layout.e2a_offset(rank), count=count,
+                     incarnation=incarnation)
 
 
 # ---------------------------------------------------------------- attention side: combine
@@ -414,20 +411,19 @@ def combine(plan: DispatchPlan, outputs: Mapping[int, np.ndarray], topk_w: np.nd
 
 def reference_moe(xs: Sequence[np.ndarray], topk_ids: Sequence[np.ndarray], topk_w: Sequence[np.ndarray],
                   expert_fn: ExpertFn) -> list[np.ndarray]:
-    """The direct computation for M attention ranks, no transport and no placement.
+    """The direct computation for M independent attention ranks, no transport, no placement.
 
-    Expert e runs on the rows x_s[t] with ids_s[t, j] == e, taken over sources s = 0..M-1
-    then (t, j) in order; then out_s[t] = sum_j w_s[t, j] * y_s[t, j] in slot order.
+    For each source s on its own: expert e runs on the rows x_s[t] with ids_s[t, j] == e, in
+    (t, j) order; then out_s[t] = sum_j w_s[t, j] * y_s[t, j] in slot order.
     """
-    hidden = xs[0].shape[1] if xs else 0
-    ys = [np.empty((ids.shape[0], ids.shape[1], hidden), dtype=DTYPE) for ids in topk_ids]
-    experts = sorted(set().union(*(np.unique(ids).tolist() for ids in topk_ids))) if xs else []
-    for e in experts:
-        where = [np.argwhere(np.asarray(ids) == e) for ids in topk_ids]  # row-major: (t, j) order
-        inp = np.concatenate([np.asarray(x, dtype=DTYPE)[w[:, 0]] for x, w in zip(xs, where)])
-        out = np.asarray(expert_fn(e, inp), dtype=DTYPE)
-        pos = 0
-        for y, w in zip(ys, where):
-            y[w[:, 0], w[:, 1]] = out[pos:pos + len(w)]
-            pos += len(w)
-    return [weighted_sum(w, y) for w, y in zip(topk_w, ys)]
+    out = []
+    for x, ids, w in zip(xs, topk_ids, topk_w):
+        ids = np.asarray(ids)
+        hidden = x.shape[1]
+        y = np.empty((ids.shape[0], ids.shape[1], hidden), dtype=DTYPE)
+        for e in np.unique(ids).tolist():
+            where = np.argwhere(ids == e)  # row-major: (t, j) order
+            y[where[:, 0], where[:, 1]] = np.asarray(expert_fn(e, np.asarray(x, dtype=DTYPE)[where[:, 0]]),
+                                                     dtype=DTYPE)
+        out.append(weighted_sum(w, y))
+    return out

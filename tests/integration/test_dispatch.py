@@ -1,5 +1,6 @@
 """Dispatch/combine over real XCCL endpoints (mem and shm): 2 attention ranks, 4 expert ranks in
-one event loop; results must be bitwise the direct computation; failures are typed and bounded."""
+one event loop; results must be bitwise the direct computation; failures are typed and bounded;
+sources (DP groups) are served independently, each with its own event numbering."""
 
 from __future__ import annotations
 
@@ -94,13 +95,19 @@ def make_sides(eps):
     return ds, hs
 
 
+async def serve_n(h, n, timeout_s=5.0):
+    return [await h.serve_event(EXPERT_FN, timeout_s=timeout_s) for _ in range(n)]
+
+
 async def run_event(ds, hs, event_id, xs, ids, ws, *, serving=None, timeout_s=5.0):
+    """Every source runs ``event_id``; every serving rank answers each source once."""
     serving = range(N) if serving is None else serving
     async with asyncio.TaskGroup() as tg:
-        served = [tg.create_task(hs[r].serve_event(EXPERT_FN, timeout_s=timeout_s)) for r in serving]
+        served = [tg.create_task(serve_n(hs[r], len(ds), timeout_s)) for r in serving]
         outs = [tg.create_task(d.run_layer(event_id, xs[s], ids[s], ws[s], timeout_s=timeout_s))
                 for s, d in enumerate(ds)]
-    assert [t.result() for t in served] == [event_id] * len(served)
+    for t in served:
+        assert sorted((v.source, v.event_id) for v in t.result()) == [(s, event_id) for s in range(len(ds))]
     return [t.result() for t in outs]
 
 
@@ -162,20 +169,36 @@ async def test_expert_alive_but_silent_is_a_timeout_naming_it(kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_missing_source_times_out_then_the_event_completes(kind, tmp_path):
+async def test_sources_are_served_independently_at_their_own_pace(kind, tmp_path):
+    """Source 0 runs five layers while source 1 posts nothing, then source 1 starts at its own
+    step 0 (smaller ids than source 0's): nobody waits for the other, results stay exact."""
     async with pod(kind, tmp_path) as (eps, _):
         ds, hs = make_sides(eps)
-        xs, ids, ws = gates(3)
-        ev = pack_event_id(0, 5)
-        layer0 = asyncio.create_task(ds[0].run_layer(ev, xs[0], ids[0], ws[0], timeout_s=5.0))
-        with pytest.raises(XcclTimeout, match=r"sources \[1\]"):
-            await hs[0].serve_event(EXPERT_FN, timeout_s=0.5)
-        # Source 1 shows up late: the collected block of source 0 was kept, the event completes.
-        async with asyncio.TaskGroup() as tg:
-            for h in hs:
-                tg.create_task(h.serve_event(EXPERT_FN, timeout_s=5.0))
-            layer1 = tg.create_task(ds[1].run_layer(ev, xs[1], ids[1], ws[1], timeout_s=5.0))
-        assert_bitwise([await layer0, layer1.result()], reference_moe(xs, ids, ws, EXPERT_FN))
+        for step in range(5):
+            xs, ids, ws = gates(20 + step)
+            async with asyncio.TaskGroup() as tg:
+                served = [tg.create_task(h.serve_event(EXPERT_FN, timeout_s=5.0)) for h in hs]
+                got = await ds[0].run_layer(pack_event_id(1, 7 + step), xs[0], ids[0], ws[0], timeout_s=5.0)
+            assert {(t.result().source, t.result().event_id) for t in served} == {(0, pack_event_id(1, 7 + step))}
+            assert_bitwise([got], reference_moe(xs[:1], ids[:1], ws[:1], EXPERT_FN))
+        for step in range(2):
+            xs, ids, ws = gates(40 + step)
+            async with asyncio.TaskGroup() as tg:
+                for h in hs:
+                    tg.create_task(h.serve_event(EXPERT_FN, timeout_s=5.0))
+                got = await ds[1].run_layer(pack_event_id(1, step), xs[1], ids[1], ws[1], timeout_s=5.0)
+            assert_bitwise([got], reference_moe(xs[1:], ids[1:], ws[1:], EXPERT_FN))
+        assert [h.per_source[0][0] for h in hs] == [5] * N and [h.per_source[1][0] for h in hs] == [2] * N
+        # Interleaved: source 1 steps twice while source 0 is on one step (its layer still pending).
+        xs, ids, ws = gates(50)
+        layer0 = asyncio.create_task(ds[0].run_layer(pack_event_id(1, 12), xs[0], ids[0], ws[0], timeout_s=5.0))
+        servers = [asyncio.create_task(serve_n(h, 3)) for h in hs]
+        for step in (2, 3):
+            got1 = await ds[1].run_layer(pack_event_id(1, step), xs[1], ids[1], ws[1], timeout_s=5.0)
+            assert_bitwise([got1], reference_moe(xs[1:], ids[1:], ws[1:], EXPERT_FN))
+        assert_bitwise([await layer0], reference_moe(xs[:1], ids[:1], ws[:1], EXPERT_FN))
+        for t in servers:
+            await t
 
 
 @pytest.mark.parametrize("kind", ["mem"])
@@ -214,12 +237,14 @@ async def test_abandoned_attempt_is_dropped_and_retry_with_replica_succeeds(kind
         ds, hs = make_sides(eps)
         xs, ids, ws = gates(6)
         first = pack_event_id(3, 0, attempt=0)
-        fast = [asyncio.create_task(hs[r].serve_event(EXPERT_FN, timeout_s=5.0)) for r in (2, 3)]
+        fast = [asyncio.create_task(serve_n(hs[r], M)) for r in (2, 3)]
         tries = await asyncio.gather(*(d.run_layer(first, xs[s], ids[s], ws[s], timeout_s=0.5)
                                        for s, d in enumerate(ds)), return_exceptions=True)
         assert all(isinstance(t, XcclTimeout) for t in tries), tries
-        assert [await f for f in fast] == [first, first]
-        assert await hs[0].serve_event(EXPERT_FN, timeout_s=5.0) == first  # late answer
+        for f in fast:
+            assert sorted((v.source, v.event_id) for v in await f) == [(0, first), (1, first)]
+        late = await serve_n(hs[0], M)  # late answers to both sources
+        assert sorted((v.source, v.event_id) for v in late) == [(0, first), (1, first)]
         await eps[EXP[1]].close()
         for d in ds:
             d.exclude(1)

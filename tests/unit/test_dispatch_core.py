@@ -14,9 +14,9 @@ from xccl_net.dispatch_core import (
     CombineCollector,
     DispatchCapacityError,
     DispatchLayout,
-    ExpertEventCollector,
     NoLiveReplica,
     Placement,
+    SourceGuard,
     a2e_meta,
     combine,
     e2a_meta,
@@ -24,7 +24,8 @@ from xccl_net.dispatch_core import (
     pack_rows,
     plan_dispatch,
     reference_moe,
-    run_experts,
+    run_block,
+    unpack_event_id,
     weighted_sum,
 )
 from xccl_net.errors import CorruptMetadata, EventIdMismatch, PeerUnreachable, ProtocolError, WindowError
@@ -71,22 +72,17 @@ def simulate_layer(event_id, xs, ids, ws, placement, layout, expert_fn, excluded
         if r in excluded:
             assert a2e_notes[r] == []
             continue
-        coll = ExpertEventCollector(layout, placement.hosted(r))
-        # Notifies may arrive in any order: reverse them.
+        guard = SourceGuard(layout, placement.hosted(r))
+        # Sources are served one by one as their blocks arrive, in any order: reverse them.
         for meta, nbytes in reversed(a2e_notes[r]):
-            coll.add(meta, nbytes)
-        assert coll.done
-        blocks = {}
-        for s, meta in coll.blocks.items():
+            guard.accept(meta, nbytes)
             buf = np.frombuffer(a2e[r], dtype=DTYPE, count=meta.count * layout.hidden,
                                 offset=meta.offset).reshape(meta.count, layout.hidden)
-            blocks[s] = (buf, meta.expert_ids)
-        outs = run_experts(blocks, expert_fn, layout.hidden)
-        for s, y in outs.items():
-            meta = e2a_meta(coll.event_id, r, y.shape[0], layout)
+            y = run_block(buf, meta.expert_ids, expert_fn, layout.hidden)
+            answer = e2a_meta(meta.event_id, r, y.shape[0], layout)
             data = y.tobytes()
-            e2a[s][meta.offset:meta.offset + len(data)] = data
-            e2a_notes[s].append((meta, len(data)))
+            e2a[meta.sender][answer.offset:answer.offset + len(data)] = data
+            e2a_notes[meta.sender].append((answer, len(data)))
     results = []
     for s in range(m):
         coll = CombineCollector(plans[s], layout)
@@ -199,38 +195,83 @@ def _meta(**kw):
     return BlockMeta(**base)
 
 
-def test_expert_collector_rejects_peer_violations():
+def test_source_guard_rejects_peer_violations_and_a_rejection_changes_nothing():
     layout = DispatchLayout(2, 2, 4, 2)
     hosted = frozenset({0, 2})
 
-    def coll():
-        return ExpertEventCollector(layout, hosted, last_event_id=6)
+    def guard():
+        g = SourceGuard(layout, hosted)
+        g.accept(_meta(event_id=6))
+        return g
 
     with pytest.raises(EventIdMismatch):
-        coll().add(_meta(event_id=6))  # stale
-    c = coll()
-    c.add(_meta())
+        guard().accept(_meta(event_id=6))  # replay of the last served event
     with pytest.raises(EventIdMismatch):
-        c.add(_meta(sender=0, offset=0, event_id=8))
-    with pytest.raises(ProtocolError):
-        c.add(_meta())  # duplicate source
+        guard().accept(_meta(event_id=5))  # late
     with pytest.raises(CorruptMetadata):
-        coll().add(_meta(offset=0))
+        guard().accept(_meta(offset=0))
     with pytest.raises(CorruptMetadata):
-        coll().add(_meta(count=5, expert_ids=np.zeros(5, np.int32)))
+        guard().accept(_meta(count=5, expert_ids=np.zeros(5, np.int32)))
     with pytest.raises(CorruptMetadata):
-        coll().add(_meta(sender=2))
+        guard().accept(_meta(sender=2))
     with pytest.raises(CorruptMetadata):
-        coll().add(_meta(expert_ids=np.array([0, 1], np.int32)))  # expert 1 not hosted
+        guard().accept(_meta(expert_ids=np.array([0, 1], np.int32)))  # expert 1 not hosted
     with pytest.raises(CorruptMetadata):
-        coll().add(_meta(expert_ids=np.array([2, 0], np.int32)))  # unsorted
+        guard().accept(_meta(expert_ids=np.array([2, 0], np.int32)))  # unsorted
     with pytest.raises(CorruptMetadata):
-        coll().add(_meta(expert_ids=np.array([0], np.int32)))
+        guard().accept(_meta(expert_ids=np.array([0], np.int32)))
     with pytest.raises(CorruptMetadata):
-        coll().add(_meta(), nbytes=3)
-    c = coll()
-    assert not c.add(_meta()) and c.missing() == [0]
-    assert c.add(_meta(sender=0, offset=0, count=0, expert_ids=np.empty(0, np.int32)), nbytes=0)
+        guard().accept(_meta(), nbytes=3)
+    g = guard()
+    for bad in (_meta(offset=0, event_id=9), _meta(event_id=9, expert_ids=np.array([0, 1], np.int32))):
+        with pytest.raises(CorruptMetadata):
+            g.accept(bad)
+    assert g.last == {1: (0, 6)}  # the rejected notices left no trace: event 7 is still new
+    g.accept(_meta(event_id=7))
+    # Source 0 is independent: its own small ids are fresh although source 1 is at 7.
+    g.accept(_meta(sender=0, offset=0, count=0, expert_ids=np.empty(0, np.int32), event_id=1), nbytes=0)
+    assert g.last == {0: (0, 1), 1: (0, 7)}
+    # A restarted source (bigger incarnation) starts afresh; an older incarnation is stale.
+    g.accept(_meta(event_id=0, incarnation=5))
+    with pytest.raises(EventIdMismatch):
+        g.accept(_meta(event_id=100, incarnation=4))
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.data(), m=st.integers(1, 4))
+def test_sources_are_served_independently_in_any_interleaving(data, m):
+    """Each source numbers its own events; any interleaving of sources is accepted, and within a
+    source only increasing events are: the guard never waits for nor compares across sources."""
+    layout = DispatchLayout(m, 1, 4, 2)
+    g = SourceGuard(layout, frozenset({0}))
+    steps = [data.draw(st.lists(st.integers(0, 50), min_size=1, max_size=6, unique=True).map(sorted))
+             for _ in range(m)]
+    queues = [[pack_event_id(1, st_) for st_ in s] for s in steps]
+    order = data.draw(st.permutations([s for s in range(m) for _ in queues[s]]))
+    served = {s: [] for s in range(m)}
+    for s in order:
+        ev = queues[s].pop(0)
+        meta = BlockMeta(event_id=ev, sender=s, offset=layout.a2e_offset(s), count=0,
+                         expert_ids=np.empty(0, np.int32))
+        g.accept(meta, 0)
+        served[s].append(unpack_event_id(ev)[1])
+        with pytest.raises(EventIdMismatch):
+            g.accept(meta, 0)  # the same block again is a replay
+    assert served == {s: steps[s] for s in range(m)}
+
+
+def test_run_block_computes_each_expert_on_its_contiguous_run():
+    calls = []
+
+    def fn(e, rows):
+        calls.append((e, rows[:, 0].tolist()))
+        return rows * np.float32(e + 1)
+
+    rows = np.arange(10, dtype=DTYPE).reshape(5, 2)
+    out = run_block(rows, np.array([1, 1, 3, 6, 6], np.int32), fn, 2)
+    assert calls == [(1, [0.0, 2.0]), (3, [4.0]), (6, [6.0, 8.0])]
+    assert out[:, 0].tolist() == [0.0, 4.0, 16.0, 42.0, 56.0]
+    assert run_block(rows[:0], np.empty(0, np.int32), fn, 2).shape == (0, 2)
 
 
 def test_combine_collector_rejects_wrong_counts_and_strangers():
@@ -253,6 +294,9 @@ def test_combine_collector_rejects_wrong_counts_and_strangers():
 def test_event_ids_increase_with_step_then_layer():
     ids = [pack_event_id(layer, step, a) for step in range(3) for layer in range(4) for a in range(3)]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert [unpack_event_id(i) for i in ids] == [(layer, step, a) for step in range(3) for layer in range(4)
+                                                 for a in range(3)]
+    assert unpack_event_id(pack_event_id(65535, 10**9, 255)) == (65535, 10**9, 255)
     with pytest.raises(ValueError):
         pack_event_id(1 << 16, 0)
     with pytest.raises(ValueError):
@@ -263,9 +307,10 @@ def test_notify_metadata_round_trips_and_garbage_is_corrupt_metadata():
     from xccl_net.dispatch_core import decode_meta, encode_meta
 
     meta = BlockMeta(event_id=pack_event_id(2, 9), sender=3, offset=4096, count=2,
-                     expert_ids=np.array([1, 5], dtype=np.int32))
+                     expert_ids=np.array([1, 5], dtype=np.int32), incarnation=1_790_000_000_000_000_000)
     got = decode_meta(encode_meta(meta))
-    assert (got.event_id, got.sender, got.offset, got.count) == (meta.event_id, 3, 4096, 2)
+    assert (got.event_id, got.sender, got.offset, got.count, got.incarnation) == (meta.event_id, 3, 4096, 2,
+                                                                                   meta.incarnation)
     assert got.expert_ids.tolist() == [1, 5] and got.expert_ids.dtype == np.int32
     buf = encode_meta(meta)
     for bad in (b"", b"\x01\x00\x00\x00", buf[:-3], buf + b"x", buf.replace(b"xccl.dispatch.block", b"xccl.dispatch.blocc")):
