@@ -1,0 +1,1 @@
+"""Router: the client API (gRPC), request table, backend picking and token relay."""

@@ -1,0 +1,506 @@
+"""Router pure core: the in-flight request table, its lifecycle, and the backend-picking policy.
+
+No sockets, no asyncio, no clock of its own: the servicer feeds it client calls, backend
+replies, token pushes and heartbeat observations with ``now``, and carries out the effects
+it returns (``SendCancel``, ``Subscribe``, ``Wake``, ``Restart``).
+
+Rules (the invariants the servicer and the tests rely on):
+- ``Request.tokens`` is every output token streamed so far, position ``i`` at index ``i``.
+  It only grows, never skips or repeats a position: a push that overlaps what we have must
+  agree with it (determinism), a push that leaves a gap is a peer violation.
+- A request id is an idempotency key. Opening a live id with the same prompt and sampling
+  attaches to it; with anything else it is refused. A finished id is kept for
+  ``retain_finished_s`` so a client that lost the tail can attach and read it again; a
+  failed or cancelled id is replaced by a fresh run (the tokens are deterministic, so a
+  fresh run reproduces what a client already has and ``resume_from`` skips it).
+- Migration is a replay: ``RESTART`` sends a request back to ``admitted``; the driver then
+  prefills prompt + tokens already streamed and admits it to another DP group, whose
+  output continues at index ``len(tokens)``.
+- Liveness and load come only from heartbeats.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.common.liveness import Liveness
+from services.model.sampling import SamplingParams
+
+# Error codes, as in services/common/rpc.py and gRPC.
+INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL = (
+    "INVALID_ARGUMENT", "NOT_FOUND", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "INTERNAL")
+_CODES = frozenset({INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL,
+                    "CANCELLED", "DEADLINE_EXCEEDED"})
+
+
+class State(enum.StrEnum):
+    ADMITTED = "admitted"        # in the table, no backend yet (or sent back for a replay)
+    PREFILLING = "prefilling"    # a Prefill RPC is out
+    DECODING = "decoding"        # first token streamed; a decode group produces the rest
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+class Event(enum.StrEnum):
+    PREFILL = "prefill"
+    FIRST_TOKEN = "first_token"
+    TOKENS = "tokens"
+    FINISH = "finish"
+    RETRY = "retry"              # a prefill refused or timed out: try another one
+    RESTART = "restart"          # prefill or decode backend lost: replay elsewhere
+    CANCEL = "cancel"
+    FAIL = "fail"
+
+
+_LIVE = (State.ADMITTED, State.PREFILLING, State.DECODING)
+TERMINAL = frozenset({State.FINISHED, State.CANCELLED, State.FAILED})
+
+TRANSITIONS: dict[tuple[State, Event], State] = {
+    (State.ADMITTED, Event.PREFILL): State.PREFILLING,
+    (State.PREFILLING, Event.FIRST_TOKEN): State.DECODING,
+    (State.PREFILLING, Event.FINISH): State.FINISHED,
+    (State.PREFILLING, Event.RETRY): State.ADMITTED,
+    (State.PREFILLING, Event.RESTART): State.ADMITTED,
+    (State.DECODING, Event.TOKENS): State.DECODING,
+    (State.DECODING, Event.FINISH): State.FINISHED,
+    (State.DECODING, Event.RESTART): State.ADMITTED,
+    **{(s, Event.CANCEL): State.CANCELLED for s in _LIVE},
+    **{(s, Event.FAIL): State.FAILED for s in _LIVE},
+}
+
+
+class RouterError(Exception):
+    """A refusal with a gRPC-style code; the servicer maps ``code`` to the client status."""
+
+    code = INTERNAL
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequestError(RouterError):
+    code = INVALID_ARGUMENT
+
+
+class UnknownRequest(RouterError):
+    code = NOT_FOUND
+
+
+class NoBackend(RouterError):
+    code = UNAVAILABLE
+
+
+class TableFull(RouterError):
+    code = RESOURCE_EXHAUSTED
+
+
+class IllegalTransition(RouterError):
+    def __init__(self, request_id: str, state: State, event: Event) -> None:
+        super().__init__(f"request {request_id!r}: event {event.value!r} is illegal in state {state.value!r}")
+        self.request_id, self.state, self.event = request_id, state, event
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    max_batch: int = 16                 # decode.max_batch of the pod
+    kv_block_size: int = 16             # kv_pool.block_size of the pod
+    max_requests: int = 4096            # live + retained entries
+    retain_finished_s: float = 30.0
+    max_restarts: int = 3               # replays of one request before it fails
+    token_timeout_s: float = 30.0       # decoding with no token for this long -> replay
+    vocab_size: int = 259
+
+
+# --------------------------------------------------------------------------- effects
+
+
+@dataclass(frozen=True, slots=True)
+class SendCancel:
+    """Tell ``service`` (a decode master) to stop producing ``request_id``."""
+    service: str
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """(Re-)announce this router to a decode master: it is new or restarted."""
+    service: str
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """The request's tokens or state changed: wake its streams and its driver."""
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Restart:
+    """The request went back to ``admitted``: its driver must prefill it again (abandoning
+    any backend call in flight)."""
+    request_id: str
+    reason: str
+
+
+Effect = SendCancel | Subscribe | Wake | Restart
+
+
+# --------------------------------------------------------------------------- table
+
+
+@dataclass(slots=True)
+class Request:
+    request_id: str
+    prompt: tuple[int, ...]
+    params: SamplingParams
+    created_s: float
+    state: State = State.ADMITTED
+    tokens: list[int] = field(default_factory=list)
+    prefill: str = ""
+    decode: str = ""
+    finish_reason: str = ""      # "stop" | "length" | "cancelled" once terminal (failed: "")
+    error_code: str = ""
+    error: str = ""
+    ended_s: float | None = None
+    last_progress_s: float = 0.0
+    streams: int = 0             # attached client streams
+    restarts: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def kv_blocks_needed(self, block_size: int) -> int:
+        return math.ceil((len(self.prompt) + self.params.max_tokens) / block_size)
+
+
+@dataclass(slots=True)
+class Peer:
+    role: str
+    group: int = -1
+    epoch: str = ""
+    liveness: Liveness = Liveness.ALIVE
+    status: str = "serving"
+    load: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def usable(self) -> bool:
+        return self.liveness is Liveness.ALIVE and self.status == "serving"
+
+
+def split_error(text: str) -> tuple[str, str]:
+    """A peer error string ``"CODE: message"`` -> (code, message); INTERNAL when uncoded."""
+    code, sep, rest = text.partition(":")
+    if sep and code.strip() in _CODES:
+        return code.strip(), rest.strip()
+    return INTERNAL, text
+
+
+class RouterCore:
+    def __init__(self, cfg: RouterConfig = RouterConfig()) -> None:
+        self.cfg = cfg
+        self.requests: dict[str, Request] = {}
+        self.peers: dict[str, Peer] = {}
+        self.stray_pushes = 0        # token pushes for requests we do not (or no longer) drive
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def _fire(self, req: Request, event: Event, now: float) -> None:
+        new = TRANSITIONS.get((req.state, event))
+        if new is None:
+            raise IllegalTransition(req.request_id, req.state, event)
+        req.state = new
+        if new in TERMINAL:
+            req.ended_s = now
+
+    def get(self, request_id: str) -> Request:
+        req = self.requests.get(request_id)
+        if req is None:
+            raise UnknownRequest(f"no request with id {request_id!r} on this router")
+        return req
+
+    def open(self, request_id: str, prompt: tuple[int, ...], params: SamplingParams,
+             now: float) -> tuple[Request, bool]:
+        """The request for this id, and whether it is new (the caller then starts its driver)."""
+        old = self.requests.get(request_id)
+        if old is not None:
+            same = old.prompt == prompt and old.params == params
+            if same and old.state in (*_LIVE, State.FINISHED):
+                return old, False
+            if not same and not old.terminal:
+                raise InvalidRequestError(
+                    f"request id {request_id!r} is in use by a running request with a different prompt "
+                    "or sampling parameters")
+            if old.streams:
+                raise InvalidRequestError(f"request id {request_id!r} is still being streamed to another client")
+            del self.requests[request_id]
+        if len(self.requests) >= self.cfg.max_requests:
+            self._evict_oldest_terminal()
+            if len(self.requests) >= self.cfg.max_requests:
+                raise TableFull(f"router has {len(self.requests)} requests in flight (limit {self.cfg.max_requests})")
+        req = Request(request_id, prompt, params, now, last_progress_s=now)
+        self.requests[request_id] = req
+        return req, True
+
+    def _evict_oldest_terminal(self) -> None:
+        done = [r for r in self.requests.values() if r.terminal and not r.streams]
+        if done:
+            del self.requests[min(done, key=lambda r: r.ended_s or 0.0).request_id]
+
+    def attach(self, request_id: str) -> Request:
+        req = self.get(request_id)
+        req.streams += 1
+        return req
+
+    def detach(self, request_id: str, now: float) -> list[Effect]:
+        """A client stream ended. The last one leaving a live request cancels it (client gone)."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return []
+        req.streams = max(0, req.streams - 1)
+        effects: list[Effect] = []
+        if req.streams == 0 and not req.terminal:
+            effects = self.cancel(request_id, now)
+        if req.streams == 0 and req.state in (State.CANCELLED, State.FAILED):
+            self.requests.pop(request_id, None)  # nothing to resume from a dead run: free it now
+        return effects
+
+    def begin_prefill(self, request_id: str, prefill: str, now: float) -> None:
+        req = self.get(request_id)
+        self._fire(req, Event.PREFILL, now)
+        req.prefill, req.decode = prefill, ""
+        req.last_progress_s = now
+
+    def retry_prefill(self, request_id: str, now: float) -> None:
+        req = self.get(request_id)
+        self._fire(req, Event.RETRY, now)
+        req.prefill = ""
+
+    def prefill_done(self, request_id: str, next_token: int, now: float) -> list[Effect]:
+        """The prefill's sampled token is output position ``len(tokens)``. Finishes the
+        request if it is a stop token or the last allowed one; else it goes on to decode."""
+        req = self.get(request_id)
+        if req.state is not State.PREFILLING:
+            raise IllegalTransition(req.request_id, req.state, Event.FIRST_TOKEN)
+        if not 0 <= next_token < self.cfg.vocab_size:
+            return self.fail(request_id, INTERNAL, f"{req.prefill} returned token id {next_token} outside the vocabulary", now)
+        req.tokens.append(int(next_token))
+        req.last_progress_s = now
+        reason = self._finish_reason(req)
+        if reason:
+            req.finish_reason = reason
+            self._fire(req, Event.FINISH, now)
+        else:
+            self._fire(req, Event.FIRST_TOKEN, now)
+        return [Wake(request_id)]
+
+    def assign_decode(self, request_id: str, decode: str, now: float) -> None:
+        """Set before the Admit RPC goes out: the master may push tokens before its reply arrives."""
+        req = self.get(request_id)
+        if req.state is not State.DECODING:
+            raise IllegalTransition(req.request_id, req.state, Event.TOKENS)
+        req.decode = decode
+        req.last_progress_s = now
+
+    def unassign_decode(self, request_id: str) -> None:
+        """The Admit failed: pushes from that group are strays from now on."""
+        req = self.requests.get(request_id)
+        if req is not None and req.state is State.DECODING:
+            req.decode = ""
+
+    def _finish_reason(self, req: Request) -> str:
+        if req.tokens and req.tokens[-1] in req.params.stop_token_ids:
+            return "stop"
+        if len(req.tokens) >= req.params.max_tokens:
+            return "length"
+        return ""
+
+    def on_tokens(self, request_id: str, index: int, token_ids: tuple[int, ...], finish_reason: str,
+                  error: str, source: str, now: float) -> list[Effect]:
+        """A decode master's push. Only the request's current decode group is listened to."""
+        req = self.requests.get(request_id)
+        if req is None or req.state is not State.DECODING or req.decode != source:
+            self.stray_pushes += 1
+            # A master still producing something nobody reads must stop.
+            return [SendCancel(source, request_id)] if not finish_reason else []
+        if error or finish_reason == "error":
+            code, msg = split_error(error or "decode failed")
+            return self.fail(request_id, code, f"{source}: {msg}", now)
+        if any(not 0 <= t < self.cfg.vocab_size for t in token_ids):
+            return [SendCancel(source, request_id),
+                    *self.fail(request_id, INTERNAL, f"{source} sent a token id outside the vocabulary", now)]
+        have = len(req.tokens)
+        if index > have:
+            return [SendCancel(source, request_id),
+                    *self.fail(request_id, INTERNAL,
+                               f"{source} skipped output positions: sent index {index}, expected {have}", now)]
+        overlap = min(have - index, len(token_ids))
+        if tuple(req.tokens[index:index + overlap]) != tuple(token_ids[:overlap]):
+            return [SendCancel(source, request_id),
+                    *self.fail(request_id, INTERNAL,
+                               f"{source} sent tokens that differ from those already streamed at index {index}", now)]
+        effects: list[Effect] = []
+        reason = ""
+        for tok in token_ids[overlap:]:
+            req.tokens.append(int(tok))
+            reason = self._finish_reason(req)
+            if reason:
+                break
+        if len(token_ids) > overlap:
+            req.last_progress_s = now
+            self._fire(req, Event.TOKENS, now)
+            effects.append(Wake(request_id))
+        if reason:
+            if not finish_reason:
+                effects.append(SendCancel(source, request_id))  # we stop here even if the master would not
+            req.finish_reason = reason
+            self._fire(req, Event.FINISH, now)
+        elif finish_reason in ("stop", "length"):
+            req.finish_reason = finish_reason
+            self._fire(req, Event.FINISH, now)
+        elif finish_reason == "cancelled":
+            # We did not ask (that would have made the request terminal): the group is draining
+            # or dropped it. Move it elsewhere.
+            return effects + self.restart(request_id, f"{source} cancelled it", now)
+        if req.terminal and Wake(request_id) not in effects:
+            effects.append(Wake(request_id))
+        return effects
+
+    def cancel(self, request_id: str, now: float) -> list[Effect]:
+        """Client cancel. Unknown id -> UnknownRequest; a terminal request is left as it is."""
+        req = self.get(request_id)
+        if req.terminal:
+            return []
+        effects: list[Effect] = [SendCancel(req.decode, request_id)] if req.decode else []
+        req.finish_reason = "cancelled"
+        self._fire(req, Event.CANCEL, now)
+        if req.streams == 0:
+            self.requests.pop(request_id, None)
+        return [*effects, Wake(request_id)]
+
+    def fail(self, request_id: str, code: str, message: str, now: float) -> list[Effect]:
+        req = self.requests.get(request_id)
+        if req is None or req.terminal:
+            return []
+        req.error_code, req.error = code, message
+        self._fire(req, Event.FAIL, now)
+        if req.streams == 0:
+            self.requests.pop(request_id, None)
+        return [Wake(request_id)]
+
+    def restart(self, request_id: str, reason: str, now: float) -> list[Effect]:
+        """Send a live request back to be replayed elsewhere, at most ``max_restarts`` times."""
+        req = self.requests.get(request_id)
+        if req is None or req.terminal or req.state is State.ADMITTED:
+            return []
+        if req.restarts >= self.cfg.max_restarts:
+            return self.fail(request_id, UNAVAILABLE,
+                             f"gave up after {req.restarts} restarts; last: {reason}", now)
+        effects: list[Effect] = []
+        if req.decode and self.peers.get(req.decode, Peer("decode")).liveness is not Liveness.DEAD:
+            effects.append(SendCancel(req.decode, request_id))
+        self._fire(req, Event.RESTART, now)
+        req.restarts += 1
+        req.prefill, req.decode = "", ""
+        req.last_progress_s = now
+        return [*effects, Restart(request_id, reason), Wake(request_id)]
+
+    def tick(self, now: float) -> list[Effect]:
+        """Forget finished requests nobody reads after the retention time; replay requests
+        whose decode group went silent without being declared dead (it lost them)."""
+        effects: list[Effect] = []
+        for rid, req in list(self.requests.items()):
+            if req.terminal:
+                if not req.streams and now - (req.ended_s or now) >= self.cfg.retain_finished_s:
+                    del self.requests[rid]
+            elif req.state is State.DECODING and req.decode and \
+                    now - req.last_progress_s >= self.cfg.token_timeout_s:
+                effects += self.restart(rid, f"no token from {req.decode} for {self.cfg.token_timeout_s:g}s", now)
+        return effects
+
+    # ---------------------------------------------------------------- peers (heartbeats only)
+
+    def observe_beat(self, service: str, role: str, group: int, epoch: str, status: str,
+                     load: dict[str, float], now: float) -> list[Effect]:
+        peer = self.peers.get(service)
+        effects: list[Effect] = []
+        if peer is None:
+            peer = self.peers[service] = Peer(role, group, epoch)
+            if role == "decode":
+                effects.append(Subscribe(service))
+        elif peer.epoch != epoch:
+            # Restarted (new epoch), perhaps faster than the detector could call it dead: whatever
+            # it held is gone.
+            peer.epoch = epoch
+            effects += self._backend_lost(service, f"{service} restarted", now)
+            if role == "decode":
+                effects.append(Subscribe(service))
+        peer.status, peer.load, peer.group = status, dict(load), group
+        return effects
+
+    def liveness_changed(self, service: str, new: Liveness, now: float) -> list[Effect]:
+        peer = self.peers.get(service)
+        if peer is None:
+            return []  # we learn role and load from its first beat
+        peer.liveness = new
+        return self._backend_lost(service, f"{service} is dead", now) if new is Liveness.DEAD else []
+
+    def _backend_lost(self, service: str, reason: str, now: float) -> list[Effect]:
+        effects: list[Effect] = []
+        for rid, req in list(self.requests.items()):
+            if not req.terminal and service in (req.prefill if req.state is State.PREFILLING else "", req.decode):
+                effects += self.restart(rid, reason, now)
+        return effects
+
+    # ---------------------------------------------------------------- policy
+
+    def _in_flight(self, service: str) -> int:
+        return sum(1 for r in self.requests.values()
+                   if not r.terminal and service in (r.prefill if r.state is State.PREFILLING else "", r.decode))
+
+    def pick_prefill(self, *, exclude: frozenset[str] = frozenset()) -> str:
+        """Alive, serving, lowest load (running + queued from its beats, plus what this router
+        sent since: beats lag by up to one interval, and a burst must still spread)."""
+        cands = [(p.load.get("running", 0.0) + p.load.get("queued", 0.0) + self._in_flight(name), name)
+                 for name, p in self.peers.items() if p.role == "prefill" and p.usable and name not in exclude]
+        if not cands:
+            raise NoBackend(self._none_alive("prefill", exclude))
+        return min(cands)[1]
+
+    def pick_decode(self, request_id: str, *, exclude: frozenset[str] = frozenset()) -> str:
+        """Alive, serving DP group; prefer running < max_batch and room for the request's KV,
+        then most free KV blocks. When every group is full the least queued one takes it (the
+        master queues: back-pressure stays there instead of refusing the client)."""
+        need = self.get(request_id).kv_blocks_needed(self.cfg.kv_block_size)
+        cands = []
+        for name, p in self.peers.items():
+            if p.role != "decode" or not p.usable or name in exclude:
+                continue
+            running = p.load.get("running", 0.0) + self._in_flight(name)
+            free = p.load.get("free_kv_blocks", 0.0)
+            has_room = running < self.cfg.max_batch and free >= need
+            cands.append((not has_room, -free if has_room else p.load.get("queued", 0.0), running, name))
+        if not cands:
+            raise NoBackend(self._none_alive("decode", exclude))
+        return min(cands)[-1]
+
+    def _none_alive(self, role: str, exclude: frozenset[str]) -> str:
+        known = {n: p for n, p in self.peers.items() if p.role == role}
+        if not known:
+            return f"no {role} service has been heard from (no heartbeat yet)"
+
+        def why(n: str, p: Peer) -> str:
+            return "tried" if n in exclude else p.liveness.value if p.liveness is not Liveness.ALIVE else p.status
+
+        states = ", ".join(f"{n}: {why(n, p)}" for n, p in sorted(known.items()))
+        return f"no live {role} service ({states})"
+
+    def load(self) -> dict[str, Any]:
+        live = sum(1 for r in self.requests.values() if not r.terminal)
+        return {"running": live, "queued": 0, "table": len(self.requests)}

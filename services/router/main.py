@@ -1,0 +1,70 @@
+"""Router process: ``python -m services.run --pod FILE --name router-0``.
+
+Serves ``xds.v1.Inference``, ``grpc.health.v1`` (SERVING once ready, NOT_SERVING while
+draining) and server reflection on the pod's grpc address; with port 0 the real port is in
+the ready file (``grpc`` key). Liveness and load of every backend come from heartbeats only.
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.api.xds.v1 import inference_pb2 as pb
+from services.api.xds.v1 import inference_pb2_grpc as pb_grpc
+from services.common.heartbeat import HeartbeatSubscriber
+from services.common.liveness import DetectorConfig, FailureDetector
+from services.common.runtime import ServiceRuntime
+from services.model.cache import ensure_model
+from services.model.config import ModelConfig
+from services.pod.spec import PodSpec, address, bind_address, services
+from services.router.core import RouterConfig, RouterCore
+from services.router.service import Router
+
+SERVER_STOP_GRACE_S = 1.0
+SERVICE_NAMES = (pb.DESCRIPTOR.services_by_name["Inference"].full_name, health.SERVICE_NAME,
+                 reflection.SERVICE_NAME)
+
+
+async def serve(spec: PodSpec, name: str) -> None:
+    model_dir = ensure_model(spec.model.dir, spec.model.preset, spec.model.seed, spec.cache_dir)
+    model_cfg = ModelConfig.load(model_dir)
+    core = RouterCore(RouterConfig(max_batch=spec.decode.max_batch, kv_block_size=spec.kv_pool.block_size,
+                                   vocab_size=model_cfg.vocab_size))
+    async with ServiceRuntime(spec, name, xccl=False, load=core.load) as rt:
+        router = Router(name, core, model_cfg, model_dir.name, lambda svc: address(spec, svc, "rpc"),
+                        startup_grace_s=spec.heartbeat.dead_after_s)
+        health_servicer = health.aio.HealthServicer()
+        await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        server = grpc.aio.server()
+        pb_grpc.add_InferenceServicer_to_server(router, server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(SERVICE_NAMES, server)
+        bind = bind_address(spec, name, "grpc")
+        port = server.add_insecure_port(bind)
+        if port == 0:
+            raise RuntimeError(f"{name}: cannot bind gRPC on {bind}")
+        await server.start()
+        subscriber = HeartbeatSubscriber(
+            [address(spec, s.name, "heartbeat") for s in services(spec) if s.name != name and s.role != "fabric"],
+            detector=FailureDetector(DetectorConfig(spec.heartbeat.suspect_after_s, spec.heartbeat.dead_after_s)),
+            on_change=router.on_change, on_beat=router.on_beat)
+
+        async def drain() -> None:
+            await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            await router.drain()
+
+        async def ready_when_started() -> None:
+            await router.started.wait()
+            await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+            host = address(spec, name, "grpc").rsplit(":", 1)[0]
+            rt.mark_ready(grpc=f"{host}:{port}", started_s=time.time())
+
+        try:
+            await rt.run_until_stopped(subscriber.run(), router.run(), ready_when_started(), drain=drain)
+        finally:
+            await health_servicer.enter_graceful_shutdown()
+            await server.stop(SERVER_STOP_GRACE_S)

@@ -1,0 +1,289 @@
+"""The router's thin server: gRPC Inference servicer, per-request drivers, backend RPC clients.
+
+It pumps client calls, backend replies, token pushes and heartbeats into ``RouterCore`` and
+carries out the effects it returns. A request's *driver* task does the prefill and the Admit
+and then ends: from there tokens arrive as pushes from the decode master. A ``Restart``
+effect (backend lost) cancels the driver and starts a new one, which replays the request.
+Client streams read ``Request.tokens`` from their cursor and sleep on a per-request event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import grpc
+
+from services.api.xds.v1 import inference_pb2 as pb
+from services.api.xds.v1 import inference_pb2_grpc as pb_grpc
+from services.common.logging import get_logger
+from services.common.rpc import RemoteError, RpcClient, RpcTimeout
+from services.model.config import ModelConfig
+from services.model.tokenizer import IncrementalDecoder
+from services.protocol.inference import Admit, Cancel, Prefill, PrefillDone, Sampling, Subscribe, Tokens
+from services.router import api
+from services.router.core import (INTERNAL, UNAVAILABLE, Effect, NoBackend, Request, Restart, RouterCore,
+                                  RouterError, SendCancel, State, Subscribe as SubscribeEffect, Wake)
+
+log = get_logger()
+
+# Backend refusals worth trying on another instance; anything else is about the request itself.
+_RETRY_ELSEWHERE = frozenset({UNAVAILABLE, "RESOURCE_EXHAUSTED", INTERNAL})
+
+
+def grpc_code(code: str) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, code, grpc.StatusCode.UNKNOWN)
+
+
+class Router(pb_grpc.InferenceServicer):
+    def __init__(self, name: str, core: RouterCore, model_cfg: ModelConfig, model_name: str,
+                 rpc_address: Any, *, prefill_timeout_s: float = 30.0, admit_timeout_s: float = 10.0,
+                 startup_grace_s: float = 1.5, tick_s: float = 0.25) -> None:
+        self.name, self.core, self.model_cfg, self.model_name = name, core, model_cfg, model_name
+        self._rpc_address = rpc_address       # service name -> its rpc address
+        self.prefill_timeout_s, self.admit_timeout_s = prefill_timeout_s, admit_timeout_s
+        self._startup_until = time.monotonic() + startup_grace_s
+        self._tick_s = tick_s
+        self._clients: dict[str, RpcClient] = {}
+        self._subscribed: set[str] = set()
+        self._events: dict[str, asyncio.Event] = {}
+        self._drivers: dict[str, asyncio.Task] = {}
+        self._peer_seen = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._tg: asyncio.TaskGroup | None = None
+        self.started = asyncio.Event()
+        self.draining = False
+
+    # ---------------------------------------------------------------- plumbing
+
+    def _client(self, service: str) -> RpcClient:
+        c = self._clients.get(service)
+        if c is None:
+            on_push = (lambda msg, src=service: self._on_push(src, msg))
+            c = self._clients[service] = RpcClient(self._rpc_address(service), on_push=on_push)
+        return c
+
+    def apply(self, effects: Iterable[Effect]) -> None:
+        for e in effects:
+            if isinstance(e, Wake):
+                ev = self._events.pop(e.request_id, None)
+                if ev is not None:
+                    ev.set()
+                req = self.core.requests.get(e.request_id)
+                if req is None or req.terminal:
+                    self._stop_driver(e.request_id)
+            elif isinstance(e, SendCancel):
+                self._client(e.service).send(Cancel(e.request_id))
+            elif isinstance(e, SubscribeEffect):
+                self._subscribed.discard(e.service)
+            elif isinstance(e, Restart):
+                log.warning("request.restart", request_id=e.request_id, reason=e.reason)
+                self._stop_driver(e.request_id)
+                self._start_driver(e.request_id)
+        if self.draining and not any(not r.terminal for r in self.core.requests.values()):
+            self._idle.set()
+
+    def _changed(self, request_id: str) -> asyncio.Event:
+        return self._events.setdefault(request_id, asyncio.Event())
+
+    def _start_driver(self, request_id: str) -> None:
+        assert self._tg is not None, "router not started"
+        t = self._tg.create_task(self._drive(request_id))
+        self._drivers[request_id] = t
+        t.add_done_callback(lambda t, rid=request_id: self._drivers.pop(rid, None) if self._drivers.get(rid) is t else None)
+
+    def _stop_driver(self, request_id: str) -> None:
+        t = self._drivers.get(request_id)
+        if t is not None and t is not asyncio.current_task():
+            t.cancel()
+            self._drivers.pop(request_id, None)
+
+    def on_beat(self, beat: Any) -> None:
+        self.apply(self.core.observe_beat(beat.service, beat.role, beat.group, beat.epoch, beat.status,
+                                          dict(beat.load), time.monotonic()))
+        self._peer_seen.set()
+
+    def on_change(self, change: Any) -> None:
+        self.apply(self.core.liveness_changed(change.peer, change.new, time.monotonic()))
+
+    def _on_push(self, source: str, msg: Any) -> None:
+        if not isinstance(msg, Tokens):
+            log.warning("push.unexpected", source=source, msg_type=type(msg).__name__)
+            return
+        self.apply(self.core.on_tokens(msg.request_id, msg.index, tuple(msg.token_ids), msg.finish_reason,
+                                       msg.error, source, time.monotonic()))
+
+    async def run(self) -> None:
+        """Owns the drivers (one TaskGroup) and the table's clock; runs until cancelled."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                self.started.set()
+                while True:
+                    await asyncio.sleep(self._tick_s)
+                    self.apply(self.core.tick(time.monotonic()))
+        finally:
+            for c in self._clients.values():
+                await c.close()
+
+    async def drain(self) -> None:
+        """Stop accepting (Generate answers UNAVAILABLE) and wait for live requests to end."""
+        self.draining = True
+        self.apply(())
+        await self._idle.wait()
+
+    # ---------------------------------------------------------------- driver
+
+    async def _drive(self, rid: str) -> None:
+        try:
+            kv = await self._prefill(rid)
+            if kv is not None:
+                await self._admit(rid, kv)
+        except asyncio.CancelledError:
+            raise
+        except RouterError as exc:
+            self.apply(self.core.fail(rid, exc.code, exc.message, time.monotonic()))
+        except Exception as exc:  # a driver bug fails its request, never the router
+            log.exception("driver.failed", request_id=rid)
+            self.apply(self.core.fail(rid, INTERNAL, f"router error: {type(exc).__name__}: {exc}", time.monotonic()))
+
+    async def _pick(self, pick: Any) -> str:
+        """Pick a backend; right after start, wait (bounded) for the first heartbeats."""
+        while True:
+            try:
+                return pick()
+            except NoBackend:
+                left = self._startup_until - time.monotonic()
+                if left <= 0:
+                    raise
+                self._peer_seen.clear()
+                try:
+                    await asyncio.wait_for(self._peer_seen.wait(), left)
+                except asyncio.TimeoutError:
+                    pass
+
+    async def _prefill(self, rid: str) -> Any:
+        """Prefill prompt + tokens already streamed; returns the KVRef, or None when finished."""
+        tried: set[str] = set()
+        last = ""
+        while True:
+            req = self.core.get(rid)
+            try:
+                name = await self._pick(lambda: self.core.pick_prefill(exclude=frozenset(tried)))
+            except NoBackend as exc:
+                raise NoBackend(f"{exc.message}; last error: {last}" if last else exc.message) from None
+            tried.add(name)
+            self.core.begin_prefill(rid, name, time.monotonic())
+            ids = (*req.prompt, *req.tokens)
+            msg = Prefill(rid, ids, Sampling.of(req.params), position_offset=len(ids))
+            try:
+                done = await self._client(name).call(msg, timeout_s=self.prefill_timeout_s)
+            except RpcTimeout:
+                last = f"{name} did not answer Prefill within {self.prefill_timeout_s:g}s"
+            except RemoteError as exc:
+                if exc.code not in _RETRY_ELSEWHERE:
+                    raise RouterError(f"{name}: {exc.message}", exc.code) from None
+                last = f"{name}: {exc.code}: {exc.message}"
+            else:
+                if not isinstance(done, PrefillDone) or done.request_id != rid:
+                    raise RouterError(f"{name} answered Prefill with {type(done).__name__}", INTERNAL)
+                self.apply(self.core.prefill_done(rid, done.next_token, time.monotonic()))
+                return None if self.core.get(rid).terminal else done.kv
+            log.warning("prefill.retry", request_id=rid, error=last)
+            self.core.retry_prefill(rid, time.monotonic())
+
+    async def _admit(self, rid: str, kv: Any) -> None:
+        tried: set[str] = set()
+        last = ""
+        while True:
+            req = self.core.get(rid)
+            try:
+                name = await self._pick(lambda: self.core.pick_decode(rid, exclude=frozenset(tried)))
+            except NoBackend as exc:
+                raise NoBackend(f"{exc.message}; last error: {last}" if last else exc.message) from None
+            tried.add(name)
+            client = self._client(name)
+            try:
+                if name not in self._subscribed:
+                    await self._subscribe(name, client)
+                self.core.assign_decode(rid, name, time.monotonic())
+                await client.call(Admit(rid, len(req.prompt), Sampling.of(req.params), kv, req.tokens[-1],
+                                        len(req.tokens), self.name), timeout_s=self.admit_timeout_s)
+                return
+            except RpcTimeout:
+                last = f"{name} did not answer Admit within {self.admit_timeout_s:g}s"
+                client.send(Cancel(rid))  # it may have admitted it after all
+            except RemoteError as exc:
+                if exc.code not in _RETRY_ELSEWHERE:
+                    raise RouterError(f"{name}: {exc.message}", exc.code) from None
+                last = f"{name}: {exc.code}: {exc.message}"
+            log.warning("admit.retry", request_id=rid, error=last)
+            self.core.unassign_decode(rid)
+
+    async def _subscribe(self, name: str, client: RpcClient) -> None:
+        try:
+            await client.call(Subscribe(self.name), timeout_s=self.admit_timeout_s)
+        except RemoteError as exc:  # an older master without Subscribe still pushes to Admit's sender
+            log.warning("subscribe.refused", service=name, error=str(exc))
+        self._subscribed.add(name)
+
+    # ---------------------------------------------------------------- gRPC
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> Any:
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} is draining; use another router")
+        try:
+            p = api.parse_generate(request, self.model_cfg)
+            req, created = self.core.open(p.request_id, p.prompt, p.params, time.monotonic())
+        except RouterError as exc:
+            await context.abort(grpc_code(exc.code), exc.message)
+        self.core.attach(req.request_id)
+        if created:
+            self._start_driver(req.request_id)
+        try:
+            async for delta in self._stream(req, p.resume_from):
+                yield delta
+        finally:
+            self.apply(self.core.detach(req.request_id, time.monotonic()))
+        if req.state is State.FAILED:
+            await context.abort(grpc_code(req.error_code), req.error)
+
+    async def _stream(self, req: Request, resume_from: int) -> Any:
+        """Deltas from ``resume_from`` on; the decoder sees every token from 0 so text never
+        splits a character, even across a resume."""
+        dec, fed = IncrementalDecoder(), 0
+        while True:
+            have = len(req.tokens)
+            done = req.terminal
+            if have > fed:
+                skip = min(max(resume_from - fed, 0), have - fed)
+                dec.feed(req.tokens[fed:fed + skip])
+                start = fed + skip
+                ids, text = req.tokens[start:have], dec.feed(req.tokens[start:have])
+                fed = have
+                if ids or (done and req.state is not State.FAILED):
+                    yield pb.TokenDelta(request_id=req.request_id, index=start, token_ids=ids,
+                                        text=text + (dec.flush() if done else ""),
+                                        finish_reason=req.finish_reason if done else "")
+                    if done:
+                        return
+            if done:
+                if req.state is not State.FAILED:
+                    yield pb.TokenDelta(request_id=req.request_id, index=max(fed, resume_from),
+                                        text=dec.flush(), finish_reason=req.finish_reason)
+                return
+            await self._changed(req.request_id).wait()
+
+    async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
+        try:
+            req = self.core.get(request.request_id)
+            live = not req.terminal
+            self.apply(self.core.cancel(request.request_id, time.monotonic()))
+        except RouterError as exc:
+            await context.abort(grpc_code(exc.code), exc.message)
+        return pb.CancelResponse(cancelled=live)
+
+    async def GetModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        return api.model_info(self.model_cfg, self.model_name)
