@@ -18,6 +18,9 @@ Rules:
   ``last_token``, not yet fed), the step feeds ``last_token`` at ``prompt_len + generated - 1`` and
   samples output number ``generated`` at position ``prompt_len + generated``.
 - Lifecycle is the table ``TRANSITIONS``; anything else raises ``IllegalTransition``.
+- A sequence that fails ends with ``Tokens(finish_reason="error", error="CODE: message")`` (the
+  router maps the code to the client's status); "cancelled" is pushed only when the master
+  itself gives a sequence up (shutdown), which tells the router to replay it elsewhere.
 """
 
 from __future__ import annotations
@@ -291,8 +294,8 @@ class DecodeCore:
         if s.state is not SeqState.LOADING:
             return []   # a duplicate answer
         if error:
-            return self._end(s, SeqEvent.FAIL, error=f"attention rank {rank} could not load the KV: {error}",
-                             free_rank=False)
+            return self._end(s, SeqEvent.FAIL, free_rank=False,
+                             error=f"{UNAVAILABLE}: attention rank {rank} could not load the KV: {error}")
         self._move(s, SeqEvent.LOADED)
         return []
 
@@ -301,13 +304,23 @@ class DecodeCore:
         s = self._seqs.get(request_id)
         if s is None or s.state is not SeqState.LOADING:
             return []
-        return self._end(s, SeqEvent.FAIL, error=error)
+        return self._end(s, SeqEvent.FAIL, error=f"{UNAVAILABLE}: {error}")
 
     def cancel(self, request_id: str) -> list[Effect]:
+        """The router's Cancel: it asked, so no final Tokens is pushed back (its Ok says it)."""
         s = self._seqs.get(request_id)
         if s is None:
             raise Refused(NOT_FOUND, f"no request {request_id!r} on this decode group")
-        return self._end(s, SeqEvent.CANCEL)
+        return [e for e in self._end(s, SeqEvent.CANCEL) if not isinstance(e, Emit)]
+
+    def evict_all(self) -> list[Effect]:
+        """Shutting down: end every sequence with finish_reason "cancelled", which tells its
+        router to replay it on another group."""
+        out: list[Effect] = []
+        for s in [*self._queue, *self._seqs.values()]:   # the queue first: nothing gets promoted
+            if s.state not in TERMINAL:
+                out += self._end(s, SeqEvent.CANCEL)
+        return out
 
     def _end(self, s: _Seq, event: SeqEvent, *, error: str = "", free_rank: bool = True) -> list[Effect]:
         """Terminal transition: final Tokens (unless it carried the last token), blocks back, Free."""
@@ -371,10 +384,12 @@ class DecodeCore:
         out: list[Effect] = []
         for rank, run in plan.runs:
             res = results.get(rank, f"attention rank {rank} gave no result for step {step}")
-            if isinstance(res, np.ndarray) and (res.ndim != 2 or res.shape[0] != len(run.request_ids)):
-                res = f"attention rank {rank} sent logits of shape {res.shape} for {len(run.request_ids)} sequences"
+            if isinstance(res, np.ndarray) and (res.ndim != 2 or res.shape[0] != len(run.request_ids)
+                                                or res.dtype != np.float32):
+                res = (f"attention rank {rank} sent {res.dtype} logits of shape {res.shape} for "
+                       f"{len(run.request_ids)} sequences (want float32 [batch, vocab])")
             if isinstance(res, str):
-                out += self._rank_failed(rank, res)
+                out += self._rank_failed(rank, res if res.startswith(UNAVAILABLE) else f"{UNAVAILABLE}: {res}")
                 continue
             for rid, row in zip(run.request_ids, res):
                 s = self._seqs.get(rid)
@@ -407,7 +422,7 @@ class DecodeCore:
                 out += self._end(s, SeqEvent.FAIL, error=error, free_rank=False)
         if len(self._down) == len(self.cfg.ranks):
             for s in list(self._queue):
-                out += self._end(s, SeqEvent.FAIL, error="no live attention rank in this DP group")
+                out += self._end(s, SeqEvent.FAIL, error=f"{UNAVAILABLE}: no live attention rank in this DP group")
         return out
 
     def rank_up(self, rank: str) -> list[Effect]:

@@ -1,0 +1,271 @@
+"""Decode master process (``decode-g``): ``python -m services.run --pod FILE --name decode-g``.
+
+A thin server around ``DecodeCore``: routers ``Admit``/``Cancel`` over ZeroMQ RPC (tokens are
+pushed back to the admitting router's connection), attention ranks get ``Load``/``Run``/``Free``
+over XCCL send and answer ``Loaded``/``Logits`` the same way.
+
+Tasks (one TaskGroup, under ``ServiceRuntime.run_until_stopped``):
+- one sender per attention rank drains that rank's bounded outbox (Load, Free), so a rank sees
+  a sequence's Load before its Free;
+- one receiver demultiplexes everything the ranks send (Loaded by request id, Logits by step);
+- the step loop: plan a step, send each rank its ``Run``, wait for every ``Logits`` with a
+  deadline, hand the results to the core. A rank that does not answer in time ends its
+  sequences with finish_reason "error" (UNAVAILABLE) and is not used again.
+Every wait has a timeout; a peer's garbage is counted and logged, never fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from services.common.rpc import INVALID_ARGUMENT, UNAVAILABLE, Ok, RemoteError
+from services.common.runtime import ServiceRuntime
+from services.common.wire import WireError, decode, encode
+from services.decode.core import CoreConfig, DecodeCore, Effect, Emit, Refused, Request, SendFree, SendLoad, SeqState
+from services.decode.messages import DecodeStats, DecodeStatsQuery
+from services.model.cache import ensure_model
+from services.model.config import ModelConfig
+from services.model.sampling import InvalidSamplingParams
+from services.pod.spec import PodSpec, service, services
+from services.protocol.inference import Admit, Cancel, Subscribe
+from services.protocol.step import Free, Load, Loaded, Logits, Run
+from xccl_net.errors import EndpointClosed, ProtocolError, XcclError, XcclTimeout
+
+RECV_POLL_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class MasterConfig:
+    max_queue: int = 64
+    # A rank silent this long is gone for this group; the floor keeps a slow host from
+    # failing requests that a heartbeat would still call alive.
+    min_rank_timeout_s: float = 2.0
+    send_timeout_s: float = 5.0
+    drain_idle_s: float = 3.0       # on SIGTERM: let running sequences finish this long, then evict
+
+    def rank_timeout_s(self, spec: PodSpec) -> float:
+        return max(self.min_rank_timeout_s, 4 * spec.heartbeat.dead_after_s)
+
+
+class Master:
+    def __init__(self, spec: PodSpec, name: str, core: DecodeCore, cfg: MasterConfig) -> None:
+        self.spec, self.name, self.core, self.cfg = spec, name, core, cfg
+        self.rank_timeout_s = cfg.rank_timeout_s(spec)
+        self.rt: ServiceRuntime | None = None
+        self.routers: dict[str, bytes] = {}         # router service name -> its RPC identity
+        bound = 4 * core.cfg.max_batch + 64         # Loads <= max_batch at once, Frees likewise
+        self.outbox: dict[str, asyncio.Queue[Load | Free]] = {r: asyncio.Queue(bound) for r in core.cfg.ranks}
+        self.load_timers: dict[str, asyncio.TimerHandle] = {}
+        self.step_waiters: dict[str, asyncio.Future[Logits]] = {}
+        self.step_no = 0
+        self.work = asyncio.Event()
+        self.idle = asyncio.Event()
+        self.unroutable = 0
+        self.bad_from_ranks = 0
+
+    # -- RPC from routers ------------------------------------------------------------------
+    async def on_rpc(self, msg: Any, ident: bytes) -> Any:
+        if isinstance(msg, Admit):
+            return self._admit(msg, ident)
+        if isinstance(msg, Cancel):
+            self._apply(self._core_call(self.core.cancel, msg.request_id))
+            return Ok()
+        if isinstance(msg, Subscribe):
+            self.routers[msg.router] = ident
+            return Ok()
+        if isinstance(msg, DecodeStatsQuery):
+            return self.stats()
+        raise RemoteError(INVALID_ARGUMENT, f"{self.name} does not handle {type(msg).__name__}")
+
+    def _admit(self, msg: Admit, ident: bytes) -> Ok:
+        assert self.rt is not None
+        if self.rt.draining:
+            raise RemoteError(UNAVAILABLE, f"{self.name} is shutting down")
+        if not msg.router:
+            raise RemoteError(INVALID_ARGUMENT, "Admit.router (the router's service name) is empty")
+        try:
+            params = msg.sampling.params()
+        except InvalidSamplingParams as exc:
+            raise RemoteError(INVALID_ARGUMENT, f"{msg.request_id}: {exc}") from None
+        self.routers[msg.router] = ident   # pushes follow the router's latest connection
+        req = Request(msg.request_id, msg.prompt_len, params, msg.kv, msg.next_token, msg.generated, msg.router)
+        self._apply(self._core_call(self.core.admit, req))
+        self.rt.log.info("decode.admit", request_id=msg.request_id, prompt_len=msg.prompt_len,
+                         state=str(self.core.state_of(msg.request_id)))
+        return Ok()
+
+    @staticmethod
+    def _core_call(fn: Any, arg: Any) -> list[Effect]:
+        try:
+            return fn(arg)
+        except Refused as exc:
+            raise RemoteError(exc.code, exc.message) from None
+
+    def stats(self) -> DecodeStats:
+        c, s = self.core, self.core.stats
+        load = c.load()
+        return DecodeStats(int(load["running"]), c.queued, c.free_blocks, c.cfg.kv_blocks, c.cfg.max_batch,
+                           s.steps, s.tokens, s.admitted, s.refused, s.finished, s.cancelled, s.failed,
+                           s.queue_peak, int(load["live_ranks"]), self.unroutable)
+
+    # -- effects ---------------------------------------------------------------------------
+    def _apply(self, effects: list[Effect]) -> None:
+        assert self.rt is not None and self.rt.rpc is not None
+        for e in effects:
+            if isinstance(e, Emit):
+                ident = self.routers.get(e.router)
+                if ident is None:
+                    self.unroutable += 1
+                    self.rt.log.warning("decode.unroutable", request_id=e.tokens.request_id, router=e.router)
+                else:
+                    self.rt.rpc.push(ident, e.tokens)
+                if e.tokens.finish_reason:
+                    self.rt.log.info("decode.finish", request_id=e.tokens.request_id,
+                                     reason=e.tokens.finish_reason, error=e.tokens.error or None)
+            elif isinstance(e, SendLoad):
+                self._enqueue(e.rank, e.load)
+            elif isinstance(e, SendFree):
+                self._enqueue(e.rank, e.free)
+        self.work.set()
+        self._update_idle()
+
+    def _enqueue(self, rank: str, msg: Load | Free) -> None:
+        try:
+            self.outbox[rank].put_nowait(msg)
+        except asyncio.QueueFull:
+            # Cannot happen within the bound unless a rank's sender is wedged: fail the load loudly.
+            assert self.rt is not None
+            self.rt.log.error("decode.outbox_full", rank=rank, msg_type=type(msg).__name__)
+            if isinstance(msg, Load):
+                self._apply(self.core.load_failed(msg.request_id, f"outbox to {rank} is full"))
+
+    def _update_idle(self) -> None:
+        busy = self.core.queued or self.core.count(SeqState.LOADING) or self.core.has_running
+        (self.idle.clear if busy else self.idle.set)()
+
+    # -- XCCL: senders, receiver -----------------------------------------------------------
+    async def sender(self, rank: str) -> None:
+        assert self.rt is not None
+        q, ep, loop = self.outbox[rank], self.rt.endpoint, asyncio.get_running_loop()
+        while True:
+            msg = await q.get()
+            try:
+                await ep.send(rank, encode(msg), timeout_s=self.cfg.send_timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except XcclError as exc:
+                self.rt.log.warning("decode.send_failed", rank=rank, msg_type=type(msg).__name__, error=str(exc))
+                if isinstance(msg, Load):
+                    self._apply(self.core.load_failed(msg.request_id, f"could not send Load to {rank}: {exc}"))
+                continue
+            if isinstance(msg, Load):
+                self.load_timers[msg.request_id] = loop.call_later(self.rank_timeout_s, self._load_timeout,
+                                                                   msg.request_id, rank)
+
+    def _load_timeout(self, request_id: str, rank: str) -> None:
+        self.load_timers.pop(request_id, None)
+        self._apply(self.core.load_failed(
+            request_id, f"attention rank {rank} did not answer Load within {self.rank_timeout_s:g} s"))
+
+    async def receiver(self) -> None:
+        assert self.rt is not None
+        ep = self.rt.endpoint
+        while True:
+            try:
+                src, frames = await ep.recv(timeout_s=RECV_POLL_S)
+                msg = decode(frames)
+            except XcclTimeout:
+                continue
+            except EndpointClosed:
+                return
+            except (ProtocolError, WireError) as exc:
+                self.bad_from_ranks += 1
+                self.rt.log.warning("decode.bad_from_rank", peer=getattr(exc, "peer", None), error=str(exc))
+                continue
+            if src not in self.outbox:
+                self.bad_from_ranks += 1
+                self.rt.log.warning("decode.unknown_peer", peer=src, msg_type=type(msg).__name__)
+            elif isinstance(msg, Loaded):
+                timer = self.load_timers.pop(msg.request_id, None)
+                if timer is not None:
+                    timer.cancel()
+                self._apply(self.core.loaded(msg.request_id, src, msg.error))
+            elif isinstance(msg, Logits):
+                fut = self.step_waiters.get(src)
+                if fut is not None and not fut.done() and msg.step == self.step_no:
+                    fut.set_result(msg)
+                else:
+                    self.rt.log.info("decode.stale_logits", rank=src, step=msg.step, current=self.step_no)
+            else:
+                self.bad_from_ranks += 1
+                self.rt.log.warning("decode.unexpected_from_rank", peer=src, msg_type=type(msg).__name__)
+
+    # -- the step loop ---------------------------------------------------------------------
+    async def step_loop(self) -> None:
+        while True:
+            await self.work.wait()
+            self.work.clear()
+            while (plan := self.core.plan_step()) is not None:
+                results = await self._run_step(plan.step, plan.runs)
+                self._apply(self.core.complete_step(plan.step, results))
+
+    async def _run_step(self, step: int, runs: tuple[tuple[str, Run], ...]) -> dict[str, Any]:
+        assert self.rt is not None
+        loop = asyncio.get_running_loop()
+        self.step_no = step
+        self.step_waiters = {rank: loop.create_future() for rank, _ in runs}
+        results: dict[str, Any] = {}
+        try:
+            async with asyncio.timeout(self.rank_timeout_s):
+                async with asyncio.TaskGroup() as tg:
+                    for rank, run in runs:
+                        tg.create_task(self._one_rank(rank, run, results))
+        except TimeoutError:
+            pass
+        finally:
+            self.step_waiters = {}
+        for rank, _ in runs:
+            results.setdefault(rank, f"attention rank {rank} did not answer step {step} "
+                                     f"within {self.rank_timeout_s:g} s")
+        return results
+
+    async def _one_rank(self, rank: str, run: Run, results: dict[str, Any]) -> None:
+        assert self.rt is not None
+        try:
+            await self.rt.endpoint.send(rank, encode(run), timeout_s=self.cfg.send_timeout_s)
+        except XcclError as exc:
+            results[rank] = f"could not send step {run.step} to attention rank {rank}: {exc}"
+            return
+        msg = await self.step_waiters[rank]
+        results[rank] = f"attention rank {rank} failed step {run.step}: {msg.error}" if msg.error else msg.logits
+
+    # -- shutdown --------------------------------------------------------------------------
+    async def drain(self) -> None:
+        """New admissions are refused already (rt.draining); give running sequences a moment,
+        then end the rest as "cancelled" so their routers replay them elsewhere."""
+        assert self.rt is not None
+        self._update_idle()
+        try:
+            await asyncio.wait_for(self.idle.wait(), self.cfg.drain_idle_s)
+        except TimeoutError:
+            evicted = self.core.evict_all()
+            self.rt.log.info("decode.drain_evict", sequences=sum(isinstance(e, Emit) for e in evicted))
+            self._apply(evicted)
+
+
+async def serve(spec: PodSpec, name: str, cfg: MasterConfig = MasterConfig()) -> None:
+    me = service(spec, name)
+    ranks = tuple(s.name for s in services(spec) if s.role == "attention" and s.group == me.group)
+    model_cfg = ModelConfig.load(ensure_model(spec.model.dir, spec.model.preset, spec.model.seed, spec.cache_dir))
+    core = DecodeCore(CoreConfig(block_size=spec.kv_pool.block_size, kv_blocks=spec.decode.kv_blocks,
+                                 max_batch=spec.decode.max_batch, ranks=ranks, max_queue=cfg.max_queue,
+                                 max_positions=model_cfg.max_position_embeddings))
+    master = Master(spec, name, core, cfg)
+    async with ServiceRuntime(spec, name, load=core.load) as rt:
+        master.rt = rt
+        rt.serve_rpc(master.on_rpc)
+        rt.mark_ready(group=me.group, ranks=list(ranks), max_batch=core.cfg.max_batch, kv_blocks=core.cfg.kv_blocks)
+        await rt.run_until_stopped(master.receiver(), master.step_loop(), *(master.sender(r) for r in ranks),
+                                   drain=master.drain)
