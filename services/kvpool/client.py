@@ -26,7 +26,7 @@ took, and ``release(owner)`` drops whatever is left when the request ends.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -120,10 +120,17 @@ class KVPoolClient:
         deadline = self._deadline(timeout_s)
         ref = kv_ref(tokens, owner, self.layout.block_size)
         keys = ref_keys(ref)
-        blocks = self.layout.pack(kv, ref.num_tokens)
+        self.layout.check_kv(kv, ref.num_tokens)
+        packed: list[np.ndarray] = []
+
+        def blocks() -> np.ndarray:
+            # Packed on first need: a store of blocks the pool already holds copies nothing.
+            if not packed:
+                packed.append(self.layout.pack(kv, ref.num_tokens))
+            return packed[0]
+
         try:
-            await _gather([self._store_on(node, [keys[i] for i in idx],
-                                          blocks if len(idx) == len(keys) else blocks[idx], owner, deadline)
+            await _gather([self._store_on(node, [keys[i] for i in idx], idx, blocks, owner, deadline)
                            for node, idx in self._group(keys).items()])
         except KVPoolError:
             self._abandon(owner)
@@ -179,10 +186,11 @@ class KVPoolClient:
         return dict(zip(self.nodes, replies))
 
     # ------------------------------------------------------------------ store, per node
-    async def _store_on(self, node: str, keys: list[bytes], blocks: np.ndarray, owner: str, deadline: float) -> None:
+    async def _store_on(self, node: str, keys: list[bytes], idx: list[int], blocks: Callable[[], np.ndarray],
+                        owner: str, deadline: float) -> None:
         """Until every key is ready and pinned by ``owner`` on ``node``: pin what is there
         (which also shields it from our own evictions), reserve and write the rest, commit."""
-        index = {k: i for i, k in enumerate(keys)}
+        index = dict(zip(keys, idx))   # key -> block index in the sequence
         wait_s = _WAIT_FIRST_S
         while True:
             asked = tuple(keys)
@@ -196,7 +204,7 @@ class KVPoolClient:
                     or len(set(got.hashes)) != len(got.hashes):
                 raise KVPoolProtocolError(f"{node}: impossible answer to Reserve: {got!r:.200}")
             if got.hashes:
-                await self._put_blocks(node, blocks, [(index[h], s) for h, s in zip(got.hashes, got.slots)], deadline)
+                await self._put_blocks(node, blocks(), [(index[h], s) for h, s in zip(got.hashes, got.slots)], deadline)
                 await self._call(node, Commit(owner, got.hashes), deadline)
                 wait_s = _WAIT_FIRST_S
                 continue
@@ -220,6 +228,14 @@ class KVPoolClient:
     async def _get_blocks(self, locs: list[tuple[str, int]], deadline: float) -> np.ndarray:
         """Blocks at (node, slot) in order, as one ``[len(locs), *block_shape]`` array."""
         bb = self.layout.block_bytes
+        if len({n for n, _ in locs}) == 1 and len(one := runs(enumerate(s for _, s in locs))) == 1:
+            # One contiguous run (the common case): the transfer's buffer is the result, no assembly copy.
+            node, slot = locs[0][0], one[0][1]
+            data = await self._xfer(node, deadline, lambda t: self.endpoint.get(node, "kv", slot * bb, len(locs) * bb,
+                                                                                  timeout_s=t))
+            if len(data) != len(locs) * bb:
+                raise KVPoolProtocolError(f"get from {node} returned {len(data)} bytes, asked {len(locs) * bb}")
+            return self.layout.view_blocks(data, len(locs))
         out = np.empty((len(locs), *self.layout.block_shape), dtype=np.float32)
         flat = out.reshape(len(locs), -1).view(np.uint8)
         by_node: dict[str, list[tuple[int, int]]] = {}

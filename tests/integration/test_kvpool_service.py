@@ -7,6 +7,7 @@ Every process is stopped by PID; no process, socket directory or /dev/shm entry 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -24,6 +25,7 @@ import yaml
 import zmq
 
 from fabric_sim.launch import SimProcess, start_sim
+from services.common.heartbeat import HeartbeatSubscriber
 from services.common.rpc import RemoteError, RpcClient
 from services.common.runtime import ready_path
 from services.kvpool.client import KVPoolClient, KVPoolUnavailable
@@ -321,6 +323,15 @@ async def test_lru_eviction_and_a_full_pool(make_pod, open_sides, engine) -> Non
     assert time.monotonic() - t0 < 2.0
     st = (await c.stats())["kvpool-0"]
     assert (st.pinned, st.writing, st.ready) == (8, 0, 8)
+    # The heartbeat publishes the same numbers (routers and prefills learn load only from beats).
+    beats: asyncio.Queue = asyncio.Queue()
+    sub = HeartbeatSubscriber([address(pod.spec, "kvpool-0", "heartbeat")], on_beat=beats.put_nowait)
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(sub.run())
+        beat = await asyncio.wait_for(beats.get(), 5)
+        task.cancel()
+    assert beat.service == "kvpool-0" and beat.role == "kvpool"
+    assert beat.load == {"free_blocks": 0.0, "ready_blocks": 8.0, "hits": float(st.hits), "misses": float(st.misses)}
     await c.release("c")
     ref = await c.store(seqs["e"], kvs["e"], "e")
     assert_bitwise(await c.load(ref, "e"), kvs["e"], 4 * BS)
