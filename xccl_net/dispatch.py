@@ -109,6 +109,14 @@ async def _next_notice(ep: Any, deadline: float, waiting_for: str) -> Notice:
     return Notice(src=src, window=window, nbytes=nbytes, meta=decode_meta(notify))
 
 
+@dataclass(frozen=True, slots=True)
+class PendingLayer:
+    """A dispatched layer waiting for its E2A answers."""
+
+    plan: DispatchPlan
+    deadline: float
+
+
 class A2EDispatcher:
     """Attention-rank side: ``run_layer`` = dispatch, wait for the experts, combine.
 
@@ -145,13 +153,26 @@ class A2EDispatcher:
 
     async def run_layer(self, event_id: int, x: np.ndarray, topk_ids: np.ndarray, topk_w: np.ndarray, *,
                         timeout_s: float = 5.0) -> np.ndarray:
+        pending = await self.start_layer(event_id, x, topk_ids, timeout_s=timeout_s)
+        return await self.finish_layer(pending, topk_w)
+
+    async def start_layer(self, event_id: int, x: np.ndarray, topk_ids: np.ndarray, *,
+                          timeout_s: float = 5.0) -> PendingLayer:
+        """A2E half: the rows are in the experts' windows when this returns. The caller may
+        compute (e.g. the shared expert) before ``finish_layer``; the deadline keeps running."""
         deadline = time.monotonic() + timeout_s
-        if x.shape != (topk_ids.shape[0], self.layout.hidden) or topk_w.shape != topk_ids.shape:
-            raise ValueError(f"shapes x {x.shape}, ids {topk_ids.shape}, w {topk_w.shape} do not agree "
-                             f"with hidden {self.layout.hidden}")
+        if x.shape != (topk_ids.shape[0], self.layout.hidden):
+            raise ValueError(f"shapes x {x.shape}, ids {topk_ids.shape} do not agree with hidden {self.layout.hidden}")
         plan = self.plan(event_id, topk_ids)
         await self._dispatch(plan, x, deadline)
-        outputs = await self._collect(plan, deadline)
+        return PendingLayer(plan, deadline)
+
+    async def finish_layer(self, pending: PendingLayer, topk_w: np.ndarray) -> np.ndarray:
+        """E2A half: wait for every answer (until the layer's deadline) and combine."""
+        plan = pending.plan
+        if topk_w.shape != (plan.num_tokens, plan.top_k):
+            raise ValueError(f"weights {topk_w.shape} for a plan of {plan.num_tokens} x {plan.top_k}")
+        outputs = await self._collect(plan, pending.deadline)
         self.stats["layers"] += 1
         return combine(plan, outputs, topk_w, self.layout.hidden)
 
@@ -223,19 +244,26 @@ class E2AHandler:
         # source index -> [events, rows] served for it.
         self.per_source: list[list[int]] = [[0, 0] for _ in range(layout.num_sources)]
 
-    async def serve_event(self, expert_fn: ExpertFn, *, timeout_s: float = 5.0) -> Served:
-        """Wait for the next A2E block (bounded by ``timeout_s``), compute it, answer its source."""
+    async def serve_event(self, expert_fn: ExpertFn | None = None, *, timeout_s: float = 5.0,
+                          select: Callable[[int], ExpertFn] | None = None) -> Served:
+        """Wait for the next A2E block (bounded by ``timeout_s``), compute it, answer its source.
+
+        Give ``expert_fn``, or ``select(event_id) -> expert_fn`` when the experts depend on the
+        event (the MoE layer); ``select`` raises a ``ProtocolError`` for an event it cannot serve.
+        """
+        if (expert_fn is None) == (select is None):
+            raise ValueError("give exactly one of expert_fn and select")
         deadline = time.monotonic() + timeout_s
         try:
             note = await _next_notice(self.ep, deadline, "an A2E block from any source")
         except CorruptMetadata as exc:  # undecodable notify
             self._rejected(exc, src=None)
             raise
-        meta = self._accept(note)
+        meta, fn = self._accept(note, select or (lambda _event_id: expert_fn))
         view = self.ep.window(self.windows.a2e)
         h, rb = self.layout.hidden, self.layout.row_bytes
         rows = view[meta.offset:meta.offset + meta.count * rb].view(DTYPE).reshape(meta.count, h)
-        y = run_block(rows, meta.expert_ids, expert_fn, h)
+        y = run_block(rows, meta.expert_ids, fn, h)
         answer = e2a_meta(meta.event_id, self.rank, y.shape[0], self.layout, meta.incarnation)
         await self.ep.put(self.source_peers[meta.sender], self.windows.e2a, answer.offset, _flat_bytes(y),
                           notify=encode_meta(answer), timeout_s=max(_remaining(deadline), 1e-3))
@@ -245,18 +273,19 @@ class E2AHandler:
         self.per_source[meta.sender][1] += answer.count
         return Served(source=meta.sender, event_id=meta.event_id, rows=answer.count)
 
-    def _accept(self, note: Notice) -> BlockMeta:
+    def _accept(self, note: Notice, select: Callable[[int], ExpertFn]) -> tuple[BlockMeta, ExpertFn]:
         meta = note.meta
         try:
             if note.window != self.windows.a2e:
                 raise CorruptMetadata(f"{note.src} notified window {note.window!r}, expected {self.windows.a2e!r}")
             if not 0 <= meta.sender < len(self.source_peers) or self.source_peers[meta.sender] != note.src:
                 raise CorruptMetadata(f"{note.src} claims to be source {meta.sender}")
+            fn = select(meta.event_id)
             self._guard.accept(meta, note.nbytes)
         except ProtocolError as exc:
             self._rejected(exc, src=note.src)
             raise
-        return meta
+        return meta, fn
 
     def _rejected(self, exc: ProtocolError, src: str | None) -> None:
         self.stats["rejected_notices"] += 1

@@ -1,0 +1,49 @@
+"""Attention rank: ``python -m services.run --pod FILE --name attention-g-r``.
+
+Holds attention + dense layers, embeddings, final norm, lm_head and the shared experts (no
+routed expert: they are dropped at load), and the KV cache of the sequences its decode master
+(``decode-g``) gives it, within ``decode.kv_blocks`` blocks per group (split evenly between
+the group's attention ranks). See ``services.attention.server`` for the message handling and
+``services.attention.core`` for the computation and its exactness argument.
+"""
+
+from __future__ import annotations
+
+from services.attention.core import AttentionCore, strip_routed_experts
+from services.attention.kvcache import KVCache
+from services.attention.server import AttentionServer
+from services.common.runtime import ServiceRuntime
+from services.expert.geometry import pod_dispatch
+from services.kvpool.client import KVPoolClient
+from services.model.cache import ensure_model
+from services.model.weights import load_model
+from services.pod.spec import PodSpec, service
+from xccl_net.dispatch import A2EDispatcher, DispatchWindows
+
+
+async def serve(spec: PodSpec, name: str) -> None:
+    me = service(spec, name)
+    model_dir = ensure_model(spec.model.dir, spec.model.preset, spec.model.seed, spec.cache_dir)
+    cfg, weights = load_model(model_dir)
+    geo = pod_dispatch(spec, cfg)
+    budget = max(1, spec.decode.kv_blocks // spec.decode.attention_per_group)
+    core = AttentionCore(cfg, strip_routed_experts(weights), KVCache(cfg, budget_blocks=budget,
+                                                                     block_size=spec.kv_pool.block_size),
+                         max_batch=spec.decode.max_batch)
+    del weights
+    windows = DispatchWindows()
+    server: AttentionServer | None = None
+
+    def load() -> dict[str, float]:
+        return server.load() if server is not None else {}
+
+    async with ServiceRuntime(spec, name, windows={windows.e2a: geo.layout.e2a_window_bytes}, load=load) as rt:
+        dispatcher = A2EDispatcher(rt.endpoint, source=geo.sources.index(name), expert_peers=geo.experts,
+                                   placement=geo.placement, layout=geo.layout, windows=windows)
+        pool = KVPoolClient(spec, rt.endpoint, cfg)
+        try:
+            server = AttentionServer(rt.endpoint, core, dispatcher, pool.load, master=f"decode-{me.group}")
+            rt.mark_ready(group=me.group, source=geo.sources.index(name), kv_blocks=budget)
+            await rt.run_until_stopped(server.serve())
+        finally:
+            await pool.close()

@@ -1,0 +1,158 @@
+"""The attention rank's message handling: step messages in, replies out, MoE layers over XCCL.
+
+Only the group's decode master drives the rank (XCCL send/recv, ``services/protocol/step.py``
+messages). Messages are handled one at a time in arrival order: a Run needs the KV a previous
+Load copied in, and a Free must not overtake the Run before it. Every refusal is a typed
+reply carrying the reason (``Loaded.error`` / ``Logits.error``); the rank stays up.
+
+Event ids are this rank's own: ``pack_event_id(layer, self.steps, 0)`` with ``steps``
+counting the Runs it started, so its experts' answers never depend on another group's pace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from services.attention.core import AttentionCore, StepError
+from services.attention.kvcache import BadKV, KVCacheError
+from services.common.logging import get_logger
+from services.common.wire import WireError, decode, encode
+from services.protocol.inference import KVRef
+from services.protocol.step import Free, Load, Loaded, Logits, Run
+from xccl_net.dispatch import A2EDispatcher
+from xccl_net.dispatch_core import pack_event_id
+from xccl_net.errors import EndpointClosed, XcclError, XcclTimeout
+
+log = get_logger(component="attention")
+
+KV = list[tuple[np.ndarray, np.ndarray]]
+Loader = Callable[[KVRef, str], Awaitable[KV]]
+
+LAYER_TIMEOUT_S = 5.0     # one MoE layer's round trip to the experts
+REPLY_TIMEOUT_S = 5.0
+IDLE_WAIT_S = 1.0         # a bounded wait for the next message; the loop just goes round
+
+
+async def run_step(core: AttentionCore, dispatcher: A2EDispatcher, step_no: int, request_ids: Sequence[str],
+                   tokens: Sequence[int], positions: Sequence[int], *,
+                   layer_timeout_s: float = LAYER_TIMEOUT_S) -> np.ndarray:
+    """One decode step: local layers here, routed experts through A2E/E2A; returns the logits.
+
+    The shared expert is computed while the routed rows are out at the experts.
+    Raises ``StepError`` (refused, nothing changed) or an ``XcclError`` (experts unreachable).
+    """
+    step = core.start(request_ids, tokens, positions)
+    while (call := step.advance()) is not None:
+        pending = await dispatcher.start_layer(pack_event_id(call.layer, step_no), call.h, call.ids,
+                                               timeout_s=layer_timeout_s)
+        step.compute_shared()
+        step.complete(await dispatcher.finish_layer(pending, call.weights))
+    assert step.logits is not None
+    return step.logits
+
+
+class AttentionServer:
+    def __init__(self, ep: Any, core: AttentionCore, dispatcher: A2EDispatcher, load_kv: Loader, *,
+                 master: str, layer_timeout_s: float = LAYER_TIMEOUT_S) -> None:
+        self.ep = ep
+        self.core = core
+        self.dispatcher = dispatcher
+        self.load_kv = load_kv
+        self.master = master
+        self.layer_timeout_s = layer_timeout_s
+        self.steps = 0
+        self.stats = {"runs": 0, "run_errors": 0, "loads": 0, "load_errors": 0, "frees": 0,
+                      "bad_messages": 0, "foreign_messages": 0}
+
+    def load(self) -> dict[str, float]:
+        """Heartbeat load."""
+        cache = self.core.cache
+        return {"sequences": len(cache), "kv_blocks_used": cache.used_blocks, "kv_blocks_free": cache.free_blocks,
+                "steps": self.steps}
+
+    async def serve(self) -> None:
+        """Handle the master's messages until cancelled."""
+        while True:
+            try:
+                src, frames = await self.ep.recv(timeout_s=IDLE_WAIT_S)
+            except XcclTimeout:
+                continue
+            except EndpointClosed:
+                raise
+            except XcclError as exc:  # a peer's garbage, reported by the transport
+                self.stats["bad_messages"] += 1
+                log.warning("attention.bad_transfer", error=type(exc).__name__, detail=str(exc))
+                continue
+            if src != self.master:
+                self.stats["foreign_messages"] += 1
+                log.warning("attention.foreign_message", src=src, master=self.master)
+                continue
+            reply = await self.handle_frames(frames)
+            if reply is not None:
+                try:
+                    await self.ep.send(self.master, encode(reply), timeout_s=REPLY_TIMEOUT_S)
+                except XcclError as exc:
+                    log.warning("attention.reply_failed", master=self.master, error=type(exc).__name__,
+                                detail=str(exc))
+
+    async def handle_frames(self, frames: list[Any]) -> Loaded | Logits | None:
+        try:
+            msg = decode(frames)
+        except WireError as exc:
+            self.stats["bad_messages"] += 1
+            log.warning("attention.bad_message", error=type(exc).__name__, detail=str(exc))
+            return self._logits_error(-1, f"undecodable message: {type(exc).__name__}: {exc}")
+        return await self.handle(msg)
+
+    async def handle(self, msg: object) -> Loaded | Logits | None:
+        if isinstance(msg, Run):
+            return await self._run(msg)
+        if isinstance(msg, Load):
+            return await self._load(msg)
+        if isinstance(msg, Free):
+            unknown = self.core.cache.free(msg.request_ids)
+            self.stats["frees"] += len(msg.request_ids) - len(unknown)
+            if unknown:
+                log.info("attention.free_unknown", request_ids=unknown)
+            return None
+        self.stats["bad_messages"] += 1
+        log.warning("attention.unexpected_message", msg_type=type(msg).__name__)
+        return self._logits_error(-1, f"the attention rank does not handle {type(msg).__name__}")
+
+    async def _run(self, msg: Run) -> Logits:
+        step_no = self.steps
+        self.steps += 1
+        try:
+            logits = await run_step(self.core, self.dispatcher, step_no, msg.request_ids, msg.tokens, msg.positions,
+                                    layer_timeout_s=self.layer_timeout_s)
+        except (StepError, XcclError, ValueError) as exc:
+            self.stats["run_errors"] += 1
+            log.warning("attention.run_failed", step=msg.step, error=type(exc).__name__, detail=str(exc))
+            return self._logits_error(msg.step, f"{type(exc).__name__}: {exc}")
+        self.stats["runs"] += 1
+        return Logits(step=msg.step, logits=logits)
+
+    async def _load(self, msg: Load) -> Loaded:
+        from services.kvpool.client import KVPoolError
+        from services.kvpool.layout import KVLayoutError
+
+        try:
+            if not 1 <= msg.kv.num_tokens < msg.capacity:
+                raise BadKV(f"KV of {msg.kv.num_tokens} positions for a capacity of {msg.capacity}")
+            self.core.cache.check_room(msg.request_id, msg.capacity)  # before fetching anything
+            kv = await self.load_kv(msg.kv, msg.request_id)
+            self.core.cache.adopt(msg.request_id, kv, msg.kv.num_tokens, msg.capacity)
+        except (KVCacheError, KVPoolError, KVLayoutError, XcclError) as exc:
+            self.stats["load_errors"] += 1
+            log.warning("attention.load_failed", request_id=msg.request_id, error=type(exc).__name__,
+                        detail=str(exc))
+            return Loaded(request_id=msg.request_id, error=f"{type(exc).__name__}: {exc}")
+        self.stats["loads"] += 1
+        return Loaded(request_id=msg.request_id)
+
+    def _logits_error(self, step: int, error: str) -> Logits:
+        return Logits(step=step, logits=np.zeros((0, self.core.cfg.vocab_size), np.float32), error=error)
+

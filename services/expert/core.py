@@ -1,0 +1,41 @@
+"""An expert instance's computation: the routed experts placed on it, per MoE layer. Pure.
+
+The layer of an A2E event comes from its id (``unpack_event_id``); an event naming a dense
+layer or a layer out of range is a peer violation (``CorruptMetadata``), counted by the
+dispatch handler like any bad notice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from services.model import layers as L
+from services.model.config import ModelConfig
+from services.model.weights import FFNWeights, ModelWeights
+from xccl_net.dispatch_core import ExpertFn, unpack_event_id
+from xccl_net.errors import CorruptMetadata
+
+
+class ExpertInstance:
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, hosted: Iterable[int]) -> None:
+        self.cfg = cfg
+        self.hosted = frozenset(hosted)
+        # layer -> expert id -> weights; only hosted experts of MoE layers are kept.
+        self.experts: dict[int, dict[int, FFNWeights]] = {
+            li: {e: lw.experts[e] for e in sorted(self.hosted)}
+            for li, lw in enumerate(weights.layers) if cfg.is_moe_layer(li)}
+
+    def select(self, event_id: int) -> ExpertFn:
+        layer, _step, _attempt = unpack_event_id(event_id)
+        table = self.experts.get(layer)
+        if table is None:
+            raise CorruptMetadata(f"event {event_id} names layer {layer}, not an MoE layer of this model "
+                                  f"(MoE layers {self.cfg.moe_layers})")
+
+        def expert_fn(e: int, rows: np.ndarray) -> np.ndarray:
+            # The dispatch guard already refused expert ids not hosted here.
+            return L.ffn(table[e], rows)
+
+        return expert_fn

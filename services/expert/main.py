@@ -1,0 +1,76 @@
+"""MoE expert instance: ``python -m services.run --pod FILE --name expert-i``.
+
+Holds the routed experts the pod's placement puts on rank i (as primary or replica) for every
+MoE layer and serves A2E events from any attention rank, each source on its own (DP groups
+never wait for each other here). Stateless between events: a restart loses nothing but the
+events in flight, which their sources time out and retry.
+
+Heartbeat load: events and rows served. RPC: ``ExpertStatsQuery`` -> ``ExpertStats``.
+"""
+
+from __future__ import annotations
+
+
+from services.common.rpc import INVALID_ARGUMENT, RemoteError
+from services.common.runtime import ServiceRuntime
+from services.expert.core import ExpertInstance
+from services.expert.geometry import pod_dispatch
+from services.expert.protocol import ExpertStats, ExpertStatsQuery
+from services.model.cache import ensure_model
+from services.model.weights import load_model
+from services.pod.spec import PodSpec, service
+from xccl_net.dispatch import DispatchWindows, E2AHandler
+from xccl_net.errors import EndpointClosed, ProtocolError, XcclError, XcclTimeout
+
+# How long one wait for a notice lasts before the loop goes round (it re-checks nothing but
+# keeps every await bounded).
+IDLE_WAIT_S = 1.0
+
+
+async def _serve_events(rt: ServiceRuntime, handler: E2AHandler, inst: ExpertInstance) -> None:
+    while True:
+        try:
+            await handler.serve_event(select=inst.select, timeout_s=IDLE_WAIT_S)
+        except XcclTimeout:
+            continue
+        except ProtocolError:
+            continue  # already logged and counted by the handler; that notice alone is lost
+        except EndpointClosed:
+            raise
+        except XcclError as exc:
+            # A source died or its window is gone: only its answer is lost; keep serving.
+            rt.log.warning("expert.answer_failed", error=type(exc).__name__, detail=str(exc))
+
+
+async def serve(spec: PodSpec, name: str) -> None:
+    me = service(spec, name)
+    model_dir = ensure_model(spec.model.dir, spec.model.preset, spec.model.seed, spec.cache_dir)
+    cfg, weights = load_model(model_dir)
+    geo = pod_dispatch(spec, cfg)
+    hosted = geo.placement.hosted(me.rank)
+    inst = ExpertInstance(cfg, weights, hosted)
+    del weights  # keep only the hosted experts alive
+    windows = DispatchWindows()
+    handler: E2AHandler | None = None
+
+    def load() -> dict[str, float]:
+        if handler is None:
+            return {}
+        return {"events": handler.stats["events"], "rows": handler.stats["rows_served"]}
+
+    async with ServiceRuntime(spec, name, windows={windows.a2e: geo.layout.a2e_window_bytes}, load=load) as rt:
+        handler = E2AHandler(rt.endpoint, rank=me.rank, source_peers=geo.sources, placement=geo.placement,
+                             layout=geo.layout, windows=windows)
+
+        async def on_rpc(msg: object, _peer: bytes) -> object:
+            if not isinstance(msg, ExpertStatsQuery):
+                raise RemoteError(INVALID_ARGUMENT, f"{name} does not handle {type(msg).__name__}")
+            assert handler is not None
+            return ExpertStats(name=name, hosted=tuple(sorted(hosted)), events=handler.stats["events"],
+                               rows=handler.stats["rows_served"], rejected=handler.stats["rejected_notices"],
+                               sources=geo.sources, events_per_source=tuple(e for e, _ in handler.per_source),
+                               rows_per_source=tuple(r for _, r in handler.per_source))
+
+        rt.serve_rpc(on_rpc)
+        rt.mark_ready(rank=me.rank, hosted=sorted(hosted), sources=list(geo.sources))
+        await rt.run_until_stopped(_serve_events(rt, handler, inst))
