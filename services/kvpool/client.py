@@ -41,13 +41,16 @@ from services.model.config import ModelConfig
 from services.pod.spec import PodSpec, address, services
 from services.protocol.inference import KVRef
 from services.protocol.kvpool import Acquire, Commit, Release, Reserve, Slots, Stats, StatsQuery
-from xccl_net.errors import RETRYABLE, EndpointClosed, XcclError
+from xccl_net.errors import RETRYABLE, EndpointClosed, XcclError, XcclTimeout
 
 log = get_logger()
 T = TypeVar("T")
 
 _TRANSIENT_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "NOT_FOUND")
 _WAIT_FIRST_S, _WAIT_MAX_S = 0.002, 0.05
+# A live node answers metadata in well under this; a timeout with less budget left says
+# nothing about the node, so it does not get the node skipped.
+_UNRESPONSIVE_S = 0.1
 
 
 class KVPoolError(Exception):
@@ -214,7 +217,10 @@ class KVPoolClient:
                 raise KVPoolUnavailable(f"{node} is full: {st.capacity} blocks, {st.pinned} pinned, "
                                         f"{st.writing} being written")
             # No event reaches us when another writer commits: poll, bounded by the deadline.
-            await asyncio.sleep(min(wait_s, max(0.0, deadline - self._now())))
+            if deadline - self._now() <= wait_s:
+                raise KVPoolUnavailable(f"{node}: ran out of time waiting for another writer of block "
+                                        f"{todo[0].hex()[:12]}")
+            await asyncio.sleep(wait_s)
             wait_s = min(wait_s * 2, _WAIT_MAX_S)
 
     # ------------------------------------------------------------------ data plane
@@ -260,7 +266,8 @@ class KVPoolClient:
         except EndpointClosed:
             raise  # our own endpoint: local misuse, not the pool's fault
         except RETRYABLE as exc:
-            self._mark_down(node, f"{type(exc).__name__}: {exc}")
+            if not isinstance(exc, XcclTimeout) or remaining >= _UNRESPONSIVE_S:
+                self._mark_down(node, f"{type(exc).__name__}: {exc}")
             raise KVPoolUnavailable(f"XCCL transfer with {node} failed: {type(exc).__name__}: {exc}") from exc
         except XcclError as exc:
             raise KVPoolProtocolError(f"XCCL transfer with {node} failed: {type(exc).__name__}: {exc}") from exc
@@ -271,7 +278,8 @@ class KVPoolClient:
         try:
             reply = await self._rpc[node].call(msg, timeout_s=remaining)
         except RpcTimeout as exc:
-            self._mark_down(node, str(exc))
+            if remaining >= _UNRESPONSIVE_S:   # else it is our own budget that ran out, not the node
+                self._mark_down(node, str(exc))
             raise KVPoolUnavailable(str(exc)) from exc
         except RemoteError as exc:
             if exc.code in _TRANSIENT_CODES:   # draining, overloaded, or our reservation expired

@@ -262,6 +262,28 @@ async def test_store_skips_present_blocks_and_release_frees_pins(shared_pod, ope
         await prefill.client.load(gone, "req-z", timeout_s=2)
 
 
+async def test_store_waits_for_another_writer_and_takes_over_when_it_aborts(shared_pod, open_sides, engine) -> None:
+    side = await open_sides(shared_pod, "prefill-3", engine.cfg)
+    a = prompt(51, 2 * BS)
+    kv_a = reference_kv(engine, a)
+    first = block_hashes(a, BS)[0]
+    other = RpcClient(address(shared_pod.spec, side.client.ring.node_for(first), "rpc"))
+    try:
+        held = await other.call(Reserve("other-writer", (first,)), timeout_s=5)
+        assert held.hashes == (first,)
+        # The first block is being written by someone else: the store waits for it, within its timeout.
+        t0 = time.monotonic()
+        with pytest.raises(KVPoolUnavailable, match="ran out of time"):
+            await side.client.store(a, kv_a, "req-w", timeout_s=0.3)
+        assert time.monotonic() - t0 < 1.0
+        # The other writer gives up: the next store writes the block itself.
+        await other.call(Release("other-writer", (), everything=True), timeout_s=5)
+        ref = await side.client.store(a, kv_a, "req-w")
+        assert_bitwise(await side.client.load(ref, "req-w"), kv_a, len(a))
+    finally:
+        await other.close()
+
+
 async def test_garbage_and_invalid_requests_get_typed_errors_and_the_pool_keeps_serving(
         shared_pod, open_sides, engine) -> None:
     side = await open_sides(shared_pod, "prefill-2", engine.cfg)

@@ -173,3 +173,20 @@ def test_pin_message_round_trips_and_rejects_wrong_types() -> None:
     frames = encode(Acquire("req", hs(1)))
     with pytest.raises(WireError):
         decode([bytes(frames[0]).replace(b"kv.Acquire", b"kv.Pinned!")])   # an unknown tag
+
+
+def test_leases_of_dead_writers_and_readers_expire() -> None:
+    core = KVPoolCore(1, lease_s=1.0)
+    h = PoolHandler(core, block_bytes=64)
+    key = hs(1)
+    assert h.handle(Reserve("dead-writer", key), now=0).hashes == key
+    assert h.handle(Reserve("w", key), now=0.5).hashes == ()            # still held
+    assert h.handle(Reserve("w", key), now=1.5).hashes == key           # lease over: taken over
+    h.handle(Commit("w", key), now=1.5)
+    assert h.handle(Pin("dead-reader", key), now=2).slots == (0,)
+    assert h.handle(Reserve("w2", hs(1, 7)), now=2.5).hashes == ()      # pinned: not evictable
+    core.expire(3.5)                                                    # what the service's timer does
+    assert h.handle(StatsQuery(), now=3.5).pinned == 0
+    assert h.handle(Reserve("w2", hs(1, 7)), now=3.5).hashes == hs(1, 7)
+    with pytest.raises(Refused, match="NOT_FOUND"):
+        h.handle(Commit("dead-writer", key), now=3.5)
