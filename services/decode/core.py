@@ -300,7 +300,7 @@ class DecodeCore:
         return []
 
     def load_failed(self, request_id: str, error: str) -> list[Effect]:
-        """No ``Loaded`` in time (or the Load could not be sent)."""
+        """This one Load could not go out (the rank itself is not blamed)."""
         s = self._seqs.get(request_id)
         if s is None or s.state is not SeqState.LOADING:
             return []
@@ -389,7 +389,7 @@ class DecodeCore:
                 res = (f"attention rank {rank} sent {res.dtype} logits of shape {res.shape} for "
                        f"{len(run.request_ids)} sequences (want float32 [batch, vocab])")
             if isinstance(res, str):
-                out += self._rank_failed(rank, res if res.startswith(UNAVAILABLE) else f"{UNAVAILABLE}: {res}")
+                out += self.rank_failed(rank, res)
                 continue
             for rid, row in zip(run.request_ids, res):
                 s = self._seqs.get(rid)
@@ -413,7 +413,13 @@ class DecodeCore:
             out += self._end(s, SeqEvent.FINISH)
         return out
 
-    def _rank_failed(self, rank: str, error: str) -> list[Effect]:
+    def rank_failed(self, rank: str, error: str) -> list[Effect]:
+        """``rank`` did not answer (a step or a Load) in time, or could not be reached: its
+        sequences end with an error and it takes no new ones until ``rank_up``."""
+        if rank not in self._by_rank:
+            raise ValueError(f"{rank!r} is not an attention rank of this group")
+        if not error.startswith(UNAVAILABLE):
+            error = f"{UNAVAILABLE}: {error}"
         self._down.add(rank)
         out: list[Effect] = []
         for rid in sorted(self._by_rank[rank]):

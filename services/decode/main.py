@@ -42,6 +42,8 @@ class MasterConfig:
     # A rank silent this long is gone for this group; the floor keeps a slow host from
     # failing requests that a heartbeat would still call alive.
     min_rank_timeout_s: float = 2.0
+    # A Load includes the rank's KV pool transfer, which has its own timeout (KVPoolClient: 5 s).
+    load_extra_s: float = 5.0
     send_timeout_s: float = 5.0
     drain_idle_s: float = 3.0       # on SIGTERM: let running sequences finish this long, then evict
 
@@ -157,17 +159,19 @@ class Master:
                 raise
             except XcclError as exc:
                 self.rt.log.warning("decode.send_failed", rank=rank, msg_type=type(msg).__name__, error=str(exc))
-                if isinstance(msg, Load):
-                    self._apply(self.core.load_failed(msg.request_id, f"could not send Load to {rank}: {exc}"))
+                if isinstance(msg, Load):   # unreachable or not draining its ring: the rank is gone
+                    self._apply(self.core.rank_failed(rank, f"could not send Load to attention rank {rank}: {exc}"))
                 continue
             if isinstance(msg, Load):
-                self.load_timers[msg.request_id] = loop.call_later(self.rank_timeout_s, self._load_timeout,
-                                                                   msg.request_id, rank)
+                self.load_timers[msg.request_id] = loop.call_later(
+                    self.rank_timeout_s + self.cfg.load_extra_s, self._load_timeout, msg.request_id, rank)
 
     def _load_timeout(self, request_id: str, rank: str) -> None:
         self.load_timers.pop(request_id, None)
-        self._apply(self.core.load_failed(
-            request_id, f"attention rank {rank} did not answer Load within {self.rank_timeout_s:g} s"))
+        if self.core.state_of(request_id) is SeqState.LOADING:
+            limit = self.rank_timeout_s + self.cfg.load_extra_s
+            self._apply(self.core.rank_failed(rank, f"attention rank {rank} did not answer Load of {request_id} "
+                                                    f"within {limit:g} s"))
 
     async def receiver(self) -> None:
         assert self.rt is not None

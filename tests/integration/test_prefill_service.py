@@ -130,7 +130,8 @@ class PodProcs:
         leaked = [f for f in os.listdir("/dev/shm") if f.startswith(prefix)]
         for f in leaked:
             os.unlink(f"/dev/shm/{f}")
-        shutil.rmtree(self.root, ignore_errors=True)
+        if not os.environ.get("XDS_KEEP_TEST_DIRS"):
+            shutil.rmtree(self.root, ignore_errors=True)
         assert not leaked, f"shared memory left behind: {leaked}"
         return codes
 

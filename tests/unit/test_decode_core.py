@@ -295,3 +295,22 @@ def test_random_schedules_keep_accounting_and_end_every_request_once(ops) -> Non
             absorb(c.complete_step(plan.step, {r: onehot([0] * len(run.request_ids)) for r, run in plan.runs}))
     assert c.free_blocks == 10
     assert set(finals) == admitted and set(finals.values()) <= {1}, "every request ends exactly once"
+
+
+def test_rank_failed_mid_step_ends_loading_and_running_sequences() -> None:
+    c = core(ranks=("a0", "a1"), max_batch=8)
+    eff = c.admit(req("run0")) + c.admit(req("run1")) + c.admit(req("load0"))   # a0, a1, a0
+    c.loaded("run0", "a0")
+    c.loaded("run1", "a1")
+    plan = c.plan_step()
+    out = c.rank_failed("a0", "attention rank a0 did not answer Load of load0 within 7 s")
+    errs = {t.request_id: t.error for t in emitted(out)}
+    assert set(errs) == {"run0", "load0"} and all(e.startswith("UNAVAILABLE: ") for e in errs.values())
+    assert frees(out) == [], "a rank that is down gets no Free"
+    # a0's answer to the in-flight step comes anyway: nothing for the ended sequences.
+    out = c.complete_step(plan.step, {"a0": onehot([1]), "a1": onehot([2])})
+    assert [(t.request_id, t.token_ids) for t in emitted(out)] == [("run1", (2,))]
+    assert c.free_blocks == 64 - 2 and c.load()["live_ranks"] == 1
+    assert {e.rank for e in c.admit(req("next"))} == {"a1"}
+    with pytest.raises(ValueError):
+        c.rank_failed("a7", "no such rank")
