@@ -45,6 +45,7 @@ class Pod:
         try:
             self.file.write_text(f"name: {self.dir.name.replace('_', '-')}\nrun_dir: {self.dir}/run\n{extra}")
             self.spec = load_pod(self.file)
+            self.spec.run_path.mkdir()
         except BaseException:
             shutil.rmtree(self.dir, ignore_errors=True)
             raise
