@@ -1,0 +1,212 @@
+"""The Transformerless decode path across real processes: a fabric simulator, a KV pool node,
+4 expert instances and 2 attention ranks (2 DP groups), each started with
+``python -m services.run --pod pod.yaml --name ...``. The test process is both decode masters
+(XCCL endpoints ``decode-0`` and ``decode-1``) and the prefill: it stores the reference
+engine's prefill KV in the pool, has each attention rank Load it, then decodes greedily with
+``Run`` messages, group 1 stepping twice for every step of group 0. Tokens must equal the
+reference engine's; every expert instance must have answered both groups."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fabric_sim.launch import start_sim
+from services.common.config import to_mapping
+from services.common.rpc import RpcClient
+from services.common.runtime import ready_path
+from services.common.wire import decode, encode
+from services.expert.protocol import ExpertStats, ExpertStatsQuery
+from services.kvpool.client import KVPoolClient
+from services.model.cache import ensure_model
+from services.model.engine import GenerationRequest, ReferenceEngine, prompt_ids
+from services.model.sampling import SamplingParams, sample
+from services.pod.launcher import fabric_config
+from services.pod.spec import address, pod_from_mapping, service, services
+from services.protocol.step import Free, Load, Loaded, Logits, Run
+from xccl_net.endpoint import EndpointConfig, open_endpoint
+from xccl_net.fabric_client import FabricClient
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+READY_TIMEOUT_S = 60.0
+STOP_GRACE_S = 5.0
+REPLY_TIMEOUT_S = 20.0
+SERVICES = ["kvpool-0", "expert-0", "expert-1", "expert-2", "expert-3", "attention-0-0", "attention-1-0"]
+PROMPTS = {0: ["The cat sat", "Hello, world!", "MoE"], 1: ["Transformerless", "a b c d e f"]}
+MAX_TOKENS = {0: 5, 1: 10}   # group 1 makes twice as many steps
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@pytest.fixture
+def pod():
+    """Fabric + pool + experts + attention ranks; stopped by PID; no /dev/shm entry left."""
+    root = Path(tempfile.mkdtemp(prefix="tl-", dir="/tmp"))
+    name = f"tl{uuid.uuid4().hex[:6]}"
+    cache = root / "cache"
+    model_dir = ensure_model(None, "tiny", 3, str(cache))
+    spec = pod_from_mapping({"name": name, "run_dir": str(root / "run"), "cache_dir": str(cache),
+                             "model": {"preset": "tiny", "seed": 3, "dir": str(model_dir)},
+                             "decode": {"groups": 2, "attention_per_group": 1, "max_batch": 4, "kv_blocks": 16},
+                             "experts": {"instances": 4, "replicas": 2}, "kv_pool": {"nodes": 1, "block_size": 4}})
+    spec.run_path.mkdir(parents=True)
+    pod_file = root / "pod.yaml"
+    pod_file.write_text(yaml.safe_dump(to_mapping(spec), sort_keys=False))
+    procs: dict[str, subprocess.Popen] = {}
+    sim = None
+    try:
+        sim = start_sim(root / "fabric", fabric_config(spec))
+        for svc in SERVICES:
+            log = open(spec.run_path / f"{svc}.log", "ab")
+            procs[svc] = subprocess.Popen([sys.executable, "-m", "services.run", "--pod", str(pod_file), "--name", svc],
+                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=ROOT)
+            log.close()
+        # Readiness is the service's ready file: there is no other cross-process event to wait on.
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        pending = set(SERVICES)
+        while pending:
+            for svc in list(pending):
+                if ready_path(spec, svc).exists():
+                    pending.discard(svc)
+                elif procs[svc].poll() is not None:
+                    log = (spec.run_path / f"{svc}.log").read_text(errors="replace")[-3000:]
+                    pytest.fail(f"{svc} exited with {procs[svc].returncode} before ready:\n{log}")
+            assert time.monotonic() < deadline, f"not ready in {READY_TIMEOUT_S}s: {sorted(pending)}"
+            if pending:
+                time.sleep(0.02)
+        yield spec
+    finally:
+        for svc in reversed(list(procs)):
+            _stop(procs[svc])
+        if sim is not None:
+            sim.stop()
+        leftovers = [f for f in os.listdir("/dev/shm") if spec.namespace in f]
+        for f in leftovers:
+            os.unlink(os.path.join("/dev/shm", f))
+        subprocess.run(["rm", "-rf", str(root)], check=False)
+    assert leftovers == [], f"services left shared memory behind: {leftovers}"
+    assert {svc: p.returncode for svc, p in procs.items()} == dict.fromkeys(SERVICES, 0)
+
+
+async def _master_endpoint(spec, name):
+    fabric = await FabricClient.connect(address(spec, "fabric", "fabric"), name=name, npu=service(spec, name).npu,
+                                        timeout_s=10.0)
+    ep = await open_endpoint(EndpointConfig(name=name, namespace=spec.namespace, kind=spec.transport,
+                                            npu=service(spec, name).npu, run_dir=str(spec.run_path)), fabric=fabric)
+    return fabric, ep
+
+
+async def _request(ep, peer, msg):
+    await ep.send(peer, encode(msg), timeout_s=REPLY_TIMEOUT_S)
+    src, frames = await ep.recv(peer, timeout_s=REPLY_TIMEOUT_S)
+    return decode(frames)
+
+
+async def test_two_groups_decode_through_expert_processes_exactly(pod):
+    spec = pod
+    engine = ReferenceEngine.from_dir(spec.model.dir)
+    params = {g: SamplingParams(max_tokens=MAX_TOKENS[g]) for g in PROMPTS}
+    reqs = {g: [GenerationRequest(f"g{g}-r{i}", prompt_ids(t), params[g]) for i, t in enumerate(ts)]
+            for g, ts in PROMPTS.items()}
+    want = {r.request_id: res.token_ids for g in reqs for r, res in zip(reqs[g], engine.generate(reqs[g]))}
+
+    opened = []
+    try:
+        for g in PROMPTS:
+            opened.append(await _master_endpoint(spec, f"decode-{g}"))
+        eps = {g: opened[g][1] for g in PROMPTS}
+        # The prefill's part: the reference prefill's KV goes into the pool; first tokens kept.
+        first: dict[str, int] = {}
+        refs = {}
+        pool = KVPoolClient(spec, eps[0], engine.cfg)
+        try:
+            for g in PROMPTS:
+                seqs = [engine._start(r) for r in reqs[g]]
+                engine.prefill(seqs)
+                for s in seqs:
+                    n = len(s.req.prompt_ids)
+                    refs[s.req.request_id] = await pool.store(
+                        s.req.prompt_ids, [(k[:, :n], v[:, :n]) for k, v in s.kv], s.req.request_id)
+                    first[s.req.request_id] = s.output[0]
+        finally:
+            await pool.close()
+
+        out = {r.request_id: [first[r.request_id]] for g in reqs for r in reqs[g]}
+        group1_steps = asyncio.Condition()
+        done1 = [0]
+
+        async def decode_group(g: int) -> int:
+            peer = f"attention-{g}-0"
+            for r in reqs[g]:
+                cap = len(r.prompt_ids) + r.params.max_tokens
+                got = await _request(eps[g], peer, Load(r.request_id, refs[r.request_id], cap))
+                assert got == Loaded(r.request_id), got
+            steps = 0
+            live = list(reqs[g])
+            while live:
+                if g == 0:  # group 0 steps once per two steps of group 1 (while group 1 runs)
+                    async with group1_steps:
+                        await asyncio.wait_for(group1_steps.wait_for(
+                            lambda: done1[0] >= 2 * (steps + 1) or done1[0] >= MAX_TOKENS[1] - 1), REPLY_TIMEOUT_S)
+                ids = tuple(r.request_id for r in live)
+                toks = tuple(out[i][-1] for i in ids)
+                pos = tuple(len(r.prompt_ids) + len(out[r.request_id]) - 1 for r in live)
+                rep = await _request(eps[g], peer, Run(steps, ids, toks, pos))
+                assert isinstance(rep, Logits) and rep.error == "" and rep.step == steps, rep
+                for r, row, p in zip(live, rep.logits, pos):
+                    out[r.request_id].append(sample(row, r.params, r.request_id, p + 1))
+                steps += 1
+                if g == 1:
+                    async with group1_steps:
+                        done1[0] = steps
+                        group1_steps.notify_all()
+                finished = [r for r in live if len(out[r.request_id]) >= r.params.max_tokens]
+                if finished:
+                    await eps[g].send(peer, encode(Free(tuple(r.request_id for r in finished))))
+                live = [r for r in live if r not in finished]
+            return steps
+
+        async with asyncio.TaskGroup() as tg:
+            t0, t1 = tg.create_task(decode_group(0)), tg.create_task(decode_group(1))
+        assert (t0.result(), t1.result()) == (MAX_TOKENS[0] - 1, MAX_TOKENS[1] - 1)
+        assert {rid: tuple(toks) for rid, toks in out.items()} == want
+
+        # Every expert instance answered every MoE layer of every step of both groups.
+        moe_layers = len(engine.cfg.moe_layers)
+        attn = [s.name for s in services(spec) if s.role == "attention"]
+        for i in range(spec.experts.instances):
+            client = RpcClient(address(spec, f"expert-{i}", "rpc"))
+            try:
+                st = await client.call(ExpertStatsQuery(), timeout_s=REPLY_TIMEOUT_S)
+            finally:
+                await client.close()
+            assert isinstance(st, ExpertStats) and st.sources == tuple(attn)
+            assert st.events_per_source == (t0.result() * moe_layers, t1.result() * moe_layers), st
+            assert all(r > 0 for r in st.rows_per_source) and st.rejected == 0, st
+        ready = json.loads(ready_path(spec, "attention-1-0").read_text())
+        assert ready["group"] == 1 and ready["source"] == 1
+    finally:
+        for fabric, ep in opened:
+            await ep.close()
+            await fabric.close()
