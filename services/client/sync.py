@@ -20,11 +20,11 @@ _MARGIN_S = 5.0
 class SyncInferenceClient:
     def __init__(self, endpoints: Sequence[str], *, timeout_s: float = 60.0) -> None:
         self.timeout_s = timeout_s
+        self._client = InferenceClient(endpoints, timeout_s=timeout_s)  # validates before a thread exists
+        self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="xds-client-loop", daemon=True)
         self._thread.start()
-        self._client = InferenceClient(endpoints, timeout_s=timeout_s)
-        self._closed = False
 
     def _run(self, coro: Any) -> Any:
         if self._closed:

@@ -12,6 +12,7 @@ reference engine.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -234,3 +235,27 @@ async def test_sdk_resumes_on_another_router_when_its_router_is_killed(pod_step,
                 r0.wait(5)
         assert tuple(ids) == ref.token_ids and "".join(text) == ref.text and d.finish_reason == ref.finish_reason
         assert routers == {ep0, ep1}
+
+
+async def test_cli_through_the_router_prints_what_the_reference_prints(pod_step, backend) -> None:
+    pod, _ = pod_step
+    _, ep = pod.start_router()
+    flags = ["--prompt", "Hello, pod", "--max-tokens", "12", "--temperature", "0.8", "--seed", "3", "--json"]
+
+    async def run(*args: str) -> tuple[int, str, str]:
+        p = await asyncio.create_subprocess_exec(sys.executable, *args, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+                                                 stderr=asyncio.subprocess.PIPE)
+        try:
+            out, err = await asyncio.wait_for(p.communicate(), 60)
+        finally:
+            if p.returncode is None:
+                p.kill()
+                await p.wait()
+        return p.returncode, out.decode(), err.decode()
+
+    ref, pod_out, bad = await asyncio.gather(
+        run("-m", "services.cli", "generate", "--reference", "--preset", "tiny", *flags),
+        run("-m", "services.client.cli", "--endpoint", ep, *flags),
+        run("-m", "services.client.cli", "--endpoint", ep, "--prompt", "x", "--top-p", "2"))
+    assert ref[0] == 0 and pod_out[0] == 0 and json.loads(pod_out[1]) == json.loads(ref[1])
+    assert bad[0] == 2 and "INVALID_ARGUMENT: top_p must be in (0, 1]" in bad[2]
