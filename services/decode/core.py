@@ -7,7 +7,10 @@ Rules:
 - Admission is FIFO and bounded: beyond ``max_queue`` waiting requests, ``admit`` refuses with
   RESOURCE_EXHAUSTED (the router tries another group); nothing is ever dropped silently.
 - KV accounting in blocks: a sequence reserves ``ceil((prompt_len + max_tokens) / block_size)``
-  blocks when it leaves the queue, and gives them back when it ends. When the head of the queue
+  blocks when it leaves the queue, and gives them back when it ends. The group's ``kv_blocks``
+  are split evenly between its attention ranks (``kv_blocks // ranks`` each, as the ranks
+  budget their caches), so a sequence goes to a live rank that has room for it: of those, the
+  one with the fewest sequences (then the most free blocks). When the head of the queue
   does not fit (blocks or ``max_batch``), everything behind it waits too (no starvation of long
   requests by short ones): that is the backpressure.
 - Continuous batching: ``loading + running <= max_batch``; a sequence joins at the next step
@@ -97,7 +100,7 @@ class Refused(Exception):
 @dataclass(frozen=True, slots=True)
 class CoreConfig:
     block_size: int
-    kv_blocks: int
+    kv_blocks: int                  # the group's, split evenly between its ranks
     max_batch: int
     ranks: tuple[str, ...]          # the group's attention ranks
     max_queue: int = 64
@@ -109,6 +112,13 @@ class CoreConfig:
                 raise ValueError(f"CoreConfig.{key} must be >= 1")
         if not self.ranks:
             raise ValueError("CoreConfig.ranks: a DP group needs at least one attention rank")
+        if len(set(self.ranks)) != len(self.ranks):
+            raise ValueError("CoreConfig.ranks: duplicate rank names")
+
+    @property
+    def rank_blocks(self) -> int:
+        """Each rank's KV budget (the attention rank computes the same)."""
+        return max(1, self.kv_blocks // len(self.ranks))
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +194,7 @@ def blocks_for(prompt_len: int, max_tokens: int, block_size: int) -> int:
 class DecodeCore:
     def __init__(self, cfg: CoreConfig) -> None:
         self.cfg = cfg
-        self.free_blocks = cfg.kv_blocks
+        self._free: dict[str, int] = {r: cfg.rank_blocks for r in cfg.ranks}
         self.stats = CoreStats()
         self._seqs: dict[str, _Seq] = {}         # every non-terminal sequence
         self._queue: deque[_Seq] = deque()
@@ -214,6 +224,16 @@ class DecodeCore:
     @property
     def step_in_flight(self) -> int | None:
         return self._inflight.step if self._inflight else None
+
+    @property
+    def free_blocks(self) -> int:
+        """Free KV blocks on the live ranks."""
+        return sum(n for r, n in self._free.items() if r not in self._down)
+
+    @property
+    def total_blocks(self) -> int:
+        """KV blocks of the live ranks."""
+        return self.cfg.rank_blocks * (len(self.cfg.ranks) - len(self._down))
 
     def load(self) -> dict[str, float]:
         """Heartbeat load (what routers choose a group by)."""
@@ -261,8 +281,9 @@ class DecodeCore:
             raise Refused(INVALID_ARGUMENT, f"{rid}: prompt_len + max_tokens = {req.prompt_len + p.max_tokens} "
                           f"exceeds the model's {self.cfg.max_positions} positions")
         need = blocks_for(req.prompt_len, p.max_tokens, self.cfg.block_size)
-        if need > self.cfg.kv_blocks:
-            raise Refused(RESOURCE_EXHAUSTED, f"{rid}: needs {need} KV blocks, the group has {self.cfg.kv_blocks} in all")
+        if need > self.cfg.rank_blocks:
+            raise Refused(RESOURCE_EXHAUSTED, f"{rid}: needs {need} KV blocks, an attention rank of this group has "
+                          f"{self.cfg.rank_blocks} in all")
         if len(self._down) == len(self.cfg.ranks):
             raise Refused(UNAVAILABLE, "no live attention rank in this DP group")
         if len(self._queue) >= self.cfg.max_queue:
@@ -274,12 +295,13 @@ class DecodeCore:
         while self._queue and live:
             s = self._queue[0]
             active = sum(len(v) for v in self._by_rank.values())
-            if active >= self.cfg.max_batch or s.blocks > self.free_blocks:
+            fits = [r for r in live if self._free[r] >= s.blocks]
+            if active >= self.cfg.max_batch or not fits:
                 break
             self._queue.popleft()
             self._move(s, SeqEvent.LOAD)
-            self.free_blocks -= s.blocks
-            s.rank = min(live, key=lambda r: len(self._by_rank[r]))   # least loaded; ties: first
+            s.rank = min(fits, key=lambda r: (len(self._by_rank[r]), -self._free[r]))   # ties: first
+            self._free[s.rank] -= s.blocks
             self._by_rank[s.rank].add(s.rid)
             capacity = s.req.prompt_len + s.req.params.max_tokens
             out.append(SendLoad(s.rank, Load(s.rid, s.req.kv, capacity)))
@@ -346,7 +368,7 @@ class DecodeCore:
         return out + self._promote()
 
     def _release(self, s: _Seq, send_free: bool) -> list[Effect]:
-        self.free_blocks += s.blocks
+        self._free[s.rank] += s.blocks
         self._by_rank[s.rank].discard(s.rid)
         return [SendFree(s.rank, Free((s.rid,)))] if send_free else []
 
@@ -432,7 +454,10 @@ class DecodeCore:
         return out
 
     def rank_up(self, rank: str) -> list[Effect]:
-        """A rank that was marked down answers again (e.g. restarted): use it for new admissions."""
+        """A rank that was marked down answers again (e.g. restarted, its cache empty): use it
+        for new admissions."""
+        if rank in self._down and not self._by_rank[rank]:
+            self._free[rank] = self.cfg.rank_blocks
         self._down.discard(rank)
         return self._promote()
 

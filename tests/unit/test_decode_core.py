@@ -218,11 +218,12 @@ def test_least_loaded_rank_and_rank_failure() -> None:
     # A wrong-shaped answer is a peer fault, too; with no live rank left, admission is refused.
     plan = c.plan_step()
     out = c.complete_step(plan.step, {"a0": np.zeros((1, VOCAB), np.float32)})
-    assert {t.finish_reason for t in emitted(out)} == {"error"} and c.free_blocks == 64
+    assert {t.finish_reason for t in emitted(out)} == {"error"} and c.free_blocks == 0 == c.total_blocks
     with pytest.raises(Refused) as e:
         c.admit(req("late"))
     assert e.value.code == "UNAVAILABLE"
-    assert loads(c.rank_up("a1")) == [] and loads(c.admit(req("late"))) == ["late"]
+    assert loads(c.rank_up("a1")) == [] and c.free_blocks == 32
+    assert loads(c.admit(req("late"))) == ["late"]
 
 
 def test_load_error_and_timeout_fail_only_that_request() -> None:
@@ -310,7 +311,20 @@ def test_rank_failed_mid_step_ends_loading_and_running_sequences() -> None:
     # a0's answer to the in-flight step comes anyway: nothing for the ended sequences.
     out = c.complete_step(plan.step, {"a0": onehot([1]), "a1": onehot([2])})
     assert [(t.request_id, t.token_ids) for t in emitted(out)] == [("run1", (2,))]
-    assert c.free_blocks == 64 - 2 and c.load()["live_ranks"] == 1
+    assert c.free_blocks == 32 - 2 and c.load()["live_ranks"] == 1
     assert {e.rank for e in c.admit(req("next"))} == {"a1"}
     with pytest.raises(ValueError):
         c.rank_failed("a7", "no such rank")
+
+
+def test_kv_budget_is_per_rank() -> None:
+    # 8 blocks over two ranks: 4 each, as the attention ranks budget their caches.
+    c = core(kv_blocks=8, ranks=("a0", "a1"), max_batch=8)
+    eff = c.admit(req("x", max_tokens=8)) + c.admit(req("y", max_tokens=8))     # 3 blocks each
+    assert [(e.rank, e.load.request_id) for e in eff] == [("a0", "x"), ("a1", "y")]
+    assert loads(c.admit(req("z", max_tokens=4))) == [], "2 blocks free in the group, but 1 per rank"
+    assert c.free_blocks == 2 and c.queued == 1
+    assert [(e.rank, e.load.request_id) for e in c.cancel("y") if isinstance(e, SendLoad)] == [("a1", "z")]
+    with pytest.raises(Refused) as e:
+        c.admit(req("w", max_tokens=16))                                          # 5 blocks > 4 per rank
+    assert e.value.code == "RESOURCE_EXHAUSTED" and "an attention rank of this group has 4" in e.value.message
