@@ -259,3 +259,31 @@ async def test_cli_through_the_router_prints_what_the_reference_prints(pod_step,
         run("-m", "services.client.cli", "--endpoint", ep, "--prompt", "x", "--top-p", "2"))
     assert ref[0] == 0 and pod_out[0] == 0 and json.loads(pod_out[1]) == json.loads(ref[1])
     assert bad[0] == 2 and "INVALID_ARGUMENT: top_p must be in (0, 1]" in bad[2]
+
+
+@pytest.mark.parametrize("pod_step", [0.05], indirect=True)
+async def test_sigterm_drains_in_flight_streams_and_refuses_new_ones(pod_step, backend, engine) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.client import Unavailable
+    pod, _ = pod_step
+    proc, ep = pod.start_router()
+    ref = reference(engine, "d1", "drain me", max_tokens=30)
+    async with InferenceClient([ep], timeout_s=60) as c, grpc.aio.insecure_channel(ep) as ch:
+        ids = []
+        async for d in c.generate("drain me", request_id="d1", max_tokens=30):
+            ids += d.token_ids
+            if len(ids) == 2:
+                proc.send_signal(signal.SIGTERM)
+                health = health_pb2_grpc.HealthStub(ch)
+
+                async def not_serving() -> None:
+                    while (await health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status != \
+                            health_pb2.HealthCheckResponse.NOT_SERVING:
+                        await asyncio.sleep(0.01)  # no event crosses the process boundary: poll, bounded
+                await asyncio.wait_for(not_serving(), 5)
+                with pytest.raises(Unavailable, match="draining"):
+                    await c.complete("too late", max_tokens=2)
+        assert tuple(ids) == ref.token_ids                      # the in-flight stream finished whole
+    assert await asyncio.wait_for(asyncio.to_thread(proc.wait), 10) == 0
