@@ -88,8 +88,9 @@ class PoolHandler:
     def load(self) -> dict[str, float]:
         """Heartbeat load: what routers and prefills may want to know about this node."""
         s = self.core.stats()
-        return {"free_blocks": float(s.free), "ready_blocks": float(s.ready),
-                "hits": float(s.hits), "misses": float(s.misses)}
+        return {"free_blocks": float(s.free), "ready_blocks": float(s.ready), "pinned_blocks": float(s.pinned),
+                "writing_blocks": float(s.writing), "hits": float(s.hits), "misses": float(s.misses),
+                "evictions": float(s.evictions)}
 
 
 def _check(owner: str, hashes: tuple[bytes, ...]) -> None:

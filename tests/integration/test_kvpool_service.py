@@ -353,7 +353,8 @@ async def test_lru_eviction_and_a_full_pool(make_pod, open_sides, engine) -> Non
         beat = await asyncio.wait_for(beats.get(), 5)
         task.cancel()
     assert beat.service == "kvpool-0" and beat.role == "kvpool"
-    assert beat.load == {"free_blocks": 0.0, "ready_blocks": 8.0, "hits": float(st.hits), "misses": float(st.misses)}
+    assert beat.load == {"free_blocks": 0.0, "ready_blocks": 8.0, "pinned_blocks": 8.0, "writing_blocks": 0.0,
+                         "hits": float(st.hits), "misses": float(st.misses), "evictions": 8.0}
     await c.release("c")
     ref = await c.store(seqs["e"], kvs["e"], "e")
     assert_bitwise(await c.load(ref, "e"), kvs["e"], 4 * BS)

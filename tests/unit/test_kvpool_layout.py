@@ -138,7 +138,8 @@ def test_handler_maps_the_protocol_onto_the_core() -> None:
     h.handle(Release("w", (), everything=True), now=0)                         # drops w's reservation
     st = h.handle(StatsQuery(), now=0)
     assert (st.pinned, st.writing, st.free) == (0, 0, 2)
-    assert h.load() == {"free_blocks": 2.0, "ready_blocks": 2.0, "hits": 2.0, "misses": 1.0}
+    assert h.load() == {"free_blocks": 2.0, "ready_blocks": 2.0, "pinned_blocks": 0.0, "writing_blocks": 0.0,
+                        "hits": 2.0, "misses": 1.0, "evictions": 0.0}
 
 
 @pytest.mark.parametrize("msg, code, words", [
