@@ -5,7 +5,7 @@ MoE layer and serves A2E events from any attention rank, each source on its own 
 never wait for each other here). Stateless between events: a restart loses nothing but the
 events in flight, which their sources time out and retry.
 
-Heartbeat load: events and rows served. RPC: ``ExpertStatsQuery`` -> ``ExpertStats``.
+Heartbeat load: ``events_served``, ``rows_served``. RPC: ``ExpertStatsQuery`` -> ``ExpertStats``.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ async def serve(spec: PodSpec, name: str) -> None:
     def load() -> dict[str, float]:
         if handler is None:
             return {}
-        return {"events": handler.stats["events"], "rows": handler.stats["rows_served"]}
+        return {"events_served": handler.stats["events"], "rows_served": handler.stats["rows_served"]}
 
     async with ServiceRuntime(spec, name, windows={windows.a2e: geo.layout.a2e_window_bytes}, load=load) as rt:
         handler = E2AHandler(rt.endpoint, rank=me.rank, source_peers=geo.sources, placement=geo.placement,
