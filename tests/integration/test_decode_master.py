@@ -10,6 +10,8 @@ a rank that stops answering ends its requests with an UNAVAILABLE error while th
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,7 +28,7 @@ from services.pod.spec import address
 from services.protocol.inference import Admit, Cancel, KVRef, Sampling, Tokens
 from services.protocol.step import Free, Load, Loaded, Logits, Run
 from tests.integration.test_prefill_service import PodProcs, test_endpoint
-from xccl_net.errors import XcclTimeout
+from xccl_net.errors import XcclError, XcclTimeout
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -65,7 +67,9 @@ class ModelRank:
     frees: list[str] = field(default_factory=list)
     runs: int = 0
     silent_runs: bool = False     # a rank that hangs mid-decode: takes Loads, never answers Runs
+    hold_loads: asyncio.Event | None = None  # while set to an unset Event, Loads wait for it
     errors: list[str] = field(default_factory=list)
+    held: list[str] = field(default_factory=list)
 
     async def serve(self) -> None:
         e = self.engine
@@ -76,12 +80,18 @@ class ModelRank:
                 continue
             msg = decode(frames)
             if isinstance(msg, Load):
+                if self.hold_loads is not None:
+                    self.held.append(msg.request_id)
+                    await self.hold_loads.wait()
                 s = self.prefilled.pop(msg.request_id)
                 if s.computed != msg.kv.num_tokens or s.kv[0][0].shape[1] != msg.capacity:
                     self.errors.append(f"Load {msg} does not fit the prefilled state")
                 self.seqs[msg.request_id] = s
                 self.loads.append(msg.request_id)
-                await self.ep.send(src, encode(Loaded(msg.request_id)))
+                try:
+                    await self.ep.send(src, encode(Loaded(msg.request_id)), timeout_s=2)
+                except XcclError as exc:
+                    self.errors.append(f"Loaded {msg.request_id}: {exc!r}")
             elif isinstance(msg, Run) and not self.silent_runs:
                 self.runs += 1
                 seqs = [self.seqs[r] for r in msg.request_ids]
@@ -237,3 +247,31 @@ async def test_silent_rank_ends_its_requests_with_an_error(group) -> None:
     await router.wait(["after"])
     assert router.final["after"].finish_reason == "length" and len(router.tokens["after"]) == 4
     assert pod.alive("decode-0")
+
+
+async def test_sigterm_drains_then_hands_running_requests_back(group) -> None:
+    """Runs last (it stops decode-0). A sequence still running at the drain deadline ends with
+    finish_reason "cancelled", which tells its router to replay it on another group."""
+    pod, engine, ranks, router, prefilled = group
+    ranks[0].hold_loads = asyncio.Event()
+    a = prefill(engine, prefilled, "drain", "still loading at shutdown", SamplingParams(max_tokens=20))
+    await router.admit(a)
+    async with asyncio.timeout(10):
+        while "drain" not in ranks[0].held:
+            await asyncio.sleep(0.01)   # the Load reaching the rank has no event of its own here
+    proc = pod.procs["decode-0"]
+    os.kill(proc.pid, signal.SIGTERM)
+    # Admissions are refused as soon as the drain starts (a repeated Admit of one id is
+    # idempotent, so asking until refused admits nothing twice).
+    late = prefill(engine, prefilled, "late", "too late", SamplingParams())
+    async with asyncio.timeout(2):
+        while True:
+            try:
+                await router.admit(late)
+            except RemoteError as exc:
+                assert exc.code == "UNAVAILABLE" and "shutting down" in exc.message
+                break
+    await router.wait(["drain"], timeout_s=15)
+    assert router.final["drain"].finish_reason == "cancelled" and router.final["drain"].index == 1
+    ranks[0].hold_loads.set()
+    assert await asyncio.to_thread(proc.wait, 15) == 0
