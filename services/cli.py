@@ -16,7 +16,7 @@ from collections.abc import Mapping
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("services.bench.cli", "run a benchmark and print its results (JSON with --json)"),
     "fabric-sim": ("fabric_sim.cli", "run the fabric simulator process"),
-    "generate": ("services.model.cli_generate", "generate text with the reference engine"),
+    "generate": ("services.model.cli_generate", "generate text with the reference engine or a running pod"),
     "model": ("services.model.cli_model", "create model directories with deterministic random weights"),
     "up": ("services.pod.cli", "start the whole pod as local processes; Ctrl-C stops it"),
 }

@@ -20,7 +20,7 @@ from typing import Any
 from services.common.heartbeat import HeartbeatPublisher
 from services.common.logging import configure_logging
 from services.common.rpc import RpcServer
-from services.pod.spec import PodSpec, ServiceSpec, address, bind_address, service
+from services.pod.spec import PodSpec, ServiceSpec, address, bind_address, service, services
 
 FABRIC_CONNECT_TIMEOUT_S = 10.0
 
@@ -64,7 +64,10 @@ class ServiceRuntime:
                                                      npu=self.me.npu, timeout_s=FABRIC_CONNECT_TIMEOUT_S)
             self.endpoint = await open_endpoint(EndpointConfig(
                 name=self.me.name, namespace=self.spec.namespace, kind=self.spec.transport, npu=self.me.npu,
-                windows=self._windows, run_dir=str(self.spec.run_path)), fabric=self.fabric)
+                windows=self._windows, run_dir=str(self.spec.run_path),
+                # Any service may talk to any other (KV pool nodes serve every prefill and
+                # attention rank): size the peer table from the pod, with headroom for tests/tools.
+                max_peers=len(services(self.spec)) + 8), fabric=self.fabric)
         self.heartbeat = HeartbeatPublisher(
             bind_address(self.spec, self.me.name, "heartbeat"), service=self.me.name, role=self.me.role,
             group=self.me.group, interval_s=self.spec.heartbeat.interval_s, load=self._load)
