@@ -20,7 +20,7 @@ from services.model import layers as L
 from services.model.engine import GenerationRequest, ReferenceEngine, forward, prompt_ids
 from services.model.sampling import SamplingParams, sample
 from services.protocol.inference import KVRef
-from services.protocol.step import Free, Load, Loaded, Logits, Run
+from services.protocol.step import Free, Load, Loaded, Run
 from xccl_net.dispatch import A2EDispatcher, E2AHandler
 from xccl_net.dispatch_core import DispatchLayout, Placement, weighted_sum
 from xccl_net.endpoint import EndpointConfig, open_endpoint
