@@ -245,11 +245,14 @@ class E2AHandler:
         self.per_source: list[list[int]] = [[0, 0] for _ in range(layout.num_sources)]
 
     async def serve_event(self, expert_fn: ExpertFn | None = None, *, timeout_s: float = 5.0,
-                          select: Callable[[int], ExpertFn] | None = None) -> Served:
+                          select: Callable[[int], ExpertFn] | None = None,
+                          answer_timeout_s: float | None = None) -> Served:
         """Wait for the next A2E block (bounded by ``timeout_s``), compute it, answer its source.
 
         Give ``expert_fn``, or ``select(event_id) -> expert_fn`` when the experts depend on the
         event (the MoE layer); ``select`` raises a ``ProtocolError`` for an event it cannot serve.
+        The answer's put has ``answer_timeout_s`` of its own (default: what is left of
+        ``timeout_s``), so a serving loop may poll with short waits without starving answers.
         """
         if (expert_fn is None) == (select is None):
             raise ValueError("give exactly one of expert_fn and select")
@@ -265,8 +268,9 @@ class E2AHandler:
         rows = view[meta.offset:meta.offset + meta.count * rb].view(DTYPE).reshape(meta.count, h)
         y = run_block(rows, meta.expert_ids, fn, h)
         answer = e2a_meta(meta.event_id, self.rank, y.shape[0], self.layout, meta.incarnation)
+        put_timeout_s = max(_remaining(deadline), 1e-3) if answer_timeout_s is None else answer_timeout_s
         await self.ep.put(self.source_peers[meta.sender], self.windows.e2a, answer.offset, _flat_bytes(y),
-                          notify=encode_meta(answer), timeout_s=max(_remaining(deadline), 1e-3))
+                          notify=encode_meta(answer), timeout_s=put_timeout_s)
         self.stats["events"] += 1
         self.stats["rows_served"] += answer.count
         self.per_source[meta.sender][0] += 1

@@ -25,12 +25,15 @@ from xccl_net.errors import EndpointClosed, ProtocolError, XcclError, XcclTimeou
 # How long one wait for a notice lasts before the loop goes round (it re-checks nothing but
 # keeps every await bounded).
 IDLE_WAIT_S = 1.0
+# A source that takes longer than this to accept an answer is treated as gone for that event
+# (meanwhile the other sources wait: answers go out one at a time, in arrival order).
+ANSWER_TIMEOUT_S = 2.0
 
 
 async def _serve_events(rt: ServiceRuntime, handler: E2AHandler, inst: ExpertInstance) -> None:
     while True:
         try:
-            await handler.serve_event(select=inst.select, timeout_s=IDLE_WAIT_S)
+            await handler.serve_event(select=inst.select, timeout_s=IDLE_WAIT_S, answer_timeout_s=ANSWER_TIMEOUT_S)
         except XcclTimeout:
             continue
         except ProtocolError:
