@@ -109,7 +109,7 @@ async def moe_pod():
         async def serve(h, inst):
             while True:
                 try:
-                    await h.serve_event(select=inst.select, timeout_s=1.0)
+                    await h.serve_event(select=inst.select, timeout_s=1.0, answer_timeout_s=5.0)
                 except XcclTimeout:
                     continue
 
