@@ -11,6 +11,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "fabric": ("fabric_sim.bench", "fabric simulator: reserve round trip vs raw zmq, pipelining, fidelity"),
     "kvpool": ("services.kvpool.bench", "KV pool store/load/fetch vs a same-run pack+memcpy baseline"),
     "reference": ("services.bench.reference", "reference-engine prefill/decode throughput"),
+    "serve": ("services.bench.serve", "load a running pod: throughput, TTFT, TPOT, ITL; --compare-reference"),
     "xccl": ("services.bench.xccl", "XCCL p2p, dispatch/combine and fabric fidelity vs raw baselines"),
 }
 

@@ -1,0 +1,168 @@
+"""The whole pod, real processes: every stream equals the reference engine token for token.
+
+One pod (module scope: fabric, 2 routers, prefill, KV pool, 2 DP groups each with a decode
+master and an attention rank, 4 expert instances) is started by the launcher, the SDK talks
+to it over gRPC, and counters come from the services' own heartbeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from services.client.errors import InvalidArgument, NotFound
+from services.client.sdk import InferenceClient
+from services.common.heartbeat import HeartbeatSubscriber
+from services.common.liveness import DetectorConfig, FailureDetector
+from services.model.engine import GenerationRequest, ReferenceEngine
+from services.model.sampling import SamplingParams
+from services.model.tokenizer import encode
+from services.pod.launcher import Pod
+from services.pod.spec import address, pod_from_mapping, services
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = [
+    "Hello, SuperPod", "The quick brown fox jumps over the lazy dog", "a", "MoE routes tokens to experts",
+    "disaggregated prefill and decode", "0123456789" * 4, "Ünïcödé ✓ text", "xDeepServe",
+    "attention and experts live on different ranks", "zz", "The KV cache moves over the unified bus",
+    "tokens must match the reference", "batch invariance", "?", "CloudMatrix384", "a longer prompt " * 6,
+]
+
+
+def sampling_for(i: int) -> dict:
+    """Greedy for even requests, seeded top-p/top-k sampling for odd ones; lengths vary."""
+    base = {"max_tokens": 6 + (i * 5) % 23}
+    if i % 2:
+        base |= {"temperature": 0.7 + 0.1 * (i % 4), "top_p": 0.9, "top_k": 40 * (i % 3), "seed": 1000 + i}
+    return base
+
+
+@pytest.fixture(scope="module")
+def pod():
+    root = Path(tempfile.mkdtemp(prefix="xds-e2e-", dir="/tmp"))
+    spec = pod_from_mapping({"name": "e2e", "run_dir": str(root / "run"), "cache_dir": str(root / "cache"),
+                             "heartbeat": {"interval_s": 0.1, "suspect_after_s": 1.0, "dead_after_s": 3.0}})
+    p = Pod(spec)
+    try:
+        p.start(timeout_s=90)
+        yield p
+    finally:
+        p.stop()
+        leftovers = [x for x in Path("/dev/shm").iterdir() if x.name.startswith(f"xds.{spec.namespace}.")]
+        subprocess.run(["rm", "-rf", str(root)], check=False)
+        assert leftovers == [], f"shared memory left behind: {leftovers}"
+
+
+@pytest.fixture(scope="module")
+def reference(pod) -> ReferenceEngine:
+    return ReferenceEngine.from_dir(pod.spec.model.dir or _model_dir(pod))
+
+
+def _model_dir(pod: Pod) -> str:
+    import yaml
+    return yaml.safe_load(pod.spec_file.read_text())["model"]["dir"]
+
+
+def expected(reference: ReferenceEngine, request_id: str, prompt: str, kw: dict) -> tuple[int, ...]:
+    params = SamplingParams(**kw)
+    return reference.generate([GenerationRequest(request_id, tuple(encode(prompt)), params)])[0].token_ids
+
+
+class Loads:
+    """Latest heartbeat load of every service of the pod (what routers see)."""
+
+    def __init__(self, pod: Pod) -> None:
+        addrs = [address(pod.spec, s.name, "heartbeat") for s in services(pod.spec) if s.role != "fabric"]
+        self.sub = HeartbeatSubscriber(addrs, detector=FailureDetector(DetectorConfig(1.0, 3.0)))
+        self._beats: asyncio.Queue = asyncio.Queue()
+        self.sub._on_beat = self._beats.put_nowait
+
+    async def __aenter__(self) -> Loads:
+        self.task = asyncio.create_task(self.sub.run())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+    async def fresh(self, name: str, timeout_s: float = 10.0) -> dict[str, float]:
+        """The load in a beat of ``name`` published after this call."""
+        seq = self.sub.latest[name].seq if name in self.sub.latest else -1
+        async def wait():
+            while True:
+                b = await self._beats.get()
+                if b.service == name and b.seq > seq + 1:
+                    return dict(b.load)
+        return await asyncio.wait_for(wait(), timeout_s)
+
+
+async def test_16_concurrent_requests_equal_the_reference(pod, reference) -> None:
+    async with InferenceClient(pod.routers, timeout_s=120) as client, Loads(pod) as loads:
+        ids = [f"e2e-{i}" for i in range(16)]
+        results = await asyncio.gather(*(client.complete(p, request_id=ids[i], **sampling_for(i))
+                                         for i, p in enumerate(PROMPTS)))
+        for i, (rid, res) in enumerate(zip(ids, results)):
+            want = expected(reference, rid, PROMPTS[i], sampling_for(i))
+            assert res.token_ids == want, f"request {i} ({sampling_for(i)}) differs from the reference"
+            assert res.finish_reason in ("stop", "length")
+        # Both DP groups and every expert instance took part.
+        for g in range(pod.spec.decode.groups):
+            assert (await loads.fresh(f"attention-{g}-0"))["steps"] > 0, f"DP group {g} ran no decode step"
+        for e in range(pod.spec.experts.instances):
+            assert (await loads.fresh(f"expert-{e}"))["rows_served"] > 0, f"expert-{e} served nothing"
+
+
+async def test_repeated_prefix_hits_the_kv_pool(pod, reference) -> None:
+    prefix = "A shared system prompt that is long enough to fill several KV blocks. " * 2
+    async with InferenceClient(pod.routers) as client, Loads(pod) as loads:
+        first = await client.complete(prefix + "first question", max_tokens=4, request_id="pfx-1")
+        before = await loads.fresh("prefill-0")
+        second = await client.complete(prefix + "second question", max_tokens=4, request_id="pfx-2")
+        after = await loads.fresh("prefill-0")
+    assert first.token_ids == expected(reference, "pfx-1", prefix + "first question", {"max_tokens": 4})
+    assert second.token_ids == expected(reference, "pfx-2", prefix + "second question", {"max_tokens": 4})
+    n2 = len(encode(prefix + "second question"))
+    cached = after["cached_tokens"] - before["cached_tokens"]
+    computed = after["computed_tokens"] - before["computed_tokens"]
+    assert cached >= pod.spec.kv_pool.block_size * 2 and computed == n2 - cached
+
+
+async def test_cancel_mid_stream_returns_kv_to_baseline(pod) -> None:
+    async with InferenceClient(pod.routers) as client, Loads(pod) as loads:
+        base = {g: (await loads.fresh(f"decode-{g}"))["free_kv_blocks"] for g in range(pod.spec.decode.groups)}
+        pool_base = (await loads.fresh("kvpool-0"))["pinned_blocks"]
+        stream = client.generate("cancel me please " * 4, max_tokens=200, request_id="cancel-1")
+        got = []
+        async for d in stream:
+            got += d.token_ids
+            if len(got) >= 3:
+                break                      # leaving the stream cancels the request at the router
+        await stream.aclose()
+        async def settled():
+            while True:
+                now = {g: (await loads.fresh(f"decode-{g}"))["free_kv_blocks"] for g in base}
+                if now == base and (await loads.fresh("kvpool-0"))["pinned_blocks"] == pool_base:
+                    return
+        await asyncio.wait_for(settled(), 10)
+
+
+async def test_bad_input_is_rejected_and_the_pod_keeps_serving(pod, reference) -> None:
+    async with InferenceClient(pod.routers) as client:
+        ok = asyncio.create_task(client.complete("still serving", max_tokens=12, request_id="alive-1"))
+        with pytest.raises(InvalidArgument, match="empty"):
+            await client.complete("", max_tokens=4)
+        with pytest.raises(InvalidArgument, match="limit"):
+            await client.complete("x" * 600, max_tokens=4)
+        with pytest.raises(InvalidArgument, match="top_p"):
+            await client.complete("hi", max_tokens=4, top_p=1.5)
+        with pytest.raises(InvalidArgument, match="temperature"):
+            await client.complete("hi", max_tokens=4, temperature=-1.0)
+        with pytest.raises(NotFound):
+            await client.cancel("no-such-request")
+        res = await ok
+    assert res.token_ids == expected(reference, "alive-1", "still serving", {"max_tokens": 12})
