@@ -185,8 +185,10 @@ async def test_tokens_equal_the_reference_under_batching_and_backpressure(group)
     assert st.free_kv_blocks == KV_BLOCKS and st.running == 0 and st.queued == 0
     assert st.queue_peak >= 1 and st.finished >= 8 and st.tokens == sum(len(v) - 1 for v in router.tokens.values())
     assert all(r.loads for r in ranks), "both attention ranks got sequences"
-    for r in ranks:
-        assert sorted(r.loads) == sorted(r.frees) and not r.seqs, f"{r.name}: every Load was freed"
+    # The last Free goes out after the last push: poll for it, with a deadline.
+    async with asyncio.timeout(5):
+        while any(sorted(r.loads) != sorted(r.frees) or r.seqs for r in ranks):
+            await asyncio.sleep(0.01)
 
 
 async def test_cancel_and_refusals(group) -> None:
