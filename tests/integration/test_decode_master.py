@@ -14,7 +14,6 @@ import os
 import signal
 from dataclasses import dataclass, field
 
-import numpy as np
 import pytest
 import pytest_asyncio
 
@@ -96,7 +95,8 @@ class ModelRank:
                 self.runs += 1
                 seqs = [self.seqs[r] for r in msg.request_ids]
                 if [s.computed for s in seqs] != list(msg.positions):
-                    self.errors.append(f"step {msg.step}: positions {msg.positions} != cache {[s.computed for s in seqs]}")
+                    have = [s.computed for s in seqs]
+                    self.errors.append(f"step {msg.step}: positions {msg.positions} != cache {have}")
                 logits = forward(e.cfg, e.weights, e.rope, [(s, [t]) for s, t in zip(seqs, msg.tokens)])
                 await self.ep.send(src, encode(Logits(msg.step, logits)))
             elif isinstance(msg, Free):

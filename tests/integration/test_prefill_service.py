@@ -183,8 +183,8 @@ async def test_first_tokens_equal_the_reference_and_kv_is_stored_exactly(pod, en
     try:
         params = [SamplingParams(max_tokens=8), SamplingParams(temperature=0.9, top_p=0.9, seed=3, max_tokens=8),
                   SamplingParams(temperature=1.2, top_k=10, max_tokens=8)]
-        reqs = [(f"ref-{i}", tuple(encode(t)), params[i % 3])
-                for i, t in enumerate(["Hello, world", "The quick brown fox jumps", "MoE", "x" * 40, "Ünïcödé ✓"])]
+        texts = ["Hello, world", "The quick brown fox jumps", "MoE", "x" * 40, "Ünïcödé ✓"]
+        reqs = [(f"ref-{i}", tuple(encode(t)), params[i % 3]) for i, t in enumerate(texts)]
         # Concurrent: they may share a forward pass; the tokens must not depend on it.
         dones = await asyncio.gather(*[client.call(Prefill(rid, ids, Sampling.of(p), len(ids)), timeout_s=30)
                                        for rid, ids, p in reqs])
