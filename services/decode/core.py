@@ -161,6 +161,12 @@ class StepPlan:
     runs: tuple[tuple[str, Run], ...]   # (rank, Run) for every rank with running sequences
 
 
+@dataclass(frozen=True, slots=True)
+class StepRefused:
+    """A rank answered a Run with an error: that step's sequences on it fail, the rank stays."""
+    error: str
+
+
 @dataclass(slots=True)
 class _Seq:
     req: Request
@@ -364,7 +370,7 @@ class DecodeCore:
         if s.rid in self._inflight_ids:
             self._deferred.append(s)     # its step is still computing: free when it completes
             return out
-        out += self._release(s, free_rank and s.rank not in self._down)
+        out += self._release(s, free_rank)
         return out + self._promote()
 
     def _release(self, s: _Seq, send_free: bool) -> list[Effect]:
@@ -394,10 +400,11 @@ class DecodeCore:
         self._inflight_ids = {rid for _, run in runs for rid in run.request_ids}
         return self._inflight
 
-    def complete_step(self, step: int, results: Mapping[str, np.ndarray | str]) -> list[Effect]:
-        """Results of the in-flight step: per rank the ``[batch, vocab]`` logits, or an error text
-        (no answer in time, an error answer, a malformed array). A rank with an error is marked
-        down and its sequences end with finish_reason "error"."""
+    def complete_step(self, step: int, results: Mapping[str, np.ndarray | StepRefused | str]) -> list[Effect]:
+        """Results of the in-flight step, per rank: the ``[batch, vocab]`` float32 logits; a
+        ``StepRefused`` (its sequences of this step end with an error); or a text saying why there
+        is no answer (silent, unreachable) or a malformed one: then the rank is marked down and
+        all its sequences end with finish_reason "error"."""
         plan = self._inflight
         if plan is None or plan.step != step:
             raise ValueError(f"complete_step({step}): the step in flight is {plan.step if plan else None}")
@@ -413,13 +420,20 @@ class DecodeCore:
             if isinstance(res, str):
                 out += self.rank_failed(rank, res)
                 continue
+            if isinstance(res, StepRefused):
+                for rid in run.request_ids:
+                    s = self._seqs.get(rid)
+                    if s is not None and s.state is SeqState.RUNNING:
+                        out += self._end(s, SeqEvent.FAIL, error=f"{UNAVAILABLE}: attention rank {rank} refused "
+                                                                 f"step {step}: {res.error}")
+                continue
             for rid, row in zip(run.request_ids, res):
                 s = self._seqs.get(rid)
                 if s is not None and s.state is SeqState.RUNNING:
                     out += self._emit(s, row)
         deferred, self._deferred = self._deferred, []
         for s in deferred:
-            out += self._release(s, s.rank not in self._down)
+            out += self._release(s, True)
         return out + self._promote()
 
     def _emit(self, s: _Seq, row: np.ndarray) -> list[Effect]:
@@ -435,9 +449,13 @@ class DecodeCore:
             out += self._end(s, SeqEvent.FINISH)
         return out
 
+    def is_down(self, rank: str) -> bool:
+        return rank in self._down
+
     def rank_failed(self, rank: str, error: str) -> list[Effect]:
         """``rank`` did not answer (a step or a Load) in time, or could not be reached: its
-        sequences end with an error and it takes no new ones until ``rank_up``."""
+        sequences end with an error and it takes no new ones until ``rank_up``. They are still
+        freed on it: a rank that was only slow keeps a clean cache for when it is back."""
         if rank not in self._by_rank:
             raise ValueError(f"{rank!r} is not an attention rank of this group")
         if not error.startswith(UNAVAILABLE):
@@ -447,15 +465,15 @@ class DecodeCore:
         for rid in sorted(self._by_rank[rank]):
             s = self._seqs.get(rid)
             if s is not None:
-                out += self._end(s, SeqEvent.FAIL, error=error, free_rank=False)
+                out += self._end(s, SeqEvent.FAIL, error=error)
         if len(self._down) == len(self.cfg.ranks):
             for s in list(self._queue):
                 out += self._end(s, SeqEvent.FAIL, error=f"{UNAVAILABLE}: no live attention rank in this DP group")
         return out
 
     def rank_up(self, rank: str) -> list[Effect]:
-        """A rank that was marked down answers again (e.g. restarted, its cache empty): use it
-        for new admissions."""
+        """A rank that was marked down answers again (a late answer, or restarted with an empty
+        cache): use it for new admissions."""
         if rank in self._down and not self._by_rank[rank]:
             self._free[rank] = self.cfg.rank_blocks
         self._down.discard(rank)
@@ -463,4 +481,4 @@ class DecodeCore:
 
 
 __all__ = ["DecodeCore", "CoreConfig", "Request", "Refused", "IllegalTransition", "SeqState", "SeqEvent",
-           "TRANSITIONS", "next_state", "SendLoad", "SendFree", "Emit", "StepPlan", "blocks_for"]
+           "TRANSITIONS", "next_state", "StepRefused", "SendLoad", "SendFree", "Emit", "StepPlan", "blocks_for"]

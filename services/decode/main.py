@@ -23,12 +23,15 @@ from typing import Any
 from services.common.rpc import INVALID_ARGUMENT, UNAVAILABLE, Ok, RemoteError
 from services.common.runtime import ServiceRuntime
 from services.common.wire import WireError, decode, encode
-from services.decode.core import CoreConfig, DecodeCore, Effect, Emit, Refused, Request, SendFree, SendLoad, SeqState
+from services.common.heartbeat import HeartbeatSubscriber
+from services.common.liveness import Change, DetectorConfig, FailureDetector, Liveness
+from services.decode.core import (
+    CoreConfig, DecodeCore, Effect, Emit, Refused, Request, SendFree, SendLoad, SeqState, StepRefused)
 from services.decode.messages import DecodeStats, DecodeStatsQuery
 from services.model.cache import ensure_model
 from services.model.config import ModelConfig
 from services.model.sampling import InvalidSamplingParams
-from services.pod.spec import PodSpec, service, services
+from services.pod.spec import PodSpec, address, service, services
 from services.protocol.inference import Admit, Cancel, Subscribe
 from services.protocol.step import Free, Load, Loaded, Logits, Run
 from xccl_net.errors import EndpointClosed, ProtocolError, XcclError, XcclTimeout
@@ -65,6 +68,7 @@ class Master:
         self.work = asyncio.Event()
         self.idle = asyncio.Event()
         self.unroutable = 0
+        self.rank_epochs: dict[str, str] = {}
         self.bad_from_ranks = 0
 
     # -- RPC from routers ------------------------------------------------------------------
@@ -202,6 +206,9 @@ class Master:
                     fut.set_result(msg)
                 else:
                     self.rt.log.info("decode.stale_logits", rank=src, step=msg.step, current=self.step_no)
+                    if self.core.is_down(src):   # it was slow, not gone: it takes new work again
+                        self.rt.log.info("decode.rank_back", rank=src)
+                        self._apply(self.core.rank_up(src))
             else:
                 self.bad_from_ranks += 1
                 self.rt.log.warning("decode.unexpected_from_rank", peer=src, msg_type=type(msg).__name__)
@@ -243,7 +250,25 @@ class Master:
             results[rank] = f"could not send step {run.step} to attention rank {rank}: {exc}"
             return
         msg = await self.step_waiters[rank]
-        results[rank] = f"attention rank {rank} failed step {run.step}: {msg.error}" if msg.error else msg.logits
+        results[rank] = StepRefused(msg.error) if msg.error else msg.logits
+
+    # -- rank liveness from heartbeats -------------------------------------------------------
+    def on_change(self, c: Change) -> None:
+        """A rank declared dead loses its sequences now (not at the next step's deadline); a
+        rank back with a new epoch restarted with an empty cache: what it held is lost, and it
+        takes new sequences again."""
+        if c.peer not in self.outbox:
+            return
+        assert self.rt is not None
+        known = self.rank_epochs.get(c.peer)
+        self.rank_epochs[c.peer] = c.epoch
+        if c.new is Liveness.DEAD:
+            self._apply(self.core.rank_failed(c.peer, f"attention rank {c.peer} is dead (no heartbeat for "
+                                                      f"{self.spec.heartbeat.dead_after_s:g} s)"))
+        elif c.new is Liveness.ALIVE and known is not None and c.epoch != known:
+            self.rt.log.info("decode.rank_restarted", rank=c.peer, epoch=c.epoch)
+            effects = self.core.rank_failed(c.peer, f"attention rank {c.peer} restarted and lost its KV cache")
+            self._apply(effects + self.core.rank_up(c.peer))
 
     # -- shutdown --------------------------------------------------------------------------
     async def drain(self) -> None:
@@ -270,6 +295,9 @@ async def serve(spec: PodSpec, name: str, cfg: MasterConfig = MasterConfig()) ->
     async with ServiceRuntime(spec, name, load=core.load) as rt:
         master.rt = rt
         rt.serve_rpc(master.on_rpc)
+        beats = HeartbeatSubscriber(
+            [address(spec, r, "heartbeat") for r in ranks], on_change=master.on_change,
+            detector=FailureDetector(DetectorConfig(spec.heartbeat.suspect_after_s, spec.heartbeat.dead_after_s)))
         rt.mark_ready(group=me.group, ranks=list(ranks), max_batch=core.cfg.max_batch, kv_blocks=core.cfg.kv_blocks)
-        await rt.run_until_stopped(master.receiver(), master.step_loop(), *(master.sender(r) for r in ranks),
-                                   drain=master.drain)
+        await rt.run_until_stopped(master.receiver(), master.step_loop(), beats.run(),
+                                   *(master.sender(r) for r in ranks), drain=master.drain)

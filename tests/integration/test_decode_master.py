@@ -65,7 +65,7 @@ class ModelRank:
     loads: list[str] = field(default_factory=list)
     frees: list[str] = field(default_factory=list)
     runs: int = 0
-    silent_runs: bool = False     # a rank that hangs mid-decode: takes Loads, never answers Runs
+    hold_runs: asyncio.Event | None = None   # a rank that hangs mid-decode until the Event is set
     hold_loads: asyncio.Event | None = None  # while set to an unset Event, Loads wait for it
     errors: list[str] = field(default_factory=list)
     held: list[str] = field(default_factory=list)
@@ -91,7 +91,9 @@ class ModelRank:
                     await self.ep.send(src, encode(Loaded(msg.request_id)), timeout_s=2)
                 except XcclError as exc:
                     self.errors.append(f"Loaded {msg.request_id}: {exc!r}")
-            elif isinstance(msg, Run) and not self.silent_runs:
+            elif isinstance(msg, Run):
+                if self.hold_runs is not None:
+                    await self.hold_runs.wait()
                 self.runs += 1
                 seqs = [self.seqs[r] for r in msg.request_ids]
                 if [s.computed for s in seqs] != list(msg.positions):
@@ -226,11 +228,10 @@ async def test_cancel_and_refusals(group) -> None:
     assert pod.alive("decode-0")
 
 
-async def test_silent_rank_ends_its_requests_with_an_error(group) -> None:
-    """Runs last: the silent rank is out of the group from then on."""
+async def test_silent_rank_ends_its_requests_with_an_error_and_is_taken_back_when_it_answers(group) -> None:
     pod, engine, ranks, router, prefilled = group
     before = await stats(router)
-    ranks[1].silent_runs = True
+    ranks[1].hold_runs = asyncio.Event()
     admits = [prefill(engine, prefilled, f"s{i}", f"silent rank {i}", SamplingParams(max_tokens=6, stop_token_ids=()))
               for i in range(2)]
     for a in admits:
@@ -248,6 +249,19 @@ async def test_silent_rank_ends_its_requests_with_an_error(group) -> None:
     await router.admit(a)
     await router.wait(["after"])
     assert router.final["after"].finish_reason == "length" and len(router.tokens["after"]) == 4
+    # The slow rank's late answer shows it is there: it takes sequences again, with a clean cache.
+    ranks[1].hold_runs.set()
+    ranks[1].hold_runs = None
+    async with asyncio.timeout(10):
+        while (await stats(router)).live_ranks != 2 or ranks[1].seqs:
+            await asyncio.sleep(0.01)   # the late answer reaching the master has no event here
+    both = [prefill(engine, prefilled, f"back{i}", f"both ranks {i}", SamplingParams(max_tokens=3, stop_token_ids=()))
+            for i in range(2)]
+    for a in both:
+        await router.admit(a)
+    await router.wait([a.request_id for a in both])
+    assert {router.final[a.request_id].finish_reason for a in both} == {"length"}
+    assert {"back0", "back1"} & set(ranks[1].loads)
     assert pod.alive("decode-0")
 
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from services.decode.core import (
     TRANSITIONS, CoreConfig, DecodeCore, Emit, IllegalTransition, Refused, Request, SendFree, SendLoad,
-    SeqEvent, SeqState, blocks_for, next_state)
+    SeqEvent, SeqState, StepRefused, blocks_for, next_state)
 from services.model.sampling import SamplingParams
 from services.protocol.inference import KVRef
 
@@ -212,7 +212,7 @@ def test_least_loaded_rank_and_rank_failure() -> None:
     errs = [t for t in emitted(out) if t.finish_reason == "error"]
     assert [(t.request_id, t.index, t.token_ids) for t in errs] == [("r1", 1, ())]
     assert errs[0].error.startswith("UNAVAILABLE: ") and "did not answer" in errs[0].error
-    assert frees(out) == [], "no Free to a rank that is down"
+    assert frees(out) == ["r1"], "freed on the rank all the same: it may only have been slow"
     assert c.load()["live_ranks"] == 1
     assert {e.rank for e in c.admit(req("r9"))} == {"a0"}
     # A wrong-shaped answer is a peer fault, too; with no live rank left, admission is refused.
@@ -307,10 +307,11 @@ def test_rank_failed_mid_step_ends_loading_and_running_sequences() -> None:
     out = c.rank_failed("a0", "attention rank a0 did not answer Load of load0 within 7 s")
     errs = {t.request_id: t.error for t in emitted(out)}
     assert set(errs) == {"run0", "load0"} and all(e.startswith("UNAVAILABLE: ") for e in errs.values())
-    assert frees(out) == [], "a rank that is down gets no Free"
+    assert frees(out) == ["load0"], "run0 is in the step in flight: freed when it completes"
     # a0's answer to the in-flight step comes anyway: nothing for the ended sequences.
     out = c.complete_step(plan.step, {"a0": onehot([1]), "a1": onehot([2])})
     assert [(t.request_id, t.token_ids) for t in emitted(out)] == [("run1", (2,))]
+    assert frees(out) == ["run0"] and c.is_down("a0")
     assert c.free_blocks == 32 - 2 and c.load()["live_ranks"] == 1
     assert {e.rank for e in c.admit(req("next"))} == {"a1"}
     with pytest.raises(ValueError):
@@ -328,3 +329,15 @@ def test_kv_budget_is_per_rank() -> None:
     with pytest.raises(Refused) as e:
         c.admit(req("w", max_tokens=16))                                          # 5 blocks > 4 per rank
     assert e.value.code == "RESOURCE_EXHAUSTED" and "an attention rank of this group has 4" in e.value.message
+
+
+def test_a_refused_step_fails_its_sequences_but_not_the_rank() -> None:
+    c = core(ranks=("a0", "a1"), max_batch=8)
+    load_all(c, c.admit(req("x")) + c.admit(req("y")))          # x on a0, y on a1
+    plan = c.plan_step()
+    out = c.complete_step(plan.step, {"a0": StepRefused("StepError: unknown sequence x"), "a1": onehot([4])})
+    fails = [t for t in emitted(out) if t.finish_reason == "error"]
+    assert [(t.request_id, t.error) for t in fails] == [
+        ("x", "UNAVAILABLE: attention rank a0 refused step 1: StepError: unknown sequence x")]
+    assert frees(out) == ["x"] and not c.is_down("a0") and c.load()["live_ranks"] == 2
+    assert [e.rank for e in c.admit(req("z"))] == ["a0"]
