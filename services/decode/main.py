@@ -63,7 +63,7 @@ class Master:
         bound = 4 * core.cfg.max_batch + 64         # Loads <= max_batch at once, Frees likewise
         self.outbox: dict[str, asyncio.Queue[Load | Free]] = {r: asyncio.Queue(bound) for r in core.cfg.ranks}
         self.load_timers: dict[str, asyncio.TimerHandle] = {}
-        self.step_waiters: dict[str, asyncio.Future[Logits]] = {}
+        self.step_waiters: dict[str, asyncio.Future[Logits | str]] = {}   # str: why no answer
         self.step_no = 0
         self.work = asyncio.Event()
         self.idle = asyncio.Event()
@@ -250,7 +250,10 @@ class Master:
             results[rank] = f"could not send step {run.step} to attention rank {rank}: {exc}"
             return
         msg = await self.step_waiters[rank]
-        results[rank] = StepRefused(msg.error) if msg.error else msg.logits
+        if isinstance(msg, str):
+            results[rank] = msg
+        else:
+            results[rank] = StepRefused(msg.error) if msg.error else msg.logits
 
     # -- rank liveness from heartbeats -------------------------------------------------------
     def on_change(self, c: Change) -> None:
@@ -263,8 +266,11 @@ class Master:
         known = self.rank_epochs.get(c.peer)
         self.rank_epochs[c.peer] = c.epoch
         if c.new is Liveness.DEAD:
-            self._apply(self.core.rank_failed(c.peer, f"attention rank {c.peer} is dead (no heartbeat for "
-                                                      f"{self.spec.heartbeat.dead_after_s:g} s)"))
+            why = f"attention rank {c.peer} is dead (no heartbeat for {self.spec.heartbeat.dead_after_s:g} s)"
+            fut = self.step_waiters.get(c.peer)
+            if fut is not None and not fut.done():
+                fut.set_result(why)   # the step in flight stops waiting for it
+            self._apply(self.core.rank_failed(c.peer, why))
         elif c.new is Liveness.ALIVE and known is not None and c.epoch != known:
             self.rt.log.info("decode.rank_restarted", rank=c.peer, epoch=c.epoch)
             effects = self.core.rank_failed(c.peer, f"attention rank {c.peer} restarted and lost its KV cache")

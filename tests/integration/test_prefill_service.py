@@ -84,6 +84,12 @@ class PodProcs:
             self.stop()
             raise
 
+    def respawn(self, name: str) -> None:
+        """Start ``name`` again (after it exited) and wait until it is ready."""
+        assert self.procs[name].poll() is not None, f"{name} is still running"
+        self._spawn(name, [sys.executable, "-m", "services.run", "--pod", str(self.spec_file), "--name", name])
+        self.wait_ready([name])
+
     def _spawn(self, name: str, argv: list[str]) -> None:
         ready_path(self.spec, name).unlink(missing_ok=True)
         with open(self.log_path(name), "ab") as log:
