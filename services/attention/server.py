@@ -11,7 +11,9 @@ counting the Runs it started, so its experts' answers never depend on another gr
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,20 +38,53 @@ REPLY_TIMEOUT_S = 5.0
 IDLE_WAIT_S = 1.0         # a bounded wait for the next message; the loop just goes round
 
 
+@dataclass(slots=True)
+class StepProfile:
+    """Where a decode step's time goes on the attention rank (cumulative seconds).
+
+    local: attention, dense layers, gate, shared expert, combine, lm_head (numpy here);
+    dispatch: A2E puts until every expert rank has its block; wait: from then until every
+    E2A answer arrived (expert compute + E2A transfer + expert queueing; the shared expert
+    overlaps it and is counted in local).
+    """
+    steps: int = 0
+    local_s: float = 0.0
+    dispatch_s: float = 0.0
+    wait_s: float = 0.0
+
+    def as_load(self) -> dict[str, float]:
+        return {"prof_steps": self.steps, "prof_local_ms": self.local_s * 1e3,
+                "prof_dispatch_ms": self.dispatch_s * 1e3, "prof_wait_ms": self.wait_s * 1e3}
+
+
 async def run_step(core: AttentionCore, dispatcher: A2EDispatcher, step_no: int, request_ids: Sequence[str],
                    tokens: Sequence[int], positions: Sequence[int], *,
-                   layer_timeout_s: float = LAYER_TIMEOUT_S) -> np.ndarray:
+                   layer_timeout_s: float = LAYER_TIMEOUT_S, prof: StepProfile | None = None) -> np.ndarray:
     """One decode step: local layers here, routed experts through A2E/E2A; returns the logits.
 
     The shared expert is computed while the routed rows are out at the experts.
     Raises ``StepError`` (refused, nothing changed) or an ``XcclError`` (experts unreachable).
     """
+    p = prof if prof is not None else StepProfile()
+    clock = time.perf_counter
+    t = clock()
     step = core.start(request_ids, tokens, positions)
     while (call := step.advance()) is not None:
+        t1 = clock()
         pending = await dispatcher.start_layer(pack_event_id(call.layer, step_no), call.h, call.ids,
                                                timeout_s=layer_timeout_s)
+        t2 = clock()
         step.compute_shared()
-        step.complete(await dispatcher.finish_layer(pending, call.weights))
+        t3 = clock()
+        routed = await dispatcher.finish_layer(pending, call.weights)
+        t4 = clock()
+        step.complete(routed)
+        p.local_s += (t1 - t) + (t3 - t2)
+        p.dispatch_s += t2 - t1
+        p.wait_s += t4 - t3
+        t = t4
+    p.local_s += clock() - t
+    p.steps += 1
     assert step.logits is not None
     return step.logits
 
@@ -64,6 +99,7 @@ class AttentionServer:
         self.master = master
         self.layer_timeout_s = layer_timeout_s
         self.steps = 0
+        self.profile = StepProfile()
         self.stats = {"runs": 0, "run_errors": 0, "loads": 0, "load_errors": 0, "frees": 0,
                       "bad_messages": 0, "foreign_messages": 0}
 
@@ -71,7 +107,7 @@ class AttentionServer:
         """Heartbeat load."""
         cache = self.core.cache
         return {"sequences": len(cache), "kv_blocks_used": cache.used_blocks, "kv_blocks_free": cache.free_blocks,
-                "steps": self.steps}
+                "steps": self.steps, **self.profile.as_load()}
 
     async def serve(self) -> None:
         """Handle the master's messages until cancelled."""
@@ -127,7 +163,7 @@ class AttentionServer:
         self.steps += 1
         try:
             logits = await run_step(self.core, self.dispatcher, step_no, msg.request_ids, msg.tokens, msg.positions,
-                                    layer_timeout_s=self.layer_timeout_s)
+                                    layer_timeout_s=self.layer_timeout_s, prof=self.profile)
         except (StepError, XcclError, ValueError) as exc:
             self.stats["run_errors"] += 1
             log.warning("attention.run_failed", step=msg.step, error=type(exc).__name__, detail=str(exc))

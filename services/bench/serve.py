@@ -17,6 +17,7 @@ import random
 import statistics
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 
 HELP = "load a running pod through the SDK: throughput, TTFT, TPOT, ITL; --compare-reference"
@@ -36,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", default=None, help="reference model preset (must be the pod's model)")
     src.add_argument("--model", default=None, help="reference model directory (must be the pod's model)")
+    p.add_argument("--pod", default=None, help="the pod's spec (xds up writes RUN_DIR/pod.yaml): adds the "
+                   "decode-step profile read from the services' heartbeats")
     p.add_argument("--json", action="store_true")
 
 
@@ -70,7 +73,10 @@ async def run_pod(args: argparse.Namespace, prompts: list[str]) -> tuple[list[Re
 
     sem = asyncio.Semaphore(args.concurrency)
     rng = random.Random(args.seed + 1)
-    records = [Record(f"bench-{args.seed}-{i}") for i in range(len(prompts))]
+    # Fresh ids per run: an id is an idempotency key, and the router keeps finished requests
+    # for a while, so reusing ids would re-read old results instead of measuring.
+    run_id = uuid.uuid4().hex[:8]
+    records = [Record(f"bench-{run_id}-{i}") for i in range(len(prompts))]
 
     async def one(i: int, client: InferenceClient) -> None:
         r = records[i]
@@ -96,6 +102,20 @@ async def run_pod(args: argparse.Namespace, prompts: list[str]) -> tuple[list[Re
                 await asyncio.sleep(rng.expovariate(args.request_rate))
         await asyncio.gather(*tasks)
         return records, time.perf_counter() - t0
+
+
+async def run_pod_profiled(args: argparse.Namespace, prompts: list[str]) -> tuple[list[Record], float, dict | None]:
+    if not args.pod:
+        records, duration = await run_pod(args, prompts)
+        return records, duration, None
+    from services.bench.profile import ProfileProbe, step_profile
+    from services.pod.spec import load_pod
+
+    async with ProfileProbe(load_pod(args.pod)) as probe:
+        before = await probe.snapshot()
+        records, duration = await run_pod(args, prompts)
+        after = await probe.snapshot()
+    return records, duration, step_profile(before, after)
 
 
 def summarize(records: list[Record], duration: float) -> dict:
@@ -137,10 +157,12 @@ def run(args: argparse.Namespace) -> int:
         print("bench serve: --compare-reference needs the pod's model: --preset NAME or --model DIR", file=sys.stderr)
         return 2
     prompts = make_prompts(args.num_prompts, args.prompt_len, args.seed)
-    records, duration = asyncio.run(run_pod(args, prompts))
+    records, duration, profile = asyncio.run(run_pod_profiled(args, prompts))
     result = {"bench": "serve", "num_prompts": args.num_prompts, "concurrency": args.concurrency,
               "request_rate": args.request_rate, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
               "pod": summarize(records, duration)}
+    if profile is not None:
+        result["step_profile"] = profile
     if args.compare_reference:
         ref = run_reference(args, prompts, records)
         result["reference"] = ref

@@ -57,6 +57,10 @@ def configure_logging(role: str, rank: int | None = None, *, level: str | None =
 
 
 def get_logger(**bind: Any) -> structlog.stdlib.BoundLogger:
+    """A logger; processes that never called ``configure_logging`` (CLI tools, benchmarks,
+    tests) get the stderr set-up with role "cli", so stdout stays clean for ``--json``."""
+    if not _configured:
+        configure_logging(role="cli")
     return structlog.get_logger().bind(**bind) if bind else structlog.get_logger()
 
 

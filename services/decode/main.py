@@ -17,6 +17,7 @@ Every wait has a timeout; a peer's garbage is counted and logged, never fatal.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,8 @@ class Master:
         self.outbox: dict[str, asyncio.Queue[Load | Free]] = {r: asyncio.Queue(bound) for r in core.cfg.ranks}
         self.load_timers: dict[str, asyncio.TimerHandle] = {}
         self.step_waiters: dict[str, asyncio.Future[Logits | str]] = {}   # str: why no answer
+        self.profile = dict.fromkeys(("prof_steps", "prof_schedule_ms", "prof_rank_rtt_ms",
+                                      "prof_sample_stream_ms"), 0.0)
         self.step_no = 0
         self.work = asyncio.Event()
         self.idle = asyncio.Event()
@@ -218,9 +221,21 @@ class Master:
         while True:
             await self.work.wait()
             self.work.clear()
+            t0 = time.perf_counter()
             while (plan := self.core.plan_step()) is not None:
+                t1 = time.perf_counter()
                 results = await self._run_step(plan.step, plan.runs)
+                t2 = time.perf_counter()
                 self._apply(self.core.complete_step(plan.step, results))
+                t3 = time.perf_counter()
+                # Step profile at the master: scheduling (plan), the round trip to the
+                # attention ranks (their step + Run/Logits over XCCL), sampling + streaming.
+                prof = self.profile
+                prof["prof_steps"] += 1
+                prof["prof_schedule_ms"] += (t1 - t0) * 1e3
+                prof["prof_rank_rtt_ms"] += (t2 - t1) * 1e3
+                prof["prof_sample_stream_ms"] += (t3 - t2) * 1e3
+                t0 = t3
 
     async def _run_step(self, step: int, runs: tuple[tuple[str, Run], ...]) -> dict[str, Any]:
         assert self.rt is not None
@@ -298,7 +313,7 @@ async def serve(spec: PodSpec, name: str, cfg: MasterConfig = MasterConfig()) ->
                                  max_batch=spec.decode.max_batch, ranks=ranks, max_queue=cfg.max_queue,
                                  max_positions=model_cfg.max_position_embeddings))
     master = Master(spec, name, core, cfg)
-    async with ServiceRuntime(spec, name, load=core.load) as rt:
+    async with ServiceRuntime(spec, name, load=lambda: {**core.load(), **master.profile}) as rt:
         master.rt = rt
         rt.serve_rpc(master.on_rpc)
         beats = HeartbeatSubscriber(

@@ -7,6 +7,8 @@ dispatch handler like any bad notice.
 
 from __future__ import annotations
 
+import time
+
 from collections.abc import Iterable
 
 import numpy as np
@@ -22,6 +24,7 @@ class ExpertInstance:
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, hosted: Iterable[int]) -> None:
         self.cfg = cfg
         self.hosted = frozenset(hosted)
+        self.compute_s = 0.0  # time in expert FFNs (the step profile's "expert compute")
         # layer -> expert id -> weights; only hosted experts of MoE layers are kept.
         self.experts: dict[int, dict[int, FFNWeights]] = {
             li: {e: lw.experts[e] for e in sorted(self.hosted)}
@@ -36,6 +39,9 @@ class ExpertInstance:
 
         def expert_fn(e: int, rows: np.ndarray) -> np.ndarray:
             # The dispatch guard already refused expert ids not hosted here.
-            return L.ffn(table[e], rows)
+            t0 = time.perf_counter()
+            out = L.ffn(table[e], rows)
+            self.compute_s += time.perf_counter() - t0
+            return out
 
         return expert_fn

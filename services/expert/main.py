@@ -59,7 +59,8 @@ async def serve(spec: PodSpec, name: str) -> None:
     def load() -> dict[str, float]:
         if handler is None:
             return {}
-        return {"events_served": handler.stats["events"], "rows_served": handler.stats["rows_served"]}
+        return {"events_served": handler.stats["events"], "rows_served": handler.stats["rows_served"],
+                "compute_ms": inst.compute_s * 1e3}
 
     async with ServiceRuntime(spec, name, windows={windows.a2e: geo.layout.a2e_window_bytes}, load=load) as rt:
         handler = E2AHandler(rt.endpoint, rank=me.rank, source_peers=geo.sources, placement=geo.placement,

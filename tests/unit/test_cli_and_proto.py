@@ -59,3 +59,10 @@ def test_logging_is_json_with_role_when_not_a_terminal() -> None:
     event = json.loads(r.stderr.strip().splitlines()[-1])
     assert event["event"] == "shutdown.drain" and event["role"] == "router" and event["rank"] == 1
     assert event["request_id"] == "req-9" and event["n"] == 3 and r.stdout == ""
+
+
+def test_library_logging_never_writes_to_stdout() -> None:
+    code = ("from services.common.heartbeat import log\nlog.info('liveness.change', peer='x')\n"
+            "import json; print(json.dumps({'ok': True}))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert json.loads(r.stdout) == {"ok": True} and "liveness.change" in r.stderr
