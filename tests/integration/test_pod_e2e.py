@@ -166,3 +166,21 @@ async def test_bad_input_is_rejected_and_the_pod_keeps_serving(pod, reference) -
             await client.cancel("no-such-request")
         res = await ok
     assert res.token_ids == expected(reference, "alive-1", "still serving", {"max_tokens": 12})
+
+
+def test_bench_serve_prints_json_and_matches_the_reference(pod) -> None:
+    import json
+    import sys
+    eps = [a for r in pod.routers for a in ("--endpoint", r)]
+    r = subprocess.run([sys.executable, "-m", "services.cli", "bench", "serve", *eps, "--num-prompts", "6",
+                        "--concurrency", "3", "--max-tokens", "8", "--compare-reference", "--model", _model_dir(pod),
+                        "--pod", str(pod.spec_file), "--json"],
+                       capture_output=True, text=True, timeout=180, cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    assert res["pod"]["completed"] == 6 and res["pod"]["errors"] == 0
+    assert res["reference"]["streams_differing_from_pod"] == 0
+    assert res["pod"]["ttft_ms"]["p50"] > 0 and res["ratios"]["pod_over_reference_tokens_per_s"] > 0
+    prof = res["step_profile"]
+    assert prof["master_steps"] > 0 and prof["attention_ms_per_step"]["local_compute"] > 0
+    assert prof["expert_compute_ms_per_attention_step"] > 0
