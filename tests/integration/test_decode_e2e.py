@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from tests.waiting import Changed
+
 from services.common.rpc import RpcClient
 from services.decode.messages import DecodeStats, DecodeStatsQuery
 from services.model.engine import GenerationRequest, ReferenceEngine
@@ -62,6 +64,7 @@ class Router:
         self.final: dict[str, Tokens] = {}
         self.done: dict[str, asyncio.Event] = {}
         self.bad: list[str] = []
+        self.changed = Changed()
 
     def _on_push(self, msg: Tokens) -> None:
         got = self.tokens[msg.request_id]
@@ -71,6 +74,7 @@ class Router:
         if msg.finish_reason:
             self.final[msg.request_id] = msg
             self.done[msg.request_id].set()
+        self.changed.notify()
 
     async def generate(self, rid: str, ids: tuple[int, ...], p: SamplingParams, group: str,
                        timeout_s: float = 60.0) -> None:
@@ -135,9 +139,7 @@ async def test_cancel_mid_stream_frees_the_group(pod, router, engine) -> None:
     p = SamplingParams(max_tokens=200, stop_token_ids=())
     task = asyncio.create_task(router.generate("e-cancel", ids, p, "decode-1"))
     try:
-        async with asyncio.timeout(30):
-            while len(router.tokens.get("e-cancel", [])) < 5:
-                await asyncio.sleep(0.01)   # no event for "n tokens streamed" but the pushes themselves
+        await router.changed.until(lambda: len(router.tokens.get("e-cancel", [])) >= 5, 30)
         await router.groups["decode-1"].call(Cancel("e-cancel"), timeout_s=5)
     finally:
         task.cancel()
@@ -160,9 +162,7 @@ async def test_killed_attention_rank_fails_its_requests_fast_and_its_restart_is_
     ids = tuple(encode("decoding when the attention rank dies"))
     p = SamplingParams(max_tokens=400, stop_token_ids=())
     task = asyncio.create_task(router.generate("e-kill", ids, p, "decode-1", timeout_s=20))
-    async with asyncio.timeout(30):
-        while len(router.tokens.get("e-kill", [])) < 5:
-            await asyncio.sleep(0.01)   # no event for "n tokens streamed" but the pushes themselves
+    await router.changed.until(lambda: len(router.tokens.get("e-kill", [])) >= 5, 30)
     t0 = time.monotonic()
     os.kill(pod.procs["attention-1-0"].pid, signal.SIGKILL)
     await task

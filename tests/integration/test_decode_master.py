@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import pytest
 import pytest_asyncio
 
+from tests.waiting import Changed
+
 from services.common.rpc import RemoteError, RpcClient
 from services.common.wire import decode, encode
 from services.decode.messages import DecodeStats, DecodeStatsQuery
@@ -54,6 +56,9 @@ def engine(pod) -> ReferenceEngine:
     return ReferenceEngine.from_dir(pod.model_dir)
 
 
+CHANGED = Changed()  # module scope: the fixtures' doubles and the tests share one loop
+
+
 @dataclass
 class ModelRank:
     """An attention rank's protocol, computed in the test process with the whole model."""
@@ -73,6 +78,7 @@ class ModelRank:
     async def serve(self) -> None:
         e = self.engine
         while True:
+            CHANGED.notify()  # whatever the last message did is visible now
             try:
                 src, frames = await self.ep.recv(timeout_s=1.0)
             except XcclTimeout:
@@ -81,6 +87,7 @@ class ModelRank:
             if isinstance(msg, Load):
                 if self.hold_loads is not None:
                     self.held.append(msg.request_id)
+                    CHANGED.notify()
                     await self.hold_loads.wait()
                 s = self.prefilled.pop(msg.request_id)
                 if s.computed != msg.kv.num_tokens or s.kv[0][0].shape[1] != msg.capacity:
@@ -129,6 +136,7 @@ class Router:
         if msg.finish_reason:
             self.final[msg.request_id] = msg
             self.done.setdefault(msg.request_id, asyncio.Event()).set()
+        CHANGED.notify()
 
     async def wait(self, rids, timeout_s: float = 30.0) -> None:
         async with asyncio.timeout(timeout_s):
@@ -187,10 +195,8 @@ async def test_tokens_equal_the_reference_under_batching_and_backpressure(group)
     assert st.free_kv_blocks == KV_BLOCKS and st.running == 0 and st.queued == 0
     assert st.queue_peak >= 1 and st.finished >= 8 and st.tokens == sum(len(v) - 1 for v in router.tokens.values())
     assert all(r.loads for r in ranks), "both attention ranks got sequences"
-    # The last Free goes out after the last push: poll for it, with a deadline.
-    async with asyncio.timeout(5):
-        while any(sorted(r.loads) != sorted(r.frees) or r.seqs for r in ranks):
-            await asyncio.sleep(0.01)
+    # The last Free goes out after the last push.
+    await CHANGED.until(lambda: not any(sorted(r.loads) != sorted(r.frees) or r.seqs for r in ranks), 5)
 
 
 async def test_cancel_and_refusals(group) -> None:
@@ -199,13 +205,9 @@ async def test_cancel_and_refusals(group) -> None:
                    SamplingParams(max_tokens=90, stop_token_ids=()))
     await router.admit(long)
     # Wait until it streams, then cancel: Ok, no final push (the router asked), blocks back, Free sent.
-    async with asyncio.timeout(20):
-        while len(router.tokens["c-long"]) < 4:
-            await asyncio.sleep(0.01)   # no event for "n tokens arrived" but the pushes themselves
+    await CHANGED.until(lambda: len(router.tokens["c-long"]) >= 4, 20)
     await router.client.call(Cancel("c-long"), timeout_s=5)
-    async with asyncio.timeout(10):
-        while "c-long" not in ranks[0].frees + ranks[1].frees:
-            await asyncio.sleep(0.01)
+    await CHANGED.until(lambda: "c-long" in ranks[0].frees + ranks[1].frees, 10)
     st = await stats(router)
     assert st.free_kv_blocks == KV_BLOCKS and st.running == 0 and st.cancelled >= 1
     assert len(router.tokens["c-long"]) < 90 and "c-long" not in router.final
@@ -272,9 +274,7 @@ async def test_sigterm_drains_then_hands_running_requests_back(group) -> None:
     ranks[0].hold_loads = asyncio.Event()
     a = prefill(engine, prefilled, "drain", "still loading at shutdown", SamplingParams(max_tokens=20))
     await router.admit(a)
-    async with asyncio.timeout(10):
-        while "drain" not in ranks[0].held:
-            await asyncio.sleep(0.01)   # the Load reaching the rank has no event of its own here
+    await CHANGED.until(lambda: "drain" in ranks[0].held, 10)
     proc = pod.procs["decode-0"]
     os.kill(proc.pid, signal.SIGTERM)
     # Admissions are refused as soon as the drain starts (a repeated Admit of one id is
