@@ -8,7 +8,6 @@ short grace -> exit 0. The signal handler only sets the stop event.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
@@ -25,6 +24,7 @@ from fabric_sim.config import FabricConfig
 from fabric_sim.host import HostMonitor
 from fabric_sim.model import FabricModel
 from fabric_sim.service import FabricService
+from services.common.runtime import announce_ready
 from services.common.zmqio import ZmqPump
 from services.api.xds.v1 import fabric_pb2_grpc as pb_grpc
 from services.common.logging import get_logger
@@ -35,12 +35,6 @@ SERVICE_NAME = "xds.v1.Fabric"
 LAG_PROBE_INTERVAL_S = 0.1
 STOP_GRACE_S = 0.5
 _LOG_BAD_FIRST = 20  # log the first bad messages in full, then every 1000th
-
-
-def write_ready_file(path: Path, info: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, path)
 
 
 class FabricServer:
@@ -110,8 +104,7 @@ class FabricServer:
                 await health.set(name, health_pb2.HealthCheckResponse.SERVING)
             self.info = {"data_address": data_address, "admin_address": f"{self.cfg.admin_host}:{port}",
                          "admin_port": port, "pid": os.getpid(), "epoch": self.epoch}
-            if self.ready_file is not None:
-                write_ready_file(self.ready_file, self.info)
+            announce_ready(self.ready_file, self.info)
             log.info("fabric.ready", **self.info, servers=self.cfg.servers,
                      npus_per_server=self.cfg.npus_per_server, time_scale=self.cfg.time_scale)
             self.ready.set()

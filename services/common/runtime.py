@@ -23,6 +23,10 @@ from services.common.rpc import RpcServer
 from services.pod.spec import PodSpec, ServiceSpec, address, bind_address, service, services
 
 FABRIC_CONNECT_TIMEOUT_S = 10.0
+# A launcher passes the write end of a pipe in this variable; the ready JSON goes there too,
+# so the launcher waits on an event (readable pipe, or EOF when the child died) instead of
+# polling files.
+READY_FD_ENV = "XDS_READY_FD"
 
 
 def ready_path(spec: PodSpec, name: str) -> Path:
@@ -33,6 +37,19 @@ def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(data))
     os.replace(tmp, path)
+
+
+def announce_ready(path: Path | None, info: Mapping[str, Any]) -> None:
+    """Write the ready file (for people and tools) and tell the launcher through its pipe."""
+    if path is not None:
+        write_json_atomic(path, info)
+    fd = os.environ.pop(READY_FD_ENV, None)
+    if fd is not None:
+        try:
+            os.write(int(fd), (json.dumps(info) + "\n").encode())
+            os.close(int(fd))
+        except OSError:
+            pass  # the launcher is gone; the ready file still tells
 
 
 class ServiceRuntime:
@@ -79,9 +96,9 @@ class ServiceRuntime:
         return self.rpc
 
     def mark_ready(self, **info: Any) -> None:
-        write_json_atomic(ready_path(self.spec, self.me.name),
-                          {"name": self.me.name, "role": self.me.role, "pid": os.getpid(),
-                           "epoch": self.heartbeat.epoch if self.heartbeat else "", **info})
+        announce_ready(ready_path(self.spec, self.me.name),
+                       {"name": self.me.name, "role": self.me.role, "pid": os.getpid(),
+                        "epoch": self.heartbeat.epoch if self.heartbeat else "", **info})
         self.log.info("service.ready", **info)
 
     async def run_until_stopped(self, *workers: Awaitable[Any], drain: Callable[[], Awaitable[None]] | None = None,

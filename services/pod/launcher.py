@@ -1,9 +1,9 @@
 """Start a whole pod as local processes (``xds up``) and stop it cleanly.
 
 Order: fabric simulator, then every service of ``spec.services`` (dependencies first). Each
-service signals readiness by writing ``<run_dir>/<name>.ready``; the launcher waits on those
-files with a deadline (there is no other cross-process event to wait on). A service that exits
-before it is ready fails the launch with that service's stderr tail. Stopping is by PID:
+service signals readiness through an inherited pipe (and a ``<run_dir>/<name>.ready`` file for
+people and tools); the launcher waits on the pipes with a deadline. A service that exits before
+it is ready fails the launch with that service's log tail. Stopping is by PID:
 SIGTERM to every child (reverse order), SIGKILL to those still alive after the grace period,
 then the pod's shared-memory namespace and sockets are swept.
 """
@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import selectors
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from typing import Any
 import yaml
 
 from services.common.config import to_mapping
-from services.common.runtime import ready_path, write_json_atomic
+from services.common.runtime import READY_FD_ENV, ready_path, write_json_atomic
 from services.model.cache import ensure_model
 from services.pod.spec import COMPOSE_PORTS, PodSpec, bind_address, services
 
@@ -40,7 +42,7 @@ class Child:
     name: str
     proc: subprocess.Popen
     log_path: Path
-    ready_file: Path
+    ready_fd: int                      # read end of the child's readiness pipe (-1 once closed)
     info: dict[str, Any] = field(default_factory=dict)
 
     def log_tail(self, n: int = 3000) -> str:
@@ -48,6 +50,11 @@ class Child:
             return self.log_path.read_text(errors="replace")[-n:]
         except FileNotFoundError:
             return ""
+
+    def close_ready_fd(self) -> None:
+        if self.ready_fd >= 0:
+            os.close(self.ready_fd)
+            self.ready_fd = -1
 
 
 def fabric_config(spec: PodSpec) -> dict[str, Any]:
@@ -60,85 +67,168 @@ def fabric_config(spec: PodSpec) -> dict[str, Any]:
 
 
 class Pod:
+    """A pod's processes, started from its spec and stopped by PID.
+
+    ``start()`` runs the whole pod (what ``xds up`` does); ``start(only=[...])`` the fabric and
+    a subset (tests); ``start_service`` starts or restarts one service. Readiness is an event:
+    each child inherits the write end of a pipe and sends its ready JSON through it
+    (``runtime.announce_ready``); end-of-file before that means it died, and the error carries
+    its log tail.
+    """
+
     def __init__(self, spec: PodSpec) -> None:
         self.spec = spec
         self.children: list[Child] = []
         self.spec_file = spec.run_path / "pod.yaml"
+        self.killed: set[str] = set()   # SIGKILLed by us and not restarted: may leave segments
+        self.swept: list[str] = []      # shm segments stop() had to remove (a clean pod: none)
 
     # -- start -----------------------------------------------------------------------------
-    def start(self, timeout_s: float = READY_TIMEOUT_S) -> Pod:
-        run = self.spec.run_path
-        run.mkdir(parents=True, exist_ok=True)
+    def prepare(self) -> None:
+        """Run dir, model files and the resolved spec every service reads (idempotent)."""
+        if self.spec_file.exists():
+            return
+        self.spec.run_path.mkdir(parents=True, exist_ok=True)
         model_dir = ensure_model(self.spec.model.dir, self.spec.model.preset, self.spec.model.seed, self.spec.cache_dir)
         resolved = to_mapping(self.spec)
         resolved["model"]["dir"] = str(model_dir)  # every service loads these very files
         self.spec_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    @property
+    def model_dir(self) -> str:
+        return yaml.safe_load(self.spec_file.read_text())["model"]["dir"]
+
+    def start(self, timeout_s: float = READY_TIMEOUT_S, *, only: Sequence[str] | None = None,
+              fabric: bool = True) -> Pod:
         try:
-            fab_cfg = run / "fabric.yaml"
-            fab_cfg.write_text(yaml.safe_dump(fabric_config(self.spec)))
-            self._spawn("fabric", [sys.executable, "-m", "fabric_sim", "--config", str(fab_cfg),
-                                   "--ready-file", str(ready_path(self.spec, "fabric"))])
-            self._wait_ready(self.children[-1:], timeout_s)
-            rest = [s.name for s in services(self.spec) if s.role != "fabric"]
-            for name in rest:
-                self._spawn(name, [sys.executable, "-m", "services.run", "--pod", str(self.spec_file), "--name", name])
-            self._wait_ready(self.children[1:], timeout_s)
+            self.prepare()
+            if fabric:
+                self._wait_ready([self._spawn("fabric")], timeout_s)
+            names = [s.name for s in services(self.spec) if s.role != "fabric" and (only is None or s.name in only)]
+            unknown = set(only or ()) - set(names)
+            if unknown:
+                raise PodStartError(f"no service named {sorted(unknown)} in pod {self.spec.name!r}")
+            self._wait_ready([self._spawn(n) for n in names], timeout_s)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
-        ready = ready_path(self.spec, name)
-        ready.unlink(missing_ok=True)
+    def start_service(self, name: str, timeout_s: float = READY_TIMEOUT_S) -> Child:
+        """Start ``name`` (again, if an earlier process of it exited) and wait until it is ready."""
+        self.prepare()
+        if name in self.procs and self.alive(name):
+            raise PodStartError(f"service {name} is already running (pid {self.procs[name].pid})")
+        child = self._spawn(name)
+        self._wait_ready([child], timeout_s)
+        self.killed.discard(name)
+        return child
+
+    def _argv(self, name: str) -> list[str]:
+        if name == "fabric":
+            fab_cfg = self.spec.run_path / "fabric.yaml"
+            fab_cfg.write_text(yaml.safe_dump(fabric_config(self.spec)))
+            return [sys.executable, "-m", "fabric_sim", "--config", str(fab_cfg),
+                    "--ready-file", str(ready_path(self.spec, "fabric"))]
+        return [sys.executable, "-m", "services.run", "--pod", str(self.spec_file), "--name", name]
+
+    def _spawn(self, name: str) -> Child:
+        ready_path(self.spec, name).unlink(missing_ok=True)
         log_path = self.spec.run_path / f"{name}.log"
-        env = dict(os.environ, XDS_LOG_FORMAT=os.environ.get("XDS_LOG_FORMAT", "json"))
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-                                    start_new_session=True)  # Ctrl-C at the terminal goes to us only
-        self.children.append(Child(name, proc, log_path, ready))
+        r, w = os.pipe()
+        env = dict(os.environ, XDS_LOG_FORMAT=os.environ.get("XDS_LOG_FORMAT", "json"), **{READY_FD_ENV: str(w)})
+        try:
+            with open(log_path, "ab") as log:
+                proc = subprocess.Popen(self._argv(name), stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                                        pass_fds=(w,), start_new_session=True)  # Ctrl-C goes to us only
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)  # only the child holds the write end: its exit is our end-of-file
+        child = Child(name, proc, log_path, r)
+        self.children.append(child)
+        return child
 
     def _wait_ready(self, children: list[Child], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        pending = list(children)
-        while pending:
-            for c in list(pending):
-                if c.ready_file.exists():
-                    c.info = json.loads(c.ready_file.read_text())
-                    pending.remove(c)
-                elif c.proc.poll() is not None:
-                    raise PodStartError(f"service {c.name} exited with code {c.proc.returncode} before it was "
-                                        f"ready; its log ({c.log_path}) ends with:\n{c.log_tail()}")
-            if pending and time.monotonic() > deadline:
-                c = pending[0]
-                raise PodStartError(f"service {c.name} not ready after {timeout_s:g}s; log ends with:\n{c.log_tail()}")
-            if pending:
-                time.sleep(0.02)
+        buffers = {c.ready_fd: b"" for c in children}
+        by_fd = {c.ready_fd: c for c in children}
+        with selectors.DefaultSelector() as sel:
+            for fd in by_fd:
+                sel.register(fd, selectors.EVENT_READ)
+            while by_fd:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    c = next(iter(by_fd.values()))
+                    raise PodStartError(f"service {c.name} not ready after {timeout_s:g}s; log ends with:\n"
+                                        f"{c.log_tail()}")
+                for key, _ in sel.select(left):
+                    fd, c = key.fd, by_fd[key.fd]
+                    chunk = os.read(fd, 65536)
+                    buffers[fd] += chunk
+                    if b"\n" in buffers[fd]:
+                        c.info = json.loads(buffers[fd].split(b"\n", 1)[0])
+                    elif chunk:
+                        continue
+                    sel.unregister(fd)
+                    del by_fd[fd]
+                    c.close_ready_fd()
+                    if not c.info:  # end-of-file without a ready line: the child is gone
+                        code = c.proc.wait(timeout=10)
+                        raise PodStartError(f"service {c.name} exited with code {code} before it was "
+                                            f"ready; its log ({c.log_path}) ends with:\n{c.log_tail()}")
 
     # -- facts -----------------------------------------------------------------------------
     @property
     def routers(self) -> list[str]:
-        return [c.info["grpc"] for c in self.children if c.name.startswith("router-")]
+        return [self.child(n).info["grpc"] for n in self.procs if n.startswith("router-")]
 
     @property
     def fabric_admin(self) -> str:
-        fab = next(c for c in self.children if c.name == "fabric")
-        return fab.info.get("admin_address", "")
+        return self.child("fabric").info.get("admin_address", "") if "fabric" in self.procs else ""
+
+    @property
+    def procs(self) -> dict[str, subprocess.Popen]:
+        """The latest process of every service started so far."""
+        return {c.name: c.proc for c in self.children}
 
     def pids(self) -> dict[str, int]:
-        return {c.name: c.proc.pid for c in self.children}
+        return {name: p.pid for name, p in self.procs.items()}
 
     def child(self, name: str) -> Child:
-        return next(c for c in self.children if c.name == name)
+        return next(c for c in reversed(self.children) if c.name == name)
+
+    def alive(self, name: str) -> bool:
+        return self.procs[name].poll() is None
 
     def ready_info(self) -> dict[str, Any]:
         return {"pod": self.spec.name, "routers": self.routers, "fabric_admin": self.fabric_admin,
                 "run_dir": str(self.spec.run_path), "pids": self.pids()}
 
     # -- stop ------------------------------------------------------------------------------
-    def stop(self, grace_s: float = STOP_GRACE_S) -> dict[str, int | None]:
-        """SIGTERM all (reverse start order), SIGKILL stragglers, sweep shm; returns exit codes."""
-        for c in reversed(self.children):
+    def kill(self, name: str) -> int:
+        """SIGKILL one service now (a crash): it cannot clean up after itself."""
+        p = self.procs[name]
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+        self.killed.add(name)
+        return p.wait(timeout=10)
+
+    def stop_one(self, name: str, grace_s: float = STOP_GRACE_S) -> int:
+        """SIGTERM one service; SIGKILL if it is still alive after ``grace_s``. Its exit code."""
+        return self._stop([self.child(name)], grace_s)[name]
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> dict[str, int]:
+        """SIGTERM all (reverse start order), SIGKILL stragglers, sweep shm; returns the exit code
+        of every service's latest process."""
+        self._stop(list(reversed(self.children)), grace_s)
+        self.swept = self.sweep()
+        return {name: p.returncode for name, p in self.procs.items()}
+
+    def _stop(self, children: list[Child], grace_s: float) -> dict[str, int]:
+        for c in children:
+            c.close_ready_fd()
             if c.proc.poll() is None:
                 try:
                     os.kill(c.proc.pid, signal.SIGCONT)   # a SIGSTOPped child cannot handle SIGTERM
@@ -146,14 +236,13 @@ class Pod:
                 except ProcessLookupError:
                     pass
         deadline = time.monotonic() + grace_s
-        codes: dict[str, int | None] = {}
-        for c in self.children:
+        codes: dict[str, int] = {}
+        for c in children:
             try:
                 codes[c.name] = c.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 c.proc.kill()
                 codes[c.name] = c.proc.wait(timeout=10)
-        self.sweep()
         return codes
 
     def sweep(self) -> list[str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from tests.pods import TestPod
 from tests.waiting import Changed
 
 from services.common.rpc import RpcClient
@@ -38,15 +39,13 @@ SERVICES = ["kvpool-0", "expert-0", "expert-1", "attention-0-0", "attention-1-0"
 
 @pytest.fixture(scope="module")
 def pod():
-    from tests.integration.test_prefill_service import PodProcs
-
-    procs = PodProcs.create("e2e", {
+    procs = TestPod.create("e2e", {
         "decode": {"groups": 2, "attention_per_group": 1, "max_batch": 4, "kv_blocks": 40},
         "experts": {"instances": 2, "replicas": 2}, "prefill": 1,
         "kv_pool": {"nodes": 1, "capacity_blocks": 256, "block_size": 16},
         "heartbeat": {"interval_s": 0.05, "suspect_after_s": 0.3, "dead_after_s": 0.6}})
     try:
-        procs.start(SERVICES)
+        procs.start(only=SERVICES)
         yield procs
     finally:
         codes = procs.stop()
@@ -176,7 +175,7 @@ async def test_killed_attention_rank_fails_its_requests_fast_and_its_restart_is_
     assert st.live_ranks == 0 and st.running == 0
     # Restart it: a new epoch in its beats puts it back into decode-1's group.
     pod.procs["attention-1-0"].wait(timeout=10)
-    pod.respawn("attention-1-0")
+    pod.start_service("attention-1-0")
     async with asyncio.timeout(20):
         while (await router.groups["decode-1"].call(DecodeStatsQuery(), timeout_s=5)).live_ranks != 1:
             await asyncio.sleep(0.05)   # beats of the new epoch reaching decode-1: no event here

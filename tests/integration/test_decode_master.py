@@ -28,7 +28,7 @@ from services.model.tokenizer import encode as tok
 from services.pod.spec import address
 from services.protocol.inference import Admit, Cancel, KVRef, Sampling, Tokens
 from services.protocol.step import Free, Load, Loaded, Logits, Run
-from tests.integration.test_prefill_service import PodProcs, test_endpoint
+from tests.pods import TestPod, test_endpoint
 from xccl_net.errors import XcclError, XcclTimeout
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -39,12 +39,12 @@ RANKS = ("attention-0-0", "attention-0-1")
 
 @pytest.fixture(scope="module")
 def pod():
-    procs = PodProcs.create("dm", {
+    procs = TestPod.create("dm", {
         "decode": {"groups": 1, "attention_per_group": 2, "max_batch": MAX_BATCH, "kv_blocks": KV_BLOCKS},
         "kv_pool": {"block_size": BLOCK}, "heartbeat": {"interval_s": 0.05, "suspect_after_s": 0.2,
                                                         "dead_after_s": 0.4}})
     try:
-        procs.start(["decode-0"])
+        procs.start(only=["decode-0"])
         yield procs
     finally:
         codes = procs.stop()
@@ -117,7 +117,7 @@ class ModelRank:
 class Router:
     """The router's side: Admit over RPC, pushed Tokens collected per request."""
 
-    def __init__(self, pod: PodProcs) -> None:
+    def __init__(self, pod: TestPod) -> None:
         self.tokens: dict[str, list[int]] = {}
         self.final: dict[str, Tokens] = {}
         self.done: dict[str, asyncio.Event] = {}

@@ -8,12 +8,6 @@ Every process is stopped by PID; no process, socket directory or /dev/shm entry 
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,24 +15,21 @@ from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 import zmq
 
-from fabric_sim.launch import SimProcess, start_sim
 from services.common.heartbeat import HeartbeatSubscriber
 from services.common.rpc import RemoteError, RpcClient
-from services.common.runtime import ready_path
 from services.kvpool.client import KVPoolClient, KVPoolUnavailable
 from services.kvpool.core import block_hashes
 from services.model.cache import ensure_model
 from services.model.config import ModelConfig
 from services.model.engine import GenerationRequest, ReferenceEngine, SequenceState, new_kv
 from services.model.sampling import SamplingParams
-from services.pod.spec import PodSpec, address, load_pod
+from services.pod.spec import address
 from services.protocol.inference import KVRef
 from services.protocol.kvpool import Acquire, Commit, Release, Reserve, Stats, StatsQuery
 from xccl_net.endpoint import EndpointConfig, open_endpoint
-from xccl_net.layout import segment_name
+from tests.pods import TestPod
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -48,71 +39,23 @@ BS = 16
 
 # ---------------------------------------------------------------------- processes
 
-class Pod:
+class Pod(TestPod):
     """A fabric simulator and the pod's pool nodes, each a real process, stopped by PID."""
 
-    def __init__(self, root: Path, cache_dir: Path, **kv_pool: Any) -> None:
-        self.root = root
-        data = {"name": "kvt", "run_dir": str(root), "cache_dir": str(cache_dir),
-                "kv_pool": {"block_size": BS, **kv_pool}}
-        self.pod_file = root / "pod.yaml"
-        self.pod_file.write_text(yaml.safe_dump(data))
-        self.spec: PodSpec = load_pod(self.pod_file)
-        self.sim: SimProcess | None = None
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.killed: set[str] = set()
+    @classmethod
+    def with_nodes(cls, cache_dir: Path, **kv_pool: Any) -> Pod:
+        return cls.create("kvt", {"cache_dir": str(cache_dir), "kv_pool": {"block_size": BS, **kv_pool}})
 
-    def start(self) -> Pod:
-        self.sim = start_sim(self.root / "fab", {**self.spec.fabric, "admin_port": 0,
-                                                 "data_address": address(self.spec, "fabric", "fabric")})
-        for i in range(self.spec.kv_pool.nodes):
-            self.start_node(f"kvpool-{i}")
-        for name in self.procs:
-            self.wait_ready(name)
+    def start(self, timeout_s: float = READY_TIMEOUT_S, **kw: Any) -> Pod:
+        super().start(timeout_s, only=[f"kvpool-{i}" for i in range(self.spec.kv_pool.nodes)])
         return self
 
-    def start_node(self, name: str) -> None:
-        err = open(self.root / f"{name}.stderr", "ab")
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "services.run", "--pod", str(self.pod_file), "--name", name],
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
-        err.close()
-
-    def wait_ready(self, name: str) -> None:
-        path, proc = ready_path(self.spec, name), self.procs[name]
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        # The ready file is the only readiness signal across processes: poll it with a deadline.
-        while not path.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = (self.root / f"{name}.stderr").read_text(errors="replace")[-3000:]
-                raise AssertionError(f"{name} not ready (exit {proc.poll()}):\n{tail}")
-            time.sleep(0.01)
-
-    def kill9(self, name: str) -> None:
-        os.kill(self.procs[name].pid, signal.SIGKILL)
-        self.procs[name].wait(10)
-        self.killed.add(name)
-
-    def stop(self) -> None:
-        codes = {}
-        for name, p in self.procs.items():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(10)
-            codes[name] = p.returncode
-        if self.sim is not None:
-            self.sim.stop()
-        # A SIGKILLed node cannot unlink its segment; every other one must have.
-        leftovers = [f for f in os.listdir("/dev/shm") if f.startswith(f"xds.{self.spec.namespace}.")]
-        for f in leftovers:
-            os.unlink(f"/dev/shm/{f}")
-        shutil.rmtree(self.root, ignore_errors=True)
-        assert sorted(leftovers) == sorted(segment_name(self.spec.namespace, n) for n in self.killed), leftovers
+    def stop(self, grace_s: float = 5.0) -> dict[str, int]:
+        # A SIGKILLed node cannot unlink its segment (TestPod allows exactly those); every other
+        # node must have, and must have exited cleanly.
+        codes = super().stop(grace_s)
         assert all(codes[n] == 0 for n in codes if n not in self.killed), codes
+        return codes
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +70,7 @@ def make_pod(model_dir) -> Iterator[Any]:
 
     def make(**kv_pool: Any) -> Pod:
         # ipc paths must stay short (108 bytes): a short root under /tmp, not pytest's tmp_path.
-        pod = Pod(Path(tempfile.mkdtemp(prefix="kvp", dir="/tmp")), model_dir.parents[1], **kv_pool)
+        pod = Pod.with_nodes(model_dir.parents[1], **kv_pool)
         pods.append(pod)
         return pod.start()
 
@@ -138,7 +81,7 @@ def make_pod(model_dir) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def shared_pod(model_dir) -> Iterator[Pod]:
-    pod = Pod(Path(tempfile.mkdtemp(prefix="kvp", dir="/tmp")), model_dir.parents[1], nodes=2, capacity_blocks=64)
+    pod = Pod.with_nodes(model_dir.parents[1], nodes=2, capacity_blocks=64)
     try:
         yield pod.start()
     finally:
@@ -158,7 +101,7 @@ async def open_sides():
 
     async def opener(pod: Pod, name: str, cfg: ModelConfig, **kw: Any) -> Side:
         ep = await open_endpoint(EndpointConfig(name=name, namespace=pod.spec.namespace, kind="shm",
-                                                run_dir=str(pod.root)), fabric=None)
+                                                run_dir=str(pod.spec.run_path)), fabric=None)
         opened.append(Side(ep, KVPoolClient(pod.spec, ep, cfg, **kw)))
         return opened[-1]
 
@@ -370,7 +313,7 @@ async def test_killed_pool_gives_typed_errors_within_the_timeout(make_pod, open_
     a = prompt(41, BS + 3)
     kv_a = reference_kv(engine, a)
     ref = await side.client.store(a, kv_a, "req-k")
-    pod.kill9("kvpool-0")
+    pod.kill("kvpool-0")
 
     async def timed(coro: Any) -> tuple[Any, float]:
         t0 = time.monotonic()

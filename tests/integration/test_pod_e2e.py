@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,8 +20,8 @@ from services.common.liveness import DetectorConfig, FailureDetector
 from services.model.engine import GenerationRequest, ReferenceEngine
 from services.model.sampling import SamplingParams
 from services.model.tokenizer import encode
-from services.pod.launcher import Pod
-from services.pod.spec import address, pod_from_mapping, services
+from services.pod.spec import address, services
+from tests.pods import TestPod
 
 pytestmark = pytest.mark.integration
 
@@ -44,28 +43,17 @@ def sampling_for(i: int) -> dict:
 
 @pytest.fixture(scope="module")
 def pod():
-    root = Path(tempfile.mkdtemp(prefix="xds-e2e-", dir="/tmp"))
-    spec = pod_from_mapping({"name": "e2e", "run_dir": str(root / "run"), "cache_dir": str(root / "cache"),
-                             "heartbeat": {"interval_s": 0.1, "suspect_after_s": 1.0, "dead_after_s": 3.0}})
-    p = Pod(spec)
+    p = TestPod.create("e2e", {"heartbeat": {"interval_s": 0.1, "suspect_after_s": 1.0, "dead_after_s": 3.0}})
     try:
         p.start(timeout_s=90)
         yield p
     finally:
         p.stop()
-        leftovers = [x for x in Path("/dev/shm").iterdir() if x.name.startswith(f"xds.{spec.namespace}.")]
-        subprocess.run(["rm", "-rf", str(root)], check=False)
-        assert leftovers == [], f"shared memory left behind: {leftovers}"
 
 
 @pytest.fixture(scope="module")
 def reference(pod) -> ReferenceEngine:
-    return ReferenceEngine.from_dir(pod.spec.model.dir or _model_dir(pod))
-
-
-def _model_dir(pod: Pod) -> str:
-    import yaml
-    return yaml.safe_load(pod.spec_file.read_text())["model"]["dir"]
+    return ReferenceEngine.from_dir(pod.model_dir)
 
 
 def expected(reference: ReferenceEngine, request_id: str, prompt: str, kw: dict) -> tuple[int, ...]:
@@ -76,7 +64,7 @@ def expected(reference: ReferenceEngine, request_id: str, prompt: str, kw: dict)
 class Loads:
     """Latest heartbeat load of every service of the pod (what routers see)."""
 
-    def __init__(self, pod: Pod) -> None:
+    def __init__(self, pod: TestPod) -> None:
         addrs = [address(pod.spec, s.name, "heartbeat") for s in services(pod.spec) if s.role != "fabric"]
         self.sub = HeartbeatSubscriber(addrs, detector=FailureDetector(DetectorConfig(1.0, 3.0)))
         self._beats: asyncio.Queue = asyncio.Queue()
@@ -173,7 +161,7 @@ def test_bench_serve_prints_json_and_matches_the_reference(pod) -> None:
     import sys
     eps = [a for r in pod.routers for a in ("--endpoint", r)]
     r = subprocess.run([sys.executable, "-m", "services.cli", "bench", "serve", *eps, "--num-prompts", "6",
-                        "--concurrency", "3", "--max-tokens", "8", "--compare-reference", "--model", _model_dir(pod),
+                        "--concurrency", "3", "--max-tokens", "8", "--compare-reference", "--model", pod.model_dir,
                         "--pod", str(pod.spec_file), "--json"],
                        capture_output=True, text=True, timeout=180, cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 0, r.stderr[-2000:]

@@ -9,165 +9,34 @@ the service keeps serving.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 
 from services.common.rpc import RemoteError, RpcClient
 from services.kvpool.client import KVPoolClient
 from services.model.engine import GenerationRequest, ReferenceEngine, SequenceState, forward, new_kv
 from services.model.sampling import SamplingParams
 from services.model.tokenizer import encode
-from services.common.config import to_mapping
-from services.common.runtime import ready_path
-from services.model.cache import ensure_model
-from services.pod.launcher import fabric_config
-from services.pod.spec import PodSpec, address, pod_from_mapping, service
+from services.pod.spec import address
 from services.prefill.messages import PrefillStats, PrefillStatsQuery
 from services.protocol.inference import Cancel, Prefill, PrefillDone, Sampling
-from xccl_net.endpoint import EndpointConfig, open_endpoint
-from xccl_net.fabric_client import FabricClient
+from tests.pods import TestPod, test_endpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 5.0
 
 
-# ------------------------------------------------------------------ a few of a pod's processes
-# (xds up starts every service; these tests need a subset. The decode tests import this.)
-class PodProcs:
-    """Fabric simulator + the named services of one pod, as real processes; stopped by PID."""
-
-    def __init__(self, spec: PodSpec, root: Path, model_dir: Path) -> None:
-        self.spec, self.root, self.model_dir = spec, root, model_dir
-        self.spec_file = root / "pod.yaml"
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    @classmethod
-    def create(cls, prefix: str, settings: dict[str, Any]) -> PodProcs:
-        root = Path(tempfile.mkdtemp(prefix="xds-", dir="/tmp"))   # ipc paths must stay short
-        data = {"name": f"{prefix}{uuid.uuid4().hex[:6]}", "run_dir": str(root / "run"), **settings}
-        spec = pod_from_mapping(data)
-        model_dir = ensure_model(spec.model.dir, spec.model.preset, spec.model.seed, spec.cache_dir)
-        data = to_mapping(spec)
-        data["model"]["dir"] = str(model_dir)
-        procs = cls(pod_from_mapping(data), root, model_dir)
-        procs.spec.run_path.mkdir(parents=True)
-        procs.spec_file.write_text(yaml.safe_dump(data, sort_keys=False))
-        return procs
-
-    def start(self, names: list[str]) -> None:
-        try:
-            fab = self.spec.run_path / "fabric.yaml"
-            fab.write_text(yaml.safe_dump(fabric_config(self.spec)))
-            self._spawn("fabric", [sys.executable, "-m", "fabric_sim", "--config", str(fab),
-                                   "--ready-file", str(ready_path(self.spec, "fabric"))])
-            self.wait_ready(["fabric"])
-            for name in names:
-                self._spawn(name, [sys.executable, "-m", "services.run", "--pod", str(self.spec_file), "--name", name])
-            self.wait_ready(names)
-        except BaseException:
-            self.stop()
-            raise
-
-    def respawn(self, name: str) -> None:
-        """Start ``name`` again (after it exited) and wait until it is ready."""
-        assert self.procs[name].poll() is not None, f"{name} is still running"
-        self._spawn(name, [sys.executable, "-m", "services.run", "--pod", str(self.spec_file), "--name", name])
-        self.wait_ready([name])
-
-    def _spawn(self, name: str, argv: list[str]) -> None:
-        ready_path(self.spec, name).unlink(missing_ok=True)
-        with open(self.log_path(name), "ab") as log:
-            self.procs[name] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=ROOT,
-                                                start_new_session=True)
-
-    def log_path(self, name: str) -> Path:
-        return self.root / f"{name}.log"
-
-    def log_tail(self, name: str, n: int = 3000) -> str:
-        return self.log_path(name).read_text(errors="replace")[-n:]
-
-    def wait_ready(self, names: list[str], timeout_s: float = READY_TIMEOUT_S) -> dict[str, dict]:
-        # No cross-process event but the ready file itself: poll it, with a deadline.
-        deadline, info = time.monotonic() + timeout_s, {}
-        for name in names:
-            path = ready_path(self.spec, name)
-            while not path.exists():
-                if self.procs[name].poll() is not None:
-                    raise RuntimeError(f"{name} exited ({self.procs[name].returncode}):\n{self.log_tail(name)}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{name} not ready in {timeout_s:g}s:\n{self.log_tail(name)}")
-                time.sleep(0.02)
-            info[name] = json.loads(path.read_text())
-        return info
-
-    def alive(self, name: str) -> bool:
-        return self.procs[name].poll() is None
-
-    def stop_one(self, name: str, grace_s: float = STOP_GRACE_S) -> int:
-        p = self.procs[name]
-        if p.poll() is None:
-            os.kill(p.pid, signal.SIGCONT)
-            os.kill(p.pid, signal.SIGTERM)
-            try:
-                return p.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                os.kill(p.pid, signal.SIGKILL)
-        return p.wait(timeout=10)
-
-    def stop(self) -> dict[str, int]:
-        codes = {name: self.stop_one(name) for name in reversed(list(self.procs))}
-        prefix = f"xds.{self.spec.namespace}."
-        leaked = [f for f in os.listdir("/dev/shm") if f.startswith(prefix)]
-        for f in leaked:
-            os.unlink(f"/dev/shm/{f}")
-        if not os.environ.get("XDS_KEEP_TEST_DIRS"):
-            shutil.rmtree(self.root, ignore_errors=True)
-        assert not leaked, f"shared memory left behind: {leaked}"
-        return codes
-
-
-@contextlib.asynccontextmanager
-async def test_endpoint(spec: PodSpec, name: str) -> AsyncIterator[Any]:
-    """An XCCL endpoint in the test process, playing the pod service ``name``."""
-    me = service(spec, name)
-    fabric = await FabricClient.connect(address(spec, "fabric", "fabric"), name=name, npu=me.npu, timeout_s=10)
-    try:
-        ep = await open_endpoint(EndpointConfig(name=name, namespace=spec.namespace, kind=spec.transport, npu=me.npu,
-                                                run_dir=str(spec.run_path)), fabric=fabric)
-        try:
-            yield ep
-        finally:
-            await ep.close()
-    finally:
-        await fabric.close()
-
-
-test_endpoint.__test__ = False  # a helper, not a test
-
 SHARED = "You are a helpful assistant serving a long shared system prompt; answer briefly. "
 
 
 @pytest.fixture(scope="module")
 def pod(tmp_path_factory):
-    procs = PodProcs.create("pf", {"prefill": 1, "kv_pool": {"nodes": 1, "capacity_blocks": 256, "block_size": 16}})
+    procs = TestPod.create("pf", {"prefill": 1, "kv_pool": {"nodes": 1, "capacity_blocks": 256, "block_size": 16}})
     try:
-        procs.start(["kvpool-0", "prefill-0"])
+        procs.start(only=["kvpool-0", "prefill-0"])
         yield procs
     finally:
         codes = procs.stop()

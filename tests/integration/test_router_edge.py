@@ -8,84 +8,52 @@ garbage on the heartbeat plane, and a clean SIGTERM exit.
 from __future__ import annotations
 
 import asyncio
-import json
-import shutil
-import signal
 import socket
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-import zmq
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.api.xds.v1 import inference_pb2 as pb
 from services.api.xds.v1 import inference_pb2_grpc as pb_grpc
 from services.client import InferenceClient, InvalidArgument, NotFound, SyncInferenceClient, Unavailable
-from services.pod.spec import address, load_pod
+from services.pod.spec import address
+from tests.pods import TestPod
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 30.0
 
 
-class Pod:
-    """A pod spec in a short tmp dir, and the processes a test starts from it (stopped by PID)."""
+class Pod(TestPod):
+    """A pod spec in a short tmp dir; the tests start routers one by one (routers need no fabric)."""
 
-    def __init__(self, extra: str = "") -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="xr", dir="/tmp"))
-        self.file = self.dir / "pod.yaml"
-        try:
-            self.file.write_text(f"name: {self.dir.name.replace('_', '-')}\nrun_dir: {self.dir}/run\n{extra}")
-            self.spec = load_pod(self.file)
-            self.spec.run_path.mkdir()
-        except BaseException:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            raise
-        self.procs: list[subprocess.Popen] = []
+    @classmethod
+    def new(cls) -> Pod:
+        pod = cls.create("xr")
+        pod.prepare()
+        return pod
+
+    @property
+    def file(self) -> Path:
+        return self.spec_file
 
     def start_router(self, name: str = "router-0") -> tuple[subprocess.Popen, str]:
-        ready = self.spec.run_path / f"{name}.ready"
-        p = subprocess.Popen([sys.executable, "-m", "services.run", "--pod", str(self.file), "--name", name],
-                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(self.dir / f"{name}.log", "wb"))
-        self.procs.append(p)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:  # no event to wait on across processes: poll the ready file with a deadline
-            if ready.exists():
-                info = json.loads(ready.read_text())
-                if info["pid"] == p.pid:
-                    return p, info["grpc"]
-            if p.poll() is not None:
-                raise AssertionError(f"{name} exited with {p.returncode}: {(self.dir / f'{name}.log').read_text()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{name} not ready within {READY_TIMEOUT_S}s")
-            time.sleep(0.02)
-
-    def stop(self, p: subprocess.Popen, timeout_s: float = 10.0) -> int:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout_s)
-        return p.returncode
+        child = self.start_service(name, timeout_s=READY_TIMEOUT_S)
+        return child.proc, child.info["grpc"]
 
     def close(self) -> None:
-        for p in self.procs:
-            self.stop(p)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.stop()
 
 
 @pytest.fixture
 def pod() -> Iterator[Pod]:
-    p = Pod()
+    p = Pod.new()
     try:
         yield p
     finally:
@@ -218,5 +186,5 @@ def test_sigterm_drains_and_exits_cleanly(pod: Pod) -> None:
     p, ep = pod.start_router()
     with SyncInferenceClient([ep], timeout_s=10) as c:
         assert c.model_info().vocab_size == 259
-    assert pod.stop(p) == 0
+    assert pod.stop_one("router-0") == 0
     assert not (pod.spec.run_path / "router-0.ready").exists()

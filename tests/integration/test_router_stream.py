@@ -135,7 +135,7 @@ async def backend(pod_step) -> AsyncIterator[Backend]:
 
 @pytest.fixture
 def pod_step(request):
-    pod = Pod()
+    pod = Pod.new()
     try:
         yield pod, getattr(request, "param", 0.0)
     finally:

@@ -10,30 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-import uuid
 from pathlib import Path
 
 import pytest
-import yaml
 
-from fabric_sim.launch import start_sim
-from services.common.config import to_mapping
 from services.common.rpc import RpcClient
 from services.common.runtime import ready_path
+from tests.pods import TestPod
 from services.common.wire import decode, encode
 from services.expert.protocol import ExpertStats, ExpertStatsQuery
 from services.kvpool.client import KVPoolClient
-from services.model.cache import ensure_model
 from services.model.engine import GenerationRequest, ReferenceEngine, prompt_ids
 from services.model.sampling import SamplingParams, sample
-from services.pod.launcher import fabric_config
-from services.pod.spec import address, pod_from_mapping, service, services
+from services.pod.spec import address, load_pod, service, services
 from services.protocol.step import Free, Load, Loaded, Logits, Run
 from xccl_net.endpoint import EndpointConfig, open_endpoint
 from xccl_net.fabric_client import FabricClient
@@ -49,64 +38,18 @@ PROMPTS = {0: ["The cat sat", "Hello, world!", "MoE"], 1: ["Transformerless", "a
 MAX_TOKENS = {0: 5, 1: 10}   # group 1 makes twice as many steps
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-
 @pytest.fixture
 def pod():
     """Fabric + pool + experts + attention ranks; stopped by PID; no /dev/shm entry left."""
-    root = Path(tempfile.mkdtemp(prefix="tl-", dir="/tmp"))
-    name = f"tl{uuid.uuid4().hex[:6]}"
-    cache = root / "cache"
-    model_dir = ensure_model(None, "tiny", 3, str(cache))
-    spec = pod_from_mapping({"name": name, "run_dir": str(root / "run"), "cache_dir": str(cache),
-                             "model": {"preset": "tiny", "seed": 3, "dir": str(model_dir)},
-                             "decode": {"groups": 2, "attention_per_group": 1, "max_batch": 4, "kv_blocks": 16},
-                             "experts": {"instances": 4, "replicas": 2}, "kv_pool": {"nodes": 1, "block_size": 4}})
-    spec.run_path.mkdir(parents=True)
-    pod_file = root / "pod.yaml"
-    pod_file.write_text(yaml.safe_dump(to_mapping(spec), sort_keys=False))
-    procs: dict[str, subprocess.Popen] = {}
-    sim = None
+    p = TestPod.create("tl", {"model": {"preset": "tiny", "seed": 3},
+                              "decode": {"groups": 2, "attention_per_group": 1, "max_batch": 4, "kv_blocks": 16},
+                              "experts": {"instances": 4, "replicas": 2}, "kv_pool": {"nodes": 1, "block_size": 4}})
     try:
-        sim = start_sim(root / "fabric", fabric_config(spec))
-        for svc in SERVICES:
-            log = open(spec.run_path / f"{svc}.log", "ab")
-            procs[svc] = subprocess.Popen([sys.executable, "-m", "services.run", "--pod", str(pod_file), "--name", svc],
-                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=ROOT)
-            log.close()
-        # Readiness is the service's ready file: there is no other cross-process event to wait on.
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        pending = set(SERVICES)
-        while pending:
-            for svc in list(pending):
-                if ready_path(spec, svc).exists():
-                    pending.discard(svc)
-                elif procs[svc].poll() is not None:
-                    log = (spec.run_path / f"{svc}.log").read_text(errors="replace")[-3000:]
-                    pytest.fail(f"{svc} exited with {procs[svc].returncode} before ready:\n{log}")
-            assert time.monotonic() < deadline, f"not ready in {READY_TIMEOUT_S}s: {sorted(pending)}"
-            if pending:
-                time.sleep(0.02)
-        yield spec
+        p.start(READY_TIMEOUT_S, only=SERVICES)
+        yield load_pod(p.spec_file)   # the resolved spec: its model.dir is the files the services load
     finally:
-        for svc in reversed(list(procs)):
-            _stop(procs[svc])
-        if sim is not None:
-            sim.stop()
-        leftovers = [f for f in os.listdir("/dev/shm") if spec.namespace in f]
-        for f in leftovers:
-            os.unlink(os.path.join("/dev/shm", f))
-        subprocess.run(["rm", "-rf", str(root)], check=False)
-    assert leftovers == [], f"services left shared memory behind: {leftovers}"
-    assert {svc: p.returncode for svc, p in procs.items()} == dict.fromkeys(SERVICES, 0)
+        codes = p.stop()
+    assert codes == dict.fromkeys(["fabric", *SERVICES], 0)
 
 
 async def _master_endpoint(spec, name):
