@@ -1,18 +1,25 @@
-"""Entry point of every pod service: ``python -m services.run --pod FILE --name NAME``.
+"""Entry point of every pod process: ``python -m services.run [--pod FILE] --name NAME``.
 
-The role comes from the pod spec; each role's module exposes ``async def serve(spec, name)``.
+The role comes from the pod spec; each service role's module exposes ``async def serve(spec,
+name)``; the fabric simulator runs from the same entry point with the config the spec derives
+(``spec.fabric_config``). The spec is read from ``--pod`` (what ``xds up`` writes) or, when that
+is absent, from the ``XDS_POD`` environment variable holding it as JSON (what the generated
+compose.yaml sets, so one image serves every pod without baking a spec in).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import json
+import os
 import sys
 
 import uvloop
 
-from services.pod.spec import load_pod, service
+from services.common.config import ConfigError
+from services.pod.spec import PodSpec, fabric_config, load_pod, pod_from_mapping, service
 
+POD_ENV = "XDS_POD"
 ROLE_MODULES = {
     "router": "services.router.main",
     "prefill": "services.prefill.main",
@@ -23,16 +30,47 @@ ROLE_MODULES = {
 }
 
 
+def pod_spec(file: str | None) -> PodSpec:
+    if file is not None:
+        return load_pod(file)
+    text = os.environ.get(POD_ENV)
+    if not text:
+        raise ConfigError("pod", f"give --pod FILE or set {POD_ENV} to the pod spec as JSON")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(POD_ENV, f"not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(POD_ENV, "must be a JSON object (the pod spec)")
+    return pod_from_mapping(data)
+
+
+async def serve_fabric(spec: PodSpec) -> None:
+    from fabric_sim.config import FabricConfig
+    from fabric_sim.server import FabricServer
+    from services.common.config import from_mapping
+    from services.common.logging import configure_logging
+    from services.common.runtime import ready_path
+
+    configure_logging("fabric-sim")
+    spec.run_path.mkdir(parents=True, exist_ok=True)
+    await FabricServer(from_mapping(FabricConfig, fabric_config(spec)), ready_file=ready_path(spec, "fabric")).run()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m services.run")
-    ap.add_argument("--pod", required=True, help="pod spec YAML")
+    ap.add_argument("--pod", default=None, help=f"pod spec YAML (default: JSON in ${POD_ENV})")
     ap.add_argument("--name", required=True, help="service name in the pod (e.g. decode-0)")
     args = ap.parse_args(argv)
-    spec = load_pod(args.pod)
-    role = service(spec, args.name).role
-    if role not in ROLE_MODULES:
-        print(f"services.run: role {role!r} is not started through this entry point", file=sys.stderr)
+    try:
+        spec = pod_spec(args.pod)
+        role = service(spec, args.name).role
+    except (ConfigError, OSError) as exc:
+        print(f"services.run: {exc}", file=sys.stderr)
         return 2
+    if role == "fabric":
+        uvloop.run(serve_fabric(spec))
+        return 0
     import importlib
 
     mod = importlib.import_module(ROLE_MODULES[role])

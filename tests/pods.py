@@ -58,7 +58,7 @@ async def test_endpoint(spec: PodSpec, name: str) -> AsyncIterator[Any]:
     fabric = await FabricClient.connect(address(spec, "fabric", "fabric"), name=name, npu=me.npu, timeout_s=10)
     try:
         ep = await open_endpoint(EndpointConfig(name=name, namespace=spec.namespace, kind=spec.transport, npu=me.npu,
-                                                run_dir=str(spec.run_path)), fabric=fabric)
+                                                bell_dir=str(spec.run_path)), fabric=fabric)
         try:
             yield ep
         finally:

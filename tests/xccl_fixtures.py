@@ -8,6 +8,8 @@ closed and no /dev/shm entry of the test's namespace may remain.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from typing import Any
 
@@ -16,7 +18,8 @@ import pytest
 from xccl_net.endpoint import Endpoint, EndpointConfig, open_endpoint
 from xccl_net.mem import MemoryHub
 
-KINDS = ["shm", "tcp", "mem"]
+# "shm-filebell": shm with doorbell socket files in a directory (the containerised pod's mode).
+KINDS = ["shm", "shm-filebell", "tcp", "mem"]
 SMALL_GEOMETRY = dict(ring_slots=4, slot_bytes=4096)
 
 
@@ -26,16 +29,17 @@ def shm_entries(namespace: str) -> list[str]:
 
 class XNet:
     def __init__(self, kind: str, tmp_path: Any) -> None:
-        self.kind = kind
+        self.kind = "shm" if kind == "shm-filebell" else kind
         self.namespace = f"t{uuid.uuid4().hex[:10]}"
-        self.run_dir = str(tmp_path)
+        # Socket paths are limited to 107 bytes: a short directory of our own, not tmp_path.
+        self.bell_dir = tempfile.mkdtemp(prefix="xb", dir="/tmp") if kind == "shm-filebell" else None
         self.hub = MemoryHub(seed=1234) if kind == "mem" else None
         self.eps: list[Endpoint] = []
 
     def config(self, name: str, **overrides: Any) -> EndpointConfig:
         base = dict(name=name, namespace=self.namespace, kind=self.kind, npu=len(self.eps),
-                    run_dir=self.run_dir, windows={"kv": 64 * 1024}, poll_s=0.02, handshake_timeout_s=1.0,
-                    **SMALL_GEOMETRY)
+                    windows={"kv": 64 * 1024}, poll_s=0.02, handshake_timeout_s=1.0,
+                    bell_dir=self.bell_dir, **SMALL_GEOMETRY)
         base.update(overrides)
         return EndpointConfig(**base)
 
@@ -51,6 +55,10 @@ class XNet:
     async def close(self) -> None:
         for ep in self.eps:
             await ep.close()
+        if self.bell_dir is not None:
+            left = os.listdir(self.bell_dir)
+            shutil.rmtree(self.bell_dir)
+            assert left == [], f"closed endpoints left doorbell files: {left}"
 
 
 @pytest.fixture(params=KINDS)

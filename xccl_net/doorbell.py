@@ -1,10 +1,15 @@
-"""Doorbells: wake a peer process without busy-polling (unix datagram, abstract namespace).
+"""Doorbells: wake a peer process without busy-polling (unix datagram sockets).
 
-Each shm endpoint binds one datagram socket at ``\\0xds-bell.<namespace>.<name>``. Abstract
-addresses need no file cleanup, vanish when the owner dies (so a ring of a dead peer fails at
-once with ECONNREFUSED -> PeerUnreachable), and a second live owner of the same name fails to
-bind (EADDRINUSE) -- the liveness test used before touching a segment of the same name.
-Limit: both sides must share a network namespace (same host, same container netns).
+Each shm endpoint binds one datagram socket. By default it lives in the abstract namespace,
+``\\0xds-bell.<namespace>.<name>``: no file cleanup, it vanishes when the owner dies (so a ring
+of a dead peer fails at once with ECONNREFUSED -> PeerUnreachable), and a second live owner of
+the same name fails to bind (EADDRINUSE) -- the liveness test used before touching a segment of
+the same name. Abstract sockets are scoped to a network namespace, so processes in different
+containers (Docker Compose: one network namespace per service) cannot reach each other's. With
+``bell_dir`` set, the socket is a file ``<bell_dir>/<name>.bell`` instead, on a directory every
+peer mounts (one directory per XCCL namespace). Same semantics: a ring of a dead owner's file
+fails with ECONNREFUSED; a file left by a dead owner is detected (connect refused) and replaced
+on bind, while a live owner's makes the bind fail with ``NameInUse``.
 
 Coalescing lives in the caller: a ringer sets the owner's "bell pending" word and rings only
 if it was clear; the owner clears it before scanning, so one wake-up serves many writes.
@@ -13,6 +18,7 @@ if it was clear; the owner clears it before scanning, so one wake-up serves many
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import threading
 
@@ -35,18 +41,46 @@ class NameInUse(XcclError):
     """Another live process owns this endpoint name."""
 
 
-def bell_address(namespace: str, name: str) -> bytes:
-    return f"\0xds-bell.{namespace}.{name}".encode()
+MAX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
+
+
+def bell_address(namespace: str, name: str, bell_dir: str | None = None) -> bytes:
+    if bell_dir is None:
+        return f"\0xds-bell.{namespace}.{name}".encode()
+    path = os.path.join(bell_dir, f"{name}.bell").encode()
+    if len(path) > MAX_SOCKET_PATH:
+        raise XcclError(f"doorbell path {path.decode()!r} is {len(path)} bytes; unix sockets allow "
+                        f"{MAX_SOCKET_PATH}: use a shorter bell_dir")
+    return path
+
+
+def _owner_alive(address: bytes) -> bool:
+    """Does a live process hold the (file) doorbell at ``address``? Connect-probe it."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        probe.connect(address)
+        return True
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    finally:
+        probe.close()
 
 
 class Doorbell:
     """The owner's receiving side: bind, expose the fd for ``loop.add_reader``, drain."""
 
-    def __init__(self, namespace: str, name: str) -> None:
-        self.address = bell_address(namespace, name)
+    def __init__(self, namespace: str, name: str, bell_dir: str | None = None) -> None:
+        self.address = bell_address(namespace, name, bell_dir)
+        self._file = bell_dir is not None
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
-            self._sock.bind(self.address)
+            try:
+                self._sock.bind(self.address)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or not self._file or _owner_alive(self.address):
+                    raise
+                os.unlink(self.address)  # left by a dead owner (kill -9): replace it
+                self._sock.bind(self.address)
         except OSError as exc:
             self._sock.close()
             if exc.errno == errno.EADDRINUSE:
@@ -69,6 +103,11 @@ class Doorbell:
 
     def close(self) -> None:
         self._sock.close()
+        if self._file:
+            try:
+                os.unlink(self.address)
+            except FileNotFoundError:
+                pass
 
 
 class Ringer:
@@ -84,7 +123,8 @@ class Ringer:
         except BlockingIOError:
             pass  # the owner's queue is full of unread rings: it will wake and scan anyway
         except (ConnectionRefusedError, FileNotFoundError) as exc:
-            raise PeerUnreachable(f"doorbell {address[1:].decode()!r} has no owner (peer dead)") from exc
+            shown = address.lstrip(b"\0").decode()
+            raise PeerUnreachable(f"doorbell {shown!r} has no owner (peer dead)") from exc
 
     def close(self) -> None:
         self._sock.close()

@@ -43,7 +43,10 @@ class EndpointConfig:
     ring_slots: int = 64
     slot_bytes: int = 256 * 1024
     windows: dict[str, int] = field(default_factory=dict)
-    run_dir: str = "/tmp/xds"
+    # Doorbell sockets: None = abstract namespace (one host network namespace); a directory =
+    # socket files there, for peers in different network namespaces (containers). Every
+    # endpoint of a namespace must use the same value.
+    bell_dir: str | None = None
     # tcp: peer name -> "tcp://host:port"; our own entry (or ``bind``) is where we listen.
     directory: dict[str, str] = field(default_factory=dict)
     bind: str | None = None

@@ -89,7 +89,7 @@ class ShmEndpoint(Endpoint):
     async def _open(self) -> None:
         # The doorbell first: binding fails if a live process holds the name, before we
         # judge any segment of that name stale.
-        self._bell = Doorbell(self.cfg.namespace, self.name)
+        self._bell = Doorbell(self.cfg.namespace, self.name, self.cfg.bell_dir)
         self._seg = create_segment(segment_path(self.cfg.namespace, self.name), self._geo,
                                    npu=self.npu, incarnation=self._incarnation)
         for wname, (off, size) in self._geo.window_offsets().items():
@@ -165,7 +165,7 @@ class ShmEndpoint(Endpoint):
         wins = {n: np.frombuffer(seg.mm, dtype=np.uint8, count=size, offset=off)
                 for n, (off, size) in hdr.windows.items()}
         link = _Link(name=peer, seg=seg, geo=pg, windows=wins, npu=hdr.npu, pid=hdr.pid,
-                     incarnation=hdr.incarnation, bell=bell_address(self.cfg.namespace, peer),
+                     incarnation=hdr.incarnation, bell=bell_address(self.cfg.namespace, peer, self.cfg.bell_dir),
                      remote_idx=remote_idx, local_idx=local_idx, tail=tail, lock=asyncio.Lock())
         self._links[peer] = link
         return link

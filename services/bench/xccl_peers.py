@@ -179,7 +179,7 @@ def endpoint_config(kind: str, name: str, namespace: str, npu: int, run_dir: str
     from xccl_net.endpoint import EndpointConfig
 
     return EndpointConfig(name=name, namespace=namespace, kind=kind, npu=npu, ring_slots=ring_slots,
-                          slot_bytes=slot_bytes, windows=windows or {}, run_dir=run_dir,
+                          slot_bytes=slot_bytes, windows=windows or {},
                           directory=directory or {})
 
 

@@ -2,7 +2,8 @@
 
 ``ServiceRuntime`` is entered once per process. It configures logging for the service's role
 and rank, connects the fabric client and opens the service's XCCL endpoint (not for routers),
-publishes heartbeats from the service's own event loop, serves its RPC socket, writes the
+publishes heartbeats from the service's own event loop, serves its RPC socket and the gRPC
+health service (NOT_SERVING -> SERVING once ready -> NOT_SERVING while draining), writes the
 ready file (``<run_dir>/<name>.ready``, JSON, atomic) once the service says it is ready, and
 turns SIGTERM/SIGINT into a stop event: stop accepting -> drain with a deadline -> exit.
 """
@@ -17,6 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from services.common.health import HealthServer
 from services.common.heartbeat import HeartbeatPublisher
 from services.common.logging import configure_logging
 from services.common.rpc import RpcServer
@@ -65,6 +67,8 @@ class ServiceRuntime:
         self.endpoint: Any = None
         self.heartbeat: HeartbeatPublisher | None = None
         self.rpc: RpcServer | None = None
+        self.health: HealthServer | None = None
+        self._health_update: asyncio.Task[None] | None = None
         self.stopping = asyncio.Event()
         self.draining = False
 
@@ -81,10 +85,12 @@ class ServiceRuntime:
                                                      npu=self.me.npu, timeout_s=FABRIC_CONNECT_TIMEOUT_S)
             self.endpoint = await open_endpoint(EndpointConfig(
                 name=self.me.name, namespace=self.spec.namespace, kind=self.spec.transport, npu=self.me.npu,
-                windows=self._windows, run_dir=str(self.spec.run_path),
+                windows=self._windows, bell_dir=str(self.spec.run_path),
                 # Any service may talk to any other (KV pool nodes serve every prefill and
                 # attention rank): size the peer table from the pod, with headroom for tests/tools.
                 max_peers=len(services(self.spec)) + 8), fabric=self.fabric)
+        self.health = HealthServer(bind_address(self.spec, self.me.name, "health"))
+        await self.health.start()  # NOT_SERVING until mark_ready
         self.heartbeat = HeartbeatPublisher(
             bind_address(self.spec, self.me.name, "heartbeat"), service=self.me.name, role=self.me.role,
             group=self.me.group, interval_s=self.spec.heartbeat.interval_s, load=self._load)
@@ -99,7 +105,12 @@ class ServiceRuntime:
         announce_ready(ready_path(self.spec, self.me.name),
                        {"name": self.me.name, "role": self.me.role, "pid": os.getpid(),
                         "epoch": self.heartbeat.epoch if self.heartbeat else "", **info})
+        self._set_health(True)
         self.log.info("service.ready", **info)
+
+    def _set_health(self, serving: bool) -> None:
+        if self.health is not None:
+            self._health_update = asyncio.get_running_loop().create_task(self.health.set(serving))
 
     async def run_until_stopped(self, *workers: Awaitable[Any], drain: Callable[[], Awaitable[None]] | None = None,
                                 drain_timeout_s: float = 5.0) -> None:
@@ -111,6 +122,7 @@ class ServiceRuntime:
             self.draining = True
             if self.heartbeat:
                 self.heartbeat.status = "draining"
+            self._set_health(False)
             if drain is not None:
                 try:
                     await asyncio.wait_for(drain(), drain_timeout_s)
@@ -120,6 +132,8 @@ class ServiceRuntime:
                 t.cancel()
 
     async def __aexit__(self, *exc: Any) -> None:
+        if self.health is not None:
+            await self.health.stop()
         if self.rpc is not None:
             await self.rpc.close()
         if self.endpoint is not None:

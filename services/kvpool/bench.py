@@ -68,7 +68,7 @@ async def _bench(args: argparse.Namespace, root: Path) -> dict:
                 raise RuntimeError(f"kvpool-0 did not become ready (exit {proc.poll()}): {tail}")
             await asyncio.sleep(0.01)
         ep = await open_endpoint(EndpointConfig(name="prefill-0", namespace=spec.namespace, kind="shm",
-                                                run_dir=str(root)), fabric=None)
+                                                bell_dir=str(root)), fabric=None)
         client = KVPoolClient(spec, ep, cfg_model)
         rng = np.random.default_rng(0)
         shape = (cfg_model.num_key_value_heads, args.tokens, cfg_model.head_dim)

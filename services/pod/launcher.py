@@ -27,7 +27,7 @@ import yaml
 from services.common.config import to_mapping
 from services.common.runtime import READY_FD_ENV, ready_path, write_json_atomic
 from services.model.cache import ensure_model
-from services.pod.spec import COMPOSE_PORTS, PodSpec, bind_address, services
+from services.pod.spec import PodSpec, services
 
 READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 5.0
@@ -55,15 +55,6 @@ class Child:
         if self.ready_fd >= 0:
             os.close(self.ready_fd)
             self.ready_fd = -1
-
-
-def fabric_config(spec: PodSpec) -> dict[str, Any]:
-    """The simulator's config: the pod's fabric settings + addresses from the pod's rule."""
-    cfg = dict(spec.fabric)
-    cfg["data_address"] = bind_address(spec, "fabric", "fabric")
-    if spec.addressing == "compose":
-        cfg["admin_host"], cfg["admin_port"] = "0.0.0.0", COMPOSE_PORTS["fabric_admin"]
-    return cfg
 
 
 class Pod:
@@ -125,11 +116,6 @@ class Pod:
         return child
 
     def _argv(self, name: str) -> list[str]:
-        if name == "fabric":
-            fab_cfg = self.spec.run_path / "fabric.yaml"
-            fab_cfg.write_text(yaml.safe_dump(fabric_config(self.spec)))
-            return [sys.executable, "-m", "fabric_sim", "--config", str(fab_cfg),
-                    "--ready-file", str(ready_path(self.spec, "fabric"))]
         return [sys.executable, "-m", "services.run", "--pod", str(self.spec_file), "--name", name]
 
     def _spawn(self, name: str) -> Child:

@@ -17,10 +17,11 @@ from typing import Any, Literal
 from services.common.config import ConfigError, from_mapping, load_yaml
 
 Role = Literal["fabric", "router", "prefill", "kvpool", "decode", "attention", "expert"]
-Plane = Literal["rpc", "heartbeat", "grpc", "fabric", "fabric_admin"]
+Plane = Literal["rpc", "heartbeat", "grpc", "health", "fabric", "fabric_admin"]
+GRPC_PLANES = ("grpc", "health")   # gRPC targets (host:port / unix:path); the rest are ZeroMQ
 
 # Fixed container ports under compose (each service is its own host there).
-COMPOSE_PORTS = {"rpc": 5100, "heartbeat": 5101, "grpc": 50051, "fabric": 5200, "fabric_admin": 5201}
+COMPOSE_PORTS = {"rpc": 5100, "heartbeat": 5101, "health": 5102, "grpc": 50051, "fabric": 5200, "fabric_admin": 5201}
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,16 +133,22 @@ def service(spec: PodSpec, name: str) -> ServiceSpec:
 
 
 def address(spec: PodSpec, name: str, plane: Plane) -> str:
-    """The one addressing rule. ``grpc`` gives host:port; the others ZeroMQ endpoints."""
+    """The one addressing rule. gRPC planes give ``host:port`` (or ``unix:path``); the others
+    ZeroMQ endpoints. The fabric's health service is on its admin (gRPC) server."""
+    if name == "fabric" and plane == "health":
+        if spec.addressing == "compose":
+            return f"{name}:{COMPOSE_PORTS['fabric_admin']}"
+        raise ConfigError("address", "locally the fabric's health service is on its admin port, "
+                                     "announced in its ready info (admin_address)")
     if spec.addressing == "compose":
-        host = name
-        if plane == "grpc":
-            return f"{host}:{COMPOSE_PORTS['grpc']}"
-        return f"tcp://{host}:{COMPOSE_PORTS[plane]}"
+        port = COMPOSE_PORTS[plane]
+        return f"{name}:{port}" if plane in GRPC_PLANES else f"tcp://{name}:{port}"
     if plane == "grpc":
         i = service(spec, name).rank
         port = spec.router_ports[i] if spec.router_ports else 0
         return f"127.0.0.1:{port}"
+    if plane == "health":
+        return f"unix:{spec.run_path}/{name}.health"
     suffix = {"rpc": "rpc", "heartbeat": "hb", "fabric": "fabric", "fabric_admin": "fabric-admin"}[plane]
     return f"ipc://{spec.run_path}/{name}.{suffix}"
 
@@ -150,8 +157,17 @@ def bind_address(spec: PodSpec, name: str, plane: Plane) -> str:
     """Where the owner binds: all interfaces under compose, the same path locally."""
     a = address(spec, name, plane)
     if spec.addressing == "compose":
-        return a.replace(f"//{name}:", "//*:") if a.startswith("tcp://") else f"0.0.0.0:{COMPOSE_PORTS['grpc']}"
+        return a.replace(f"//{name}:", "//*:") if a.startswith("tcp://") else a.replace(f"{name}:", "0.0.0.0:", 1)
     return a
+
+
+def fabric_config(spec: PodSpec) -> dict[str, Any]:
+    """The simulator's config: the pod's fabric settings + addresses from the pod's rule."""
+    cfg = dict(spec.fabric)
+    cfg["data_address"] = bind_address(spec, "fabric", "fabric")
+    if spec.addressing == "compose":
+        cfg["admin_host"], cfg["admin_port"] = "0.0.0.0", COMPOSE_PORTS["fabric_admin"]
+    return cfg
 
 
 def load_pod(file: str | Path | None) -> PodSpec:

@@ -59,6 +59,12 @@ async def serve(spec: PodSpec, name: str) -> None:
 
         async def ready_when_started() -> None:
             await router.started.wait()
+            # Ready once every prefill and decode backend has been heard from, or after the
+            # dead-after window (a backend down at our start must not keep the router down).
+            backends = {s.name for s in services(spec) if s.role in ("prefill", "decode")}
+            missing = await router.heard_from(backends, spec.heartbeat.dead_after_s)
+            if missing:
+                rt.log.warning("router.ready_without", missing=sorted(missing))
             await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
             host = address(spec, name, "grpc").rsplit(":", 1)[0]
             rt.mark_ready(grpc=f"{host}:{port}", started_s=time.time())

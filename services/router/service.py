@@ -44,6 +44,7 @@ class Router(pb_grpc.InferenceServicer):
         self.name, self.core, self.model_cfg, self.model_name = name, core, model_cfg, model_name
         self._rpc_address = rpc_address       # service name -> its rpc address
         self.prefill_timeout_s, self.admit_timeout_s = prefill_timeout_s, admit_timeout_s
+        self._startup_grace_s = startup_grace_s
         self._startup_until = time.monotonic() + startup_grace_s
         self._tick_s = tick_s
         self._clients: dict[str, RpcClient] = {}
@@ -148,6 +149,25 @@ class Router(pb_grpc.InferenceServicer):
         except Exception as exc:  # a driver bug fails its request, never the router
             log.exception("driver.failed", request_id=rid)
             self.apply(self.core.fail(rid, INTERNAL, f"router error: {type(exc).__name__}: {exc}", time.monotonic()))
+
+    async def heard_from(self, names: set[str], timeout_s: float) -> set[str]:
+        """Wait (bounded) until every service in ``names`` is known and usable from its beats;
+        returns those still missing. Readiness waits on this, so a pod reported ready routes
+        over all of its backends from the first request instead of whichever beat came first."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            missing = {n for n in names if not (n in self.core.peers and self.core.peers[n].usable)}
+            left = deadline - time.monotonic()
+            if not missing or left <= 0:
+                # Clients see us from now on: the first requests may still wait (bounded) for
+                # the first beats of backends that start alongside us.
+                self._startup_until = time.monotonic() + self._startup_grace_s
+                return missing
+            self._peer_seen.clear()
+            try:
+                await asyncio.wait_for(self._peer_seen.wait(), left)
+            except asyncio.TimeoutError:
+                pass
 
     async def _pick(self, pick: Any) -> str:
         """Pick a backend; right after start, wait (bounded) for the first heartbeats."""

@@ -75,11 +75,11 @@ async def pod(kind: str, tmp_path):
         for s, name in enumerate(ATTN):
             eps[name] = await open_endpoint(EndpointConfig(
                 name=name, namespace=namespace, kind=kind, npu=s, ring_slots=4, slot_bytes=4096,
-                windows={"e2a": LAYOUT.e2a_window_bytes}, run_dir=str(tmp_path)), hub=hub)
+                windows={"e2a": LAYOUT.e2a_window_bytes}), hub=hub)
         for r, name in enumerate(EXP):
             eps[name] = await open_endpoint(EndpointConfig(
                 name=name, namespace=namespace, kind=kind, npu=M + r, ring_slots=4, slot_bytes=4096,
-                windows={"a2e": LAYOUT.a2e_window_bytes}, run_dir=str(tmp_path)), hub=hub)
+                windows={"a2e": LAYOUT.a2e_window_bytes}), hub=hub)
         yield eps, namespace
     finally:
         for ep in eps.values():

@@ -37,7 +37,7 @@ READY_TIMEOUT_S = 20.0
 
 def _cfg(name: str, namespace: str, npu: int, run_dir: str, window: str, size: int) -> EndpointConfig:
     return EndpointConfig(name=name, namespace=namespace, kind="shm", npu=npu, ring_slots=4, slot_bytes=4096,
-                          windows={window: size}, run_dir=run_dir)
+                          windows={window: size})
 
 
 async def _expert_main(namespace: str, run_dir: str) -> None:

@@ -101,7 +101,7 @@ async def open_sides():
 
     async def opener(pod: Pod, name: str, cfg: ModelConfig, **kw: Any) -> Side:
         ep = await open_endpoint(EndpointConfig(name=name, namespace=pod.spec.namespace, kind="shm",
-                                                run_dir=str(pod.spec.run_path)), fabric=None)
+                                                bell_dir=str(pod.spec.run_path)), fabric=None)
         opened.append(Side(ep, KVPoolClient(pod.spec, ep, cfg, **kw)))
         return opened[-1]
 

@@ -15,6 +15,7 @@ import pytest
 
 from services.client.errors import InvalidArgument, NotFound
 from services.client.sdk import InferenceClient
+from services.common.health import probe
 from services.common.heartbeat import HeartbeatSubscriber
 from services.common.liveness import DetectorConfig, FailureDetector
 from services.model.engine import GenerationRequest, ReferenceEngine
@@ -87,6 +88,18 @@ class Loads:
                 if b.service == name and b.seq > seq + 1:
                     return dict(b.load)
         return await asyncio.wait_for(wait(), timeout_s)
+
+
+def test_every_service_answers_the_standard_grpc_health_check(pod) -> None:
+    for s in services(pod.spec):
+        if s.role == "fabric":
+            target = pod.fabric_admin   # locally on a free port, announced when ready
+        else:
+            target = address(pod.spec, s.name, "health")
+        assert probe(target) == "SERVING", s.name
+    # The router's own serving port has the health service too (what load balancers ask).
+    for router in pod.routers:
+        assert probe(router) == "SERVING"
 
 
 async def test_16_concurrent_requests_equal_the_reference(pod, reference) -> None:

@@ -56,7 +56,7 @@ async def _master_endpoint(spec, name):
     fabric = await FabricClient.connect(address(spec, "fabric", "fabric"), name=name, npu=service(spec, name).npu,
                                         timeout_s=10.0)
     ep = await open_endpoint(EndpointConfig(name=name, namespace=spec.namespace, kind=spec.transport,
-                                            npu=service(spec, name).npu, run_dir=str(spec.run_path)), fabric=fabric)
+                                            npu=service(spec, name).npu, bell_dir=str(spec.run_path)), fabric=fabric)
     return fabric, ep
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import mmap
 import os
+import shutil
+import socket
+import tempfile
 
 import pytest
 
 from tests.xccl_fixtures import XNet, shm_entries
-from xccl_net.doorbell import NameInUse, Ringer, bell_address
-from xccl_net.errors import CorruptMetadata, EventIdMismatch, XcclError
+from xccl_net.doorbell import Doorbell, NameInUse, Ringer, bell_address
+from xccl_net.errors import CorruptMetadata, EventIdMismatch, PeerUnreachable, XcclError
 from xccl_net.layout import (
     H_BELL_PENDING, P_TAIL, S_CHECK, SLOT_HEADER_BYTES, find_entry, read_header, slot_check,
 )
@@ -140,3 +143,32 @@ async def test_segment_geometry_and_windows_are_published(shm: XNet):
     finally:
         os.close(fd)
     assert a.window("kv").nbytes == 10_000
+
+
+def test_file_doorbells_ring_refuse_a_second_live_owner_and_replace_a_dead_ones_file():
+    bell_dir = tempfile.mkdtemp(prefix="xb", dir="/tmp")
+    try:
+        # What kill -9 of an owner leaves behind: a bound socket file nobody reads.
+        dead = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        dead.bind(bell_address("ns", "a", bell_dir))
+        dead.close()
+        ringer = Ringer()
+        with pytest.raises(PeerUnreachable):
+            ringer.ring(bell_address("ns", "a", bell_dir))
+        owner = Doorbell("ns", "a", bell_dir)      # replaces the stale file
+        with pytest.raises(NameInUse):
+            Doorbell("ns", "a", bell_dir)          # a live owner's file is never taken
+        ringer.ring(owner.address)
+        assert owner.drain() == 1
+        owner.close()
+        assert os.listdir(bell_dir) == []          # close removes the file
+        with pytest.raises(PeerUnreachable):
+            ringer.ring(owner.address)
+        ringer.close()
+    finally:
+        shutil.rmtree(bell_dir)
+
+
+def test_a_doorbell_path_too_long_for_a_unix_socket_is_a_clear_error():
+    with pytest.raises(XcclError, match="107"):
+        bell_address("ns", "a", "/tmp/" + "d" * 120)
