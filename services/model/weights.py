@@ -10,6 +10,7 @@ results bitwise equal.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +117,8 @@ def save_model(model_dir: str | Path, cfg: ModelConfig, tensors: dict[str, np.nd
     d = Path(model_dir)
     d.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(d / WEIGHTS_FILE), metadata={"format": "np"})
+    # safetensors creates the file 0600; weights are shared read-only (other users, containers).
+    os.chmod(d / WEIGHTS_FILE, 0o644)
     (d / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2, sort_keys=True) + "\n")
     return d
 

@@ -9,7 +9,7 @@ from safetensors.numpy import save_file
 from services.common.config import ConfigError
 from services.model.config import ModelConfig, preset
 from services.model.engine import ReferenceEngine
-from services.model.weights import (WeightsError, expected_shapes, init_tensors, load_model,
+from services.model.weights import (WEIGHTS_FILE, WeightsError, expected_shapes, init_tensors, load_model,
                                     save_model)
 
 CFG = preset("tiny")
@@ -86,3 +86,10 @@ def test_bad_config_keys_are_named(tmp_path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
     with pytest.raises(WeightsError, match="not a readable safetensors"):
         load_model(tmp_path)
+
+
+def test_saved_weights_are_readable_by_other_users(tmp_path):
+    """Model directories are shared read-only (containers run as another user)."""
+    cfg = preset("tiny")
+    d = save_model(tmp_path / "m", cfg, init_tensors(cfg, 0))
+    assert (d / WEIGHTS_FILE).stat().st_mode & 0o777 == 0o644

@@ -1,0 +1,137 @@
+"""``xds compose [--pod FILE]``: the Docker Compose file of a pod, generated from its spec.
+
+The same spec as ``xds up``; only the addressing mode changes (``addressing: compose``, service
+names and fixed container ports, by ``spec.address``). Layout of the generated file:
+
+- ``pod``: the namespace holder (``services.pod.holder``): owns the IPC namespace (``ipc:
+  shareable``, ``shm_size`` for the XCCL segments) and the PID namespace the others join.
+- ``fabric``, then every service of ``spec.services`` (same names as under ``xds up``), each
+  ``python -m services.run --name NAME`` with the resolved spec in ``XDS_POD`` (JSON), a gRPC
+  health check (``services/common/health.py``, a stdlib probe), ``restart: unless-stopped``
+  and ``depends_on`` with ``condition: service_healthy``: the fabric first, routers last.
+- the routers' gRPC ports published on 127.0.0.1 only (``XDS_ROUTER_<i>_PORT`` to move them).
+- model weights made once, at image build (``MODEL_PRESET``/``MODEL_SEED`` build args), read-only
+  in the image; a spec with ``model.dir`` mounts that directory read-only instead.
+- ``run``, a volume on ``/run/xds`` shared by all: doorbell sockets and ready files.
+
+Only what both Compose v2 and Debian's Compose 1.29.2 accept (see ../shared/DOCKER.md): no
+top-level ``name``, short-form ports, no ``start_interval``. The output is deterministic, and a
+test fails when the committed ``compose.yaml`` differs from ``xds compose``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from services.common.config import to_mapping
+from services.pod.spec import COMPOSE_PORTS, PodSpec, load_pod, services
+
+IMAGE = "xdeepserve:local"
+RUN_DIR = "/run/xds"                 # the shared volume (doorbells, ready files)
+MODELS_DIR = "/opt/xds/models"       # weights made at build; Dockerfile writes the same path
+HEALTH_SCRIPT = "/app/services/common/health.py"
+HOLDER = "pod"
+# XCCL's default ring geometry (EndpointConfig): the segment of each endpoint holds one ring
+# per possible peer. tmpfs charges only pages that are touched, so shm_size is a ceiling
+# (no SIGBUS however busy the rings get), not memory set aside.
+RING_BYTES = 64 * 256 * 1024
+WINDOW_ALLOWANCE = 1 << 30
+HEALTHCHECK = {"interval": "2s", "timeout": "3s", "retries": 5, "start_period": "120s"}
+
+
+def container_spec(spec: PodSpec) -> PodSpec:
+    """The spec as the containers see it: compose addressing, the shared run dir, the image's model."""
+    model_dir = f"{MODELS_DIR}/{model_dir_name(spec)}"
+    return dataclasses.replace(spec, addressing="compose", run_dir=RUN_DIR, cache_dir="", router_ports=(),
+                               model=dataclasses.replace(spec.model, dir=model_dir))
+
+
+def model_dir_name(spec: PodSpec) -> str:
+    if spec.model.dir:
+        return Path(spec.model.dir).resolve().name
+    return f"{spec.model.preset}-seed{spec.model.seed}"   # the name ensure_model gives it
+
+
+def shm_size(spec: PodSpec) -> str:
+    endpoints = [s for s in services(spec) if s.role not in ("fabric", "router")]
+    max_peers = len(services(spec)) + 8                    # as ServiceRuntime sizes it
+    total = len(endpoints) * max_peers * RING_BYTES + WINDOW_ALLOWANCE
+    return f"{math.ceil(total / (1 << 30))}gb"
+
+
+def router_port(spec: PodSpec, rank: int) -> int:
+    return spec.router_ports[rank] if spec.router_ports and spec.router_ports[rank] else COMPOSE_PORTS["grpc"] + rank
+
+
+def generate(spec: PodSpec) -> str:
+    inner = container_spec(spec)
+    pod_json = json.dumps(to_mapping(inner), sort_keys=True, separators=(",", ":")).replace("$", "$$")
+    build = {"context": ".", "args": {"MODEL_PRESET": spec.model.preset, "MODEL_SEED": str(spec.model.seed)}}
+    common: dict[str, Any] = {
+        "image": IMAGE, "build": build,
+        "environment": {"XDS_POD": pod_json, "XDS_LOG_FORMAT": "json"},
+        "ipc": f"service:{HOLDER}", "pid": f"service:{HOLDER}",
+        "volumes": [f"run:{RUN_DIR}"], "restart": "unless-stopped", "stop_grace_period": "10s",
+    }
+    if spec.model.dir:
+        common["volumes"].append(f"{Path(spec.model.dir).resolve()}:{inner.model.dir}:ro")
+    holder = {"image": IMAGE, "build": build, "command": ["python", "-m", "services.pod.holder"],
+              "ipc": "shareable", "shm_size": shm_size(spec), "restart": "unless-stopped",
+              "stop_grace_period": "5s"}
+
+    backends = [s.name for s in services(spec) if s.role in ("prefill", "decode")]
+    out: dict[str, dict[str, Any]] = {}
+    for s in services(spec):
+        if s.role == "fabric":
+            deps = {HOLDER: "service_started"}
+            port = COMPOSE_PORTS["fabric_admin"]
+        elif s.role == "router":
+            deps = {HOLDER: "service_started", "fabric": "service_healthy", **dict.fromkeys(backends, "service_healthy")}
+            port = COMPOSE_PORTS["health"]
+        else:
+            deps = {HOLDER: "service_started", "fabric": "service_healthy"}
+            port = COMPOSE_PORTS["health"]
+        svc: dict[str, Any] = {
+            "command": ["python", "-m", "services.run", "--name", s.name],
+            "depends_on": {d: {"condition": c} for d, c in deps.items()},
+            "healthcheck": {"test": ["CMD", "python", "-S", HEALTH_SCRIPT, f"127.0.0.1:{port}"], **HEALTHCHECK},
+        }
+        if s.role == "router":
+            var = f"XDS_ROUTER_{s.rank}_PORT"
+            svc["ports"] = [f"127.0.0.1:${{{var}:-{router_port(spec, s.rank)}}}:{COMPOSE_PORTS['grpc']}"]
+        out[s.name] = svc
+
+    def block(data: dict[str, Any], indent: int) -> str:
+        text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=10_000)
+        return "".join(" " * indent + line + "\n" for line in text.splitlines())
+
+    parts = [
+        "# Generated by `xds compose` from the pod spec; do not edit by hand. Change the spec and run\n"
+        "#   xds compose [--pod FILE] > compose.yaml\n"
+        "# (tests/unit/test_compose.py fails when this file is stale). Works with `docker compose`\n"
+        "# and with Debian's `docker-compose` 1.29.2. Routers: 127.0.0.1:50051 and :50052 by default\n"
+        "# (XDS_ROUTER_<i>_PORT moves them); set COMPOSE_PROJECT_NAME to run several pods.\n",
+        "x-xds: &xds\n" + block(common, 2),
+        "services:\n",
+        f"  {HOLDER}:\n" + block(holder, 4),
+    ]
+    for name, svc in out.items():
+        parts.append(f"  {name}:\n    <<: *xds\n" + block(svc, 4))
+    parts.append("volumes:\n  run: {}\n")
+    return "".join(parts)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pod", default=None, help="pod spec YAML (default: the built-in default pod)")
+
+
+def run(args: argparse.Namespace) -> int:
+    print(generate(load_pod(args.pod)), end="")
+    return 0

@@ -1,0 +1,210 @@
+"""`docker compose up` of the whole pod, for real: images built here, SDK from the host.
+
+Starts a Docker engine if none is running (tests/docker_engine.py, as ../shared/DOCKER.md
+describes), builds the base images (docker/base/build.sh: no registry needed) and the project
+image, brings the committed compose.yaml up under a private project name and free router
+ports, waits for every container's healthcheck (docker's own health_status events), checks the
+SDK's tokens against the reference engine, kills a router container and checks a new request
+still succeeds through the other, then ``down -v`` and stops the engine it started. Nothing may
+be left: no container, network or volume of the project, no daemon.
+
+Skipped (with the reason) only where no engine can be had; ``XDS_REQUIRE_DOCKER=1`` (CI) turns
+that skip into a failure. Phase timings are printed at the end of the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from services.client.sync import SyncInferenceClient
+from services.model.cache import ensure_model
+from services.model.engine import GenerationRequest, ReferenceEngine
+from services.model.sampling import SamplingParams
+from services.model.tokenizer import encode
+from services.pod.spec import load_pod, services
+from tests.docker_engine import DockerEngine, EngineUnavailable
+
+pytestmark = [pytest.mark.docker, pytest.mark.integration]
+
+ROOT = Path(__file__).resolve().parents[2]
+HEALTH_TIMEOUT_S = 180.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ComposePod:
+    engine: DockerEngine
+    project: str
+    compose: list[str]
+    env: dict[str, str]
+    routers: list[str]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def run(self, *args: str, timeout_s: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+        return self.engine.run(*self.compose, *args, timeout_s=timeout_s, check=check, cwd=str(ROOT),
+                               extra_env=self.env)
+
+    def container(self, service: str) -> str:
+        return self.run("ps", "-q", service).stdout.strip()
+
+    def leftovers(self) -> dict[str, str]:
+        label = f"label=com.docker.compose.project={self.project}"
+        return {kind: self.engine.run("docker", *cmd, "--filter", label, "-q").stdout.strip()
+                for kind, cmd in (("containers", ("ps", "-a")), ("volumes", ("volume", "ls")),
+                                  ("networks", ("network", "ls")))}
+
+
+def compose_command(engine: DockerEngine) -> list[str]:
+    """`docker compose` (v2) when the client has it, else Debian's `docker-compose` 1.29.2."""
+    if engine.run("docker", "compose", "version", check=False).returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose", path=engine.env["PATH"]):
+        return ["docker-compose"]
+    raise EngineUnavailable("neither `docker compose` nor `docker-compose` is installed")
+
+
+def wait_healthy(pod: ComposePod, names: set[str], events: subprocess.Popen, timeout_s: float) -> None:
+    """Read docker's health_status events (started before `up`) until every name is healthy."""
+    assert events.stdout is not None
+    healthy: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    buf = b""
+    with selectors.DefaultSelector() as sel:
+        sel.register(events.stdout, selectors.EVENT_READ)
+        while not names <= healthy:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                ps = pod.run("ps", check=False).stdout
+                raise AssertionError(f"not healthy after {timeout_s:g}s: {sorted(names - healthy)}\n{ps}")
+            if not sel.select(left):
+                continue
+            chunk = os.read(events.stdout.fileno(), 65536)
+            if not chunk:
+                raise AssertionError("docker events ended")
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                ev = json.loads(line)
+                if ev.get("Action") == "health_status: healthy":
+                    healthy.add(ev["Actor"]["Attributes"].get("com.docker.compose.service", ""))
+
+
+@pytest.fixture(scope="module")
+def pod(request) -> Iterator[ComposePod]:
+    timings: dict[str, float] = {}
+    t0 = t = time.monotonic()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.monotonic()
+        timings[name] = round(now - t, 1)
+        t = now
+
+    engine = DockerEngine()
+    try:
+        engine.start()
+        compose = compose_command(engine)
+    except EngineUnavailable as exc:
+        engine.stop()
+        if os.environ.get("XDS_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"XDS_REQUIRE_DOCKER=1 but no Docker engine: {exc}")
+        pytest.skip(f"no Docker engine can be had here: {exc}")
+    lap("engine_start_s")
+    project = f"xdstest{uuid.uuid4().hex[:6]}"
+    ports = [free_port(), free_port()]
+    env = {"COMPOSE_PROJECT_NAME": project, "XDS_ROUTER_0_PORT": str(ports[0]), "XDS_ROUTER_1_PORT": str(ports[1])}
+    p = ComposePod(engine, project, compose, env, [f"127.0.0.1:{x}" for x in ports], timings)
+    events = None
+    try:
+        engine.run("bash", str(ROOT / "docker/base/build.sh"), timeout_s=600)
+        lap("base_images_s")
+        p.run("build", "pod", timeout_s=900)   # the one image every service runs
+        lap("project_image_s")
+        events = subprocess.Popen(
+            ["docker", "events", "--format", "{{json .}}", "--filter", "type=container",
+             "--filter", f"label=com.docker.compose.project={project}"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=engine.env)
+        p.run("up", "-d", timeout_s=HEALTH_TIMEOUT_S)
+        wait_healthy(p, {s.name for s in services(load_pod(None))}, events, HEALTH_TIMEOUT_S)
+        lap("up_until_all_healthy_s")
+        yield p
+    finally:
+        if events is not None:
+            events.terminate()
+            events.wait(timeout=10)
+            assert events.stdout is not None
+            events.stdout.close()
+        t = time.monotonic()
+        logs = p.run("logs", "--no-color", "--tail", "30", check=False).stdout if request.session.testsfailed else ""
+        down = p.run("down", "-v", "--remove-orphans", "-t", "10", check=False)
+        lap("down_s")
+        left = p.leftovers()
+        pid = engine.proc.pid if engine.proc else None
+        engine.stop()
+        lap("engine_stop_s")
+        timings["total_s"] = round(time.monotonic() - t0, 1)
+        capman = request.config.pluginmanager.getplugin("capturemanager")
+        with capman.global_and_fixture_disabled():   # into the CI log, even under -q
+            print(f"\ncompose pod timings: {json.dumps(timings)}")
+            if logs:
+                print(logs[-6000:])
+        assert down.returncode == 0, down.stderr
+        assert not any(left.values()), f"left behind: {left}"
+        if pid is not None:
+            assert not Path(f"/proc/{pid}").exists(), "dockerd still running"
+
+
+@pytest.fixture(scope="module")
+def reference() -> ReferenceEngine:
+    spec = load_pod(None)
+    return ReferenceEngine.from_dir(ensure_model(None, spec.model.preset, spec.model.seed))
+
+
+def expected(reference: ReferenceEngine, rid: str, prompt: str, kw: dict) -> tuple[int, ...]:
+    return reference.generate([GenerationRequest(rid, tuple(encode(prompt)), SamplingParams(**kw))])[0].token_ids
+
+
+CASES = [("Hello, SuperPod", {"max_tokens": 12}),
+         ("The KV cache moves over the unified bus", {"max_tokens": 9, "temperature": 0.8, "top_p": 0.9, "seed": 7}),
+         ("a", {"max_tokens": 16})]
+
+
+def test_sdk_against_the_compose_pod_equals_the_reference(pod: ComposePod, reference: ReferenceEngine) -> None:
+    t = time.monotonic()
+    with SyncInferenceClient(pod.routers, timeout_s=60) as client:
+        for i, (prompt, kw) in enumerate(CASES):
+            rid = f"compose-{i}"
+            res = client.complete(prompt, request_id=rid, **kw)
+            assert res.token_ids == expected(reference, rid, prompt, kw), f"{prompt!r} differs from the reference"
+    pod.timings["requests_s"] = round(time.monotonic() - t, 1)
+
+
+def test_a_killed_router_container_does_not_stop_the_pod(pod: ComposePod, reference: ReferenceEngine) -> None:
+    t = time.monotonic()
+    victim = pod.container("router-0")
+    assert victim, "router-0 has no container"
+    pod.engine.run("docker", "kill", victim)
+    state = json.loads(pod.engine.run("docker", "inspect", victim).stdout)[0]["State"]
+    assert not state["Running"]
+    with SyncInferenceClient(pod.routers, timeout_s=60) as client:   # both endpoints, router-0 first
+        prompt, kw = "after a router died", {"max_tokens": 10}
+        res = client.complete(prompt, request_id="compose-after-kill", **kw)
+    assert res.token_ids == expected(reference, "compose-after-kill", prompt, kw)
+    pod.timings["kill_and_request_s"] = round(time.monotonic() - t, 1)

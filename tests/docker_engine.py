@@ -1,0 +1,141 @@
+"""A Docker engine for the compose test: the running one, or a private ``dockerd`` started here.
+
+As ../shared/DOCKER.md describes for machines without systemd: ``dockerd`` with its state in a
+fresh temp dir and its API on a socket there, stopped by PID at the end, its state removed
+(the nsfs mounts under the exec root unmounted first), and the ``docker0`` bridge it created
+deleted. Readiness is an event: dockerd logs "API listen on <socket>" when it serves, and we
+read its log pipe for that line (with a deadline) instead of polling ``docker info``.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+class EngineUnavailable(RuntimeError):
+    """No engine is running and none can be started here (the reason says why)."""
+
+
+def _works(env: dict[str, str]) -> bool:
+    try:
+        return subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], env=env, capture_output=True,
+                              timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+class DockerEngine:
+    def __init__(self) -> None:
+        # Debian's docker client first: compose 1.29.2 shells out to `docker` for builds, and
+        # /usr/local/bin/docker (a newer client without buildx) would shadow it.
+        self.env = dict(os.environ, PATH="/usr/bin:" + os.environ.get("PATH", ""))
+        self.proc: subprocess.Popen | None = None
+        self.state: Path | None = None
+        self._made_bridge = False
+        self.log_lines: list[str] = []
+
+    @property
+    def started_here(self) -> bool:
+        return self.proc is not None
+
+    def start(self, timeout_s: float = 60.0) -> DockerEngine:
+        if _works(self.env):
+            return self  # an engine is running (DOCKER_HOST or the default socket): use it
+        dockerd = shutil.which("dockerd", path=self.env["PATH"])
+        if dockerd is None:
+            raise EngineUnavailable("no Docker engine is running and dockerd is not installed "
+                                    "(apt-get install docker.io docker-compose debootstrap)")
+        if os.geteuid() != 0:
+            raise EngineUnavailable("no Docker engine is running and starting dockerd needs root")
+        self._made_bridge = not Path("/sys/class/net/docker0").exists()
+        self.state = Path(tempfile.mkdtemp(prefix="xdsd", dir="/tmp"))
+        sock = self.state / "docker.sock"
+        self.proc = subprocess.Popen(
+            [dockerd, "--data-root", str(self.state / "data"), "--exec-root", str(self.state / "exec"),
+             "-H", f"unix://{sock}", "--pidfile", str(self.state / "dockerd.pid")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env,
+            start_new_session=True)
+        self.env["DOCKER_HOST"] = f"unix://{sock}"
+        try:
+            self._wait_for_line(f"API listen on {sock}", timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_for_line(self, needle: str, timeout_s: float) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        deadline = time.monotonic() + timeout_s
+        buf = b""
+        fd = self.proc.stdout.fileno()
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise EngineUnavailable(f"dockerd not serving after {timeout_s:g}s:\n" + "\n".join(self.log_lines[-20:]))
+                if not sel.select(left):
+                    continue
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise EngineUnavailable("dockerd exited:\n" + "\n".join(self.log_lines[-20:]))
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                text = [ln.decode(errors="replace") for ln in lines]
+                self.log_lines += text
+                if any(needle in ln for ln in text):
+                    break
+        # Keep reading its output (dockerd must never block on a full pipe; the tail helps errors).
+        self._drain = threading.Thread(target=self._read_log, args=(fd,), daemon=True)
+        self._drain.start()
+
+    def _read_log(self, fd: int) -> None:
+        buf = b""
+        while chunk := os.read(fd, 65536):
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            self.log_lines = (self.log_lines + [ln.decode(errors="replace") for ln in lines])[-200:]
+
+    def run(self, *args: str, timeout_s: float = 300, check: bool = True, cwd: str | None = None,
+            extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """Run a command against this engine (docker, docker-compose, scripts)."""
+        env = dict(self.env, **(extra_env or {}))
+        res = subprocess.run(list(args), env=env, capture_output=True, text=True, timeout=timeout_s, cwd=cwd)
+        if check and res.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+        return res
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Stop a dockerd started here by PID, remove its state; leave a running engine alone."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        drain = getattr(self, "_drain", None)
+        if drain is not None:
+            drain.join(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        assert self.state is not None
+        exec_root = self.state / "exec"
+        if exec_root.exists():
+            mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+                      if line.split()[1].startswith(str(self.state))]
+            for m in sorted(mounts, key=len, reverse=True):
+                subprocess.run(["umount", "-l", m], capture_output=True)
+        shutil.rmtree(self.state, ignore_errors=True)
+        if self._made_bridge and Path("/sys/class/net/docker0").exists():
+            subprocess.run(["ip", "link", "delete", "docker0"], capture_output=True)
