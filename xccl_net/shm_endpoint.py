@@ -130,7 +130,10 @@ class ShmEndpoint(Endpoint):
         link = self._links.get(peer)
         if link is not None:
             w = link.seg.words
-            if link.dead is None and w[H_STATE] == STATE_OPEN and w[H_INCARNATION] == link.incarnation:
+            # A peer killed -9 never marks its segment closed, and its restart maps a new file
+            # under the same name: only the owner's pid tells that our mapping is the dead one.
+            if (link.dead is None and w[H_STATE] == STATE_OPEN and w[H_INCARNATION] == link.incarnation
+                    and pid_alive(link.pid)):
                 return link
             self._drop_link(link, link.dead or PeerUnreachable(f"{peer} closed or restarted"))
         if peer == self.name:

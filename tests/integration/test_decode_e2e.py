@@ -181,9 +181,6 @@ async def test_killed_attention_rank_fails_its_requests_fast_and_its_restart_is_
             await asyncio.sleep(0.05)   # beats of the new epoch reaching decode-1: no event here
 
 
-@pytest.mark.xfail(strict=True, reason="the expert instances keep the killed incarnation's XCCL peer and cannot "
-                   "answer the restarted attention rank (expert.answer_failed: PeerUnreachable ... closed or died); "
-                   "reported to the lead")
 async def test_request_on_the_restarted_attention_rank(pod, router, engine) -> None:
     """Runs after the kill test, on its restarted rank."""
     ids = tuple(encode("after the restart"))

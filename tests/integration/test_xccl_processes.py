@@ -120,6 +120,27 @@ async def test_send_to_a_killed_peer_fails_typed_within_timeout(kind, namespace,
         await parent.close()
 
 
+async def test_after_a_peer_is_killed_and_restarted_puts_and_sends_reach_the_new_process(namespace, children):
+    """kill -9 leaves the dead peer's segment marked open; the restart maps a new file under the
+    same name. The survivor's cached mapping must not swallow writes meant for the new process."""
+    parent = await _open_parent("shm", namespace)
+    try:
+        child = children("shm", namespace, "child")
+        await child.ready()
+        await parent.put("child", "kv", 100, b"to-the-first")
+        await parent.send("child", [b"WINDOW", b"100", b"12"], timeout_s=5)
+        assert [bytes(f) for f in (await parent.recv("child", timeout_s=5))[1]] == [b"to-the-first"]
+        child.kill9()
+        child2 = children("shm", namespace, "child")
+        await child2.ready()
+        await parent.put("child", "kv", 100, b"to-the-second")
+        await parent.send("child", [b"WINDOW", b"100", b"13"], timeout_s=5)
+        assert [bytes(f) for f in (await parent.recv("child", timeout_s=5))[1]] == [b"to-the-second"]
+        assert child2.stop() == 0
+    finally:
+        await parent.close()
+
+
 async def test_stale_segment_of_a_killed_owner_is_replaced_at_next_open(namespace, children):
     child = children("shm", namespace, "child")
     await child.ready()

@@ -2,7 +2,8 @@
 
     python -m tests.integration.xccl_child KIND NAMESPACE NAME [PEER=ADDRESS ...]
 
-Echoes every message back to its sender. Prints ``READY <address>`` once the endpoint is
+Echoes every message back to its sender, except ``[b"WINDOW", offset, length]`` (decimal
+ASCII), answered with those bytes of its own ``kv`` window: what a peer's put really wrote here. Prints ``READY <address>`` once the endpoint is
 registered (the test waits for that line, never on a sleep). SIGTERM closes the endpoint
 (unlinking its segment) and exits 0.
 """
@@ -30,6 +31,9 @@ async def main(kind: str, namespace: str, name: str, peers: list[str]) -> int:
         while True:
             try:
                 src, frames = await ep.recv(timeout_s=1.0)
+                if len(frames) == 3 and bytes(frames[0]) == b"WINDOW":
+                    off, n = int(bytes(frames[1])), int(bytes(frames[2]))
+                    frames = [ep.window("kv")[off:off + n].tobytes()]
                 await ep.send(src, frames, timeout_s=5.0)
             except XcclTimeout:
                 continue
