@@ -3,7 +3,7 @@
 As ../shared/DOCKER.md describes for machines without systemd: ``dockerd`` with its state in a
 fresh temp dir and its API on a socket there, stopped by PID at the end, its state removed
 (the nsfs mounts under the exec root unmounted first), and the ``docker0`` bridge it created
-deleted. Readiness is an event: dockerd logs "API listen on <socket>" when it serves, and we
+deleted, and the host's iptables rules restored. Readiness is an event: dockerd logs "API listen on <socket>" when it serves, and we
 read its log pipe for that line (with a deadline) instead of polling ``docker info``.
 """
 
@@ -40,6 +40,7 @@ class DockerEngine:
         self.proc: subprocess.Popen | None = None
         self.state: Path | None = None
         self._made_bridge = False
+        self._iptables = ""
         self.log_lines: list[str] = []
 
     @property
@@ -56,6 +57,9 @@ class DockerEngine:
         if os.geteuid() != 0:
             raise EngineUnavailable("no Docker engine is running and starting dockerd needs root")
         self._made_bridge = not Path("/sys/class/net/docker0").exists()
+        # dockerd adds its iptables chains and sets FORWARD to DROP: put the host's rules back after.
+        save = shutil.which("iptables-save")
+        self._iptables = subprocess.run([save], capture_output=True, text=True).stdout if save else ""
         self.state = Path(tempfile.mkdtemp(prefix="xdsd", dir="/tmp"))
         sock = self.state / "docker.sock"
         self.proc = subprocess.Popen(
@@ -106,30 +110,47 @@ class DockerEngine:
 
     def run(self, *args: str, timeout_s: float = 300, check: bool = True, cwd: str | None = None,
             extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        """Run a command against this engine (docker, docker-compose, scripts)."""
+        """Run a command against this engine (docker, docker-compose, scripts). Its own process
+        group: on timeout the whole group is killed (a build script's debootstrap too)."""
         env = dict(self.env, **(extra_env or {}))
-        res = subprocess.run(list(args), env=env, capture_output=True, text=True, timeout=timeout_s, cwd=cwd)
+        proc = subprocess.Popen(list(args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=cwd, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise RuntimeError(f"{' '.join(args)} did not finish in {timeout_s:g}s") from None
+        res = subprocess.CompletedProcess(list(args), proc.returncode, out, err)
         if check and res.returncode != 0:
-            raise RuntimeError(f"{' '.join(args)} exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+            raise RuntimeError(f"{' '.join(args)} exited {res.returncode}:\n{out[-3000:]}\n{err[-3000:]}")
         return res
 
     def stop(self, grace_s: float = 30.0) -> None:
         """Stop a dockerd started here by PID, remove its state; leave a running engine alone."""
         if self.proc is None:
             return
+        assert self.state is not None
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
+                # Killed without its shutdown, dockerd leaves its containerd running: by PID too.
+                containerd = self.state / "exec" / "containerd" / "containerd.pid"
+                pid = int(containerd.read_text().strip() or 0) if containerd.exists() else 0
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+                if pid > 0:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
         drain = getattr(self, "_drain", None)
         if drain is not None:
             drain.join(timeout=10)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
-        assert self.state is not None
         exec_root = self.state / "exec"
         if exec_root.exists():
             mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
@@ -139,3 +160,6 @@ class DockerEngine:
         shutil.rmtree(self.state, ignore_errors=True)
         if self._made_bridge and Path("/sys/class/net/docker0").exists():
             subprocess.run(["ip", "link", "delete", "docker0"], capture_output=True)
+        restore = shutil.which("iptables-restore")
+        if self._iptables and restore:
+            subprocess.run([restore], input=self._iptables, capture_output=True, text=True)

@@ -16,20 +16,30 @@ if ! command -v debootstrap >/dev/null; then
     exec docker pull python:3.11-slim
 fi
 if ! docker image inspect debian:bookworm-slim >/dev/null 2>&1; then
-    mirror=$(grep -h -m1 -oP '^URIs:\s*\K\S+' /etc/apt/sources.list.d/*.sources 2>/dev/null \
-             || grep -h -m1 -oP '^deb\s+\K(http\S+)' /etc/apt/sources.list)
+    # The host's own Debian mirror (the first one named), else the public one.
+    mirror=$( { grep -h -oP '^URIs:\s*\K\S+' /etc/apt/sources.list.d/*.sources 2>/dev/null \
+                || grep -h -oP '^deb\s+\K(http\S+)' /etc/apt/sources.list 2>/dev/null; } | head -n1 || true)
     mirror=${mirror:-http://deb.debian.org/debian}
+    security=${mirror%/debian}/debian-security
     work=$(mktemp -d)
     trap 'rm -rf "$work"' EXIT
     debootstrap --variant=minbase bookworm "$work/rootfs" "$mirror" >"$work/debootstrap.log" 2>&1 \
         || { tail -20 "$work/debootstrap.log" >&2; exit 1; }
-    # The same apt sources as the host (mirror, security, updates).
-    if ls /etc/apt/sources.list.d/*.sources >/dev/null 2>&1; then
-        cp /etc/apt/sources.list.d/*.sources "$work/rootfs/etc/apt/sources.list.d/"
-        : >"$work/rootfs/etc/apt/sources.list"
-    else
-        cp /etc/apt/sources.list "$work/rootfs/etc/apt/sources.list"
-    fi
+    # bookworm's own suites only (never the host's third-party repos or another release's).
+    : >"$work/rootfs/etc/apt/sources.list"
+    cat >"$work/rootfs/etc/apt/sources.list.d/debian.sources" <<SOURCES
+Types: deb
+URIs: $mirror
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: $security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SOURCES
     rm -rf "$work"/rootfs/var/cache/apt/archives/*.deb "$work"/rootfs/var/lib/apt/lists/*
     tar -C "$work/rootfs" -c . | docker import --change 'CMD ["bash"]' - debian:bookworm-slim >/dev/null
     rm -rf "$work"

@@ -85,9 +85,13 @@ def _connect(address: str, timeout_s: float) -> tuple[socket.socket, str]:
     return sock, address
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
     buf = bytearray()
     while len(buf) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise HealthProbeError("timed out waiting for the answer")
+        sock.settimeout(left)
         chunk = sock.recv(n - len(buf))
         if not chunk:
             raise HealthProbeError("server closed the connection before answering")
@@ -129,12 +133,11 @@ def probe(address: str, service: str = "", timeout_s: float = 2.0) -> str:
         sock.sendall(_request(authority, service))
         message = b""
         while True:
-            sock.settimeout(max(0.001, deadline - time.monotonic()))
-            head = _recv_exact(sock, 9)
+            head = _recv_exact(sock, 9, deadline)
             length = int.from_bytes(head[:3], "big")
             ftype, flags = head[3], head[4]
             stream = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
-            payload = _recv_exact(sock, length)
+            payload = _recv_exact(sock, length, deadline)
             if ftype in (_DATA, _HEADERS) and flags & _PADDED:
                 payload = payload[1:len(payload) - payload[0]]
             if ftype == _SETTINGS and not flags & _ACK:
@@ -188,8 +191,14 @@ class HealthServer:
         self._server = grpc.aio.server()
         self._servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._servicer, self._server)
-        if not self._server.add_insecure_port(self.bind):
-            raise OSError(f"cannot bind the health service on {self.bind}")
+        try:
+            port = self._server.add_insecure_port(self.bind)
+        except RuntimeError as exc:   # grpcio raises this when it cannot bind
+            port, why = 0, exc
+        else:
+            why = None
+        if not port:
+            raise OSError(f"cannot bind the health service on {self.bind}: {why or 'address in use?'}")
         await self._server.start()
         await self.set(False)
 

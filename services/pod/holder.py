@@ -18,28 +18,21 @@ import sys
 
 
 def main() -> int:
-    stop = False
-
-    def on_stop(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    def on_child(signum: int, frame: object) -> None:
-        while True:
+    # Signals are taken synchronously (no handler/pause race: a SIGTERM can never be missed).
+    wanted = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+    signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+    print("pod holder: ready", flush=True)
+    while True:
+        info = signal.sigwaitinfo(wanted)
+        if info.si_signo != signal.SIGCHLD:
+            return 0
+        while True:  # reap every exited orphan
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
-
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGCHLD, on_child)
-    print("pod holder: ready", flush=True)
-    while not stop:
-        signal.pause()  # handlers run here; nothing else to do
-    return 0
+                break
 
 
 if __name__ == "__main__":

@@ -137,8 +137,9 @@ def pod(request) -> Iterator[ComposePod]:
         lap("base_images_s")
         p.run("build", "pod", timeout_s=900)   # the one image every service runs
         lap("project_image_s")
+        since = str(int(time.time()) - 1)   # replayed from here: no health event can be missed
         events = subprocess.Popen(
-            ["docker", "events", "--format", "{{json .}}", "--filter", "type=container",
+            ["docker", "events", "--since", since, "--format", "{{json .}}", "--filter", "type=container",
              "--filter", f"label=com.docker.compose.project={project}"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=engine.env)
         p.run("up", "-d", timeout_s=HEALTH_TIMEOUT_S)

@@ -84,3 +84,18 @@ def test_only_what_compose_1_29_accepts():
             assert isinstance(port, str)  # short form only (no long form with host_ip)
         for dep in svc.get("depends_on", {}).values():
             assert set(dep) == {"condition"}   # no restart/required
+
+
+def test_the_holder_exits_at_once_on_sigterm():
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "services.pod.holder"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout.readline().strip() == "pod holder: ready"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        proc.stdout.close()

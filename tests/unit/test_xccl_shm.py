@@ -172,3 +172,20 @@ def test_file_doorbells_ring_refuse_a_second_live_owner_and_replace_a_dead_ones_
 def test_a_doorbell_path_too_long_for_a_unix_socket_is_a_clear_error():
     with pytest.raises(XcclError, match="107"):
         bell_address("ns", "a", "/tmp/" + "d" * 120)
+
+
+def test_closing_a_file_doorbell_never_removes_a_successors_file():
+    bell_dir = tempfile.mkdtemp(prefix="xb", dir="/tmp")
+    try:
+        first = Doorbell("ns", "a", bell_dir)
+        os.unlink(first.address)                 # its file replaced behind its back ...
+        second = Doorbell("ns", "a", bell_dir)   # ... by a successor's
+        first.close()
+        ringer = Ringer()
+        ringer.ring(second.address)              # the successor is still reachable
+        assert second.drain() == 1
+        ringer.close()
+        second.close()
+        assert os.listdir(bell_dir) == []
+    finally:
+        shutil.rmtree(bell_dir)
