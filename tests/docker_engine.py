@@ -3,20 +3,19 @@
 As ../shared/DOCKER.md describes for machines without systemd: ``dockerd`` with its state in a
 fresh temp dir and its API on a socket there, stopped by PID at the end, its state removed
 (the nsfs mounts under the exec root unmounted first), and the ``docker0`` bridge it created
-deleted, and the host's iptables rules restored. Readiness is an event: dockerd logs "API listen on <socket>" when it serves, and we
-read its log pipe for that line (with a deadline) instead of polling ``docker info``.
+deleted, and the host's iptables rules restored. Readiness is an event: dockerd logs "API
+listen on <socket>" when it serves; a reader thread of its log pipe sets an event on that line
+(waited on with a deadline) instead of polling ``docker info``.
 """
 
 from __future__ import annotations
 
 import os
-import selectors
 import shutil
 import signal
 import subprocess
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 
@@ -68,45 +67,31 @@ class DockerEngine:
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env,
             start_new_session=True)
         self.env["DOCKER_HOST"] = f"unix://{sock}"
+        # One reader for dockerd's whole life (it must never block on a full pipe); it also
+        # signals the "API listen on" line, our readiness event, and keeps a tail for errors.
+        self._serving = threading.Event()
+        self._listening = False
+        self._drain = threading.Thread(target=self._read_log, args=(f"API listen on {sock}",), daemon=True)
+        self._drain.start()
         try:
-            self._wait_for_line(f"API listen on {sock}", timeout_s)
+            if not self._serving.wait(timeout_s):
+                raise EngineUnavailable(f"dockerd not serving after {timeout_s:g}s:\n" + "\n".join(self.log_lines[-20:]))
+            if not self._listening:
+                raise EngineUnavailable("dockerd exited:\n" + "\n".join(self.log_lines[-20:]))
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _wait_for_line(self, needle: str, timeout_s: float) -> None:
+    def _read_log(self, needle: str) -> None:
         assert self.proc is not None and self.proc.stdout is not None
-        deadline = time.monotonic() + timeout_s
-        buf = b""
-        fd = self.proc.stdout.fileno()
-        with selectors.DefaultSelector() as sel:
-            sel.register(fd, selectors.EVENT_READ)
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise EngineUnavailable(f"dockerd not serving after {timeout_s:g}s:\n" + "\n".join(self.log_lines[-20:]))
-                if not sel.select(left):
-                    continue
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    raise EngineUnavailable("dockerd exited:\n" + "\n".join(self.log_lines[-20:]))
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                text = [ln.decode(errors="replace") for ln in lines]
-                self.log_lines += text
-                if any(needle in ln for ln in text):
-                    break
-        # Keep reading its output (dockerd must never block on a full pipe; the tail helps errors).
-        self._drain = threading.Thread(target=self._read_log, args=(fd,), daemon=True)
-        self._drain.start()
-
-    def _read_log(self, fd: int) -> None:
-        buf = b""
-        while chunk := os.read(fd, 65536):
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            self.log_lines = (self.log_lines + [ln.decode(errors="replace") for ln in lines])[-200:]
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.log_lines = (self.log_lines + [line])[-200:]
+            if needle in line:
+                self._listening = True
+                self._serving.set()
+        self._serving.set()  # end of output: dockerd is gone (start() tells the two apart)
 
     def run(self, *args: str, timeout_s: float = 300, check: bool = True, cwd: str | None = None,
             extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -43,7 +43,7 @@ async def serve(spec: PodSpec, name: str) -> None:
         pool = KVPoolClient(spec, rt.endpoint, cfg)
         try:
             server = AttentionServer(rt.endpoint, core, dispatcher, pool.load, master=f"decode-{me.group}")
-            rt.mark_ready(group=me.group, source=geo.sources.index(name), kv_blocks=budget)
+            await rt.mark_ready(group=me.group, source=geo.sources.index(name), kv_blocks=budget)
             await rt.run_until_stopped(server.serve())
         finally:
             await pool.close()

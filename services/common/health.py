@@ -202,6 +202,12 @@ class HealthServer:
         await self._server.start()
         await self.set(False)
 
+    @property
+    def servicer(self) -> Any:
+        """The health servicer, to serve the same status on another gRPC server too (a router's
+        client-facing port); ``start`` first."""
+        return self._servicer
+
     async def set(self, serving: bool) -> None:
         status = self._pb.HealthCheckResponse.SERVING if serving else self._pb.HealthCheckResponse.NOT_SERVING
         await self._servicer.set("", status)

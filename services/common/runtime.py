@@ -68,7 +68,6 @@ class ServiceRuntime:
         self.heartbeat: HeartbeatPublisher | None = None
         self.rpc: RpcServer | None = None
         self.health: HealthServer | None = None
-        self._health_update: asyncio.Task[None] | None = None
         self.stopping = asyncio.Event()
         self.draining = False
 
@@ -101,16 +100,14 @@ class ServiceRuntime:
         self.rpc.start()
         return self.rpc
 
-    def mark_ready(self, **info: Any) -> None:
+    async def mark_ready(self, **info: Any) -> None:
+        """Health SERVING first, then the ready file and pipe: ready always means healthy."""
+        if self.health is not None:
+            await self.health.set(True)
         announce_ready(ready_path(self.spec, self.me.name),
                        {"name": self.me.name, "role": self.me.role, "pid": os.getpid(),
                         "epoch": self.heartbeat.epoch if self.heartbeat else "", **info})
-        self._set_health(True)
         self.log.info("service.ready", **info)
-
-    def _set_health(self, serving: bool) -> None:
-        if self.health is not None:
-            self._health_update = asyncio.get_running_loop().create_task(self.health.set(serving))
 
     async def run_until_stopped(self, *workers: Awaitable[Any], drain: Callable[[], Awaitable[None]] | None = None,
                                 drain_timeout_s: float = 5.0) -> None:
@@ -122,7 +119,8 @@ class ServiceRuntime:
             self.draining = True
             if self.heartbeat:
                 self.heartbeat.status = "draining"
-            self._set_health(False)
+            if self.health is not None:
+                await self.health.set(False)
             if drain is not None:
                 try:
                     await asyncio.wait_for(drain(), drain_timeout_s)

@@ -319,6 +319,6 @@ async def serve(spec: PodSpec, name: str, cfg: MasterConfig = MasterConfig()) ->
         beats = HeartbeatSubscriber(
             [address(spec, r, "heartbeat") for r in ranks], on_change=master.on_change,
             detector=FailureDetector(DetectorConfig(spec.heartbeat.suspect_after_s, spec.heartbeat.dead_after_s)))
-        rt.mark_ready(group=me.group, ranks=list(ranks), max_batch=core.cfg.max_batch, kv_blocks=core.cfg.kv_blocks)
+        await rt.mark_ready(group=me.group, ranks=list(ranks), max_batch=core.cfg.max_batch, kv_blocks=core.cfg.kv_blocks)
         await rt.run_until_stopped(master.receiver(), master.step_loop(), beats.run(),
                                    *(master.sender(r) for r in ranks), drain=master.drain)

@@ -76,5 +76,5 @@ async def serve(spec: PodSpec, name: str) -> None:
                                rows_per_source=tuple(r for _, r in handler.per_source))
 
         rt.serve_rpc(on_rpc)
-        rt.mark_ready(rank=me.rank, hosted=sorted(hosted), sources=list(geo.sources))
+        await rt.mark_ready(rank=me.rank, hosted=sorted(hosted), sources=list(geo.sources))
         await rt.run_until_stopped(_serve_events(rt, handler, inst))

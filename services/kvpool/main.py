@@ -51,6 +51,6 @@ async def serve(spec: PodSpec, name: str) -> None:
                 raise RemoteError(exc.code, exc.message) from None
 
         rt.serve_rpc(on_rpc)
-        rt.mark_ready(block_bytes=layout.block_bytes, capacity_blocks=spec.kv_pool.capacity_blocks,
+        await rt.mark_ready(block_bytes=layout.block_bytes, capacity_blocks=spec.kv_pool.capacity_blocks,
                       block_size=layout.block_size)
         await rt.run_until_stopped(_expire_leases(core))

@@ -176,7 +176,7 @@ async def serve(spec: PodSpec, name: str, cfg: PrefillConfig = PrefillConfig()) 
         server.pool = KVPoolClient(spec, rt.endpoint, model_cfg)
         try:
             rt.serve_rpc(server.on_rpc)
-            rt.mark_ready(model=spec.model.preset)
+            await rt.mark_ready(model=spec.model.preset)
             await rt.run_until_stopped(server.worker(), drain=server.drain)
         finally:
             await server.pool.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.api.xds.v1 import inference_pb2 as pb
@@ -37,11 +37,11 @@ async def serve(spec: PodSpec, name: str) -> None:
     async with ServiceRuntime(spec, name, xccl=False, load=core.load) as rt:
         router = Router(name, core, model_cfg, model_dir.name, lambda svc: address(spec, svc, "rpc"),
                         startup_grace_s=spec.heartbeat.dead_after_s)
-        health_servicer = health.aio.HealthServicer()
-        await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         server = grpc.aio.server()
         pb_grpc.add_InferenceServicer_to_server(router, server)
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        # The runtime's health status (NOT_SERVING -> SERVING when ready -> NOT_SERVING while
+        # draining), served on the client-facing port too, where load balancers ask.
+        health_pb2_grpc.add_HealthServicer_to_server(rt.health.servicer, server)
         reflection.enable_server_reflection(SERVICE_NAMES, server)
         bind = bind_address(spec, name, "grpc")
         port = server.add_insecure_port(bind)
@@ -53,10 +53,6 @@ async def serve(spec: PodSpec, name: str) -> None:
             detector=FailureDetector(DetectorConfig(spec.heartbeat.suspect_after_s, spec.heartbeat.dead_after_s)),
             on_change=router.on_change, on_beat=router.on_beat)
 
-        async def drain() -> None:
-            await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-            await router.drain()
-
         async def ready_when_started() -> None:
             await router.started.wait()
             # Ready once every prefill and decode backend has been heard from, or after the
@@ -65,12 +61,10 @@ async def serve(spec: PodSpec, name: str) -> None:
             missing = await router.heard_from(backends, spec.heartbeat.dead_after_s)
             if missing:
                 rt.log.warning("router.ready_without", missing=sorted(missing))
-            await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
             host = address(spec, name, "grpc").rsplit(":", 1)[0]
-            rt.mark_ready(grpc=f"{host}:{port}", started_s=time.time())
+            await rt.mark_ready(grpc=f"{host}:{port}", started_s=time.time())
 
         try:
-            await rt.run_until_stopped(subscriber.run(), router.run(), ready_when_started(), drain=drain)
+            await rt.run_until_stopped(subscriber.run(), router.run(), ready_when_started(), drain=router.drain)
         finally:
-            await health_servicer.enter_graceful_shutdown()
             await server.stop(SERVER_STOP_GRACE_S)

@@ -163,11 +163,15 @@ class Router(pb_grpc.InferenceServicer):
                 # the first beats of backends that start alongside us.
                 self._startup_until = time.monotonic() + self._startup_grace_s
                 return missing
-            self._peer_seen.clear()
-            try:
-                await asyncio.wait_for(self._peer_seen.wait(), left)
-            except asyncio.TimeoutError:
-                pass
+            await self._next_beat(left)
+
+    async def _next_beat(self, timeout_s: float) -> None:
+        """Until the next heartbeat of any peer arrives, or ``timeout_s``."""
+        self._peer_seen.clear()
+        try:
+            await asyncio.wait_for(self._peer_seen.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
 
     async def _pick(self, pick: Any) -> str:
         """Pick a backend; right after start, wait (bounded) for the first heartbeats."""
@@ -178,11 +182,7 @@ class Router(pb_grpc.InferenceServicer):
                 left = self._startup_until - time.monotonic()
                 if left <= 0:
                     raise
-                self._peer_seen.clear()
-                try:
-                    await asyncio.wait_for(self._peer_seen.wait(), left)
-                except asyncio.TimeoutError:
-                    pass
+                await self._next_beat(left)
 
     async def _prefill(self, rid: str) -> Any:
         """Prefill prompt + tokens already streamed; returns the KVRef, or None when finished."""

@@ -145,28 +145,31 @@ async def test_segment_geometry_and_windows_are_published(shm: XNet):
     assert a.window("kv").nbytes == 10_000
 
 
-def test_file_doorbells_ring_refuse_a_second_live_owner_and_replace_a_dead_ones_file():
-    bell_dir = tempfile.mkdtemp(prefix="xb", dir="/tmp")
-    try:
-        # What kill -9 of an owner leaves behind: a bound socket file nobody reads.
-        dead = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        dead.bind(bell_address("ns", "a", bell_dir))
-        dead.close()
-        ringer = Ringer()
-        with pytest.raises(PeerUnreachable):
-            ringer.ring(bell_address("ns", "a", bell_dir))
-        owner = Doorbell("ns", "a", bell_dir)      # replaces the stale file
-        with pytest.raises(NameInUse):
-            Doorbell("ns", "a", bell_dir)          # a live owner's file is never taken
+@pytest.fixture
+def bell_dir():
+    d = tempfile.mkdtemp(prefix="xb", dir="/tmp")   # short: socket paths are limited to 107 bytes
+    yield d
+    shutil.rmtree(d)
+
+
+def test_file_doorbells_ring_refuse_a_second_live_owner_and_replace_a_dead_ones_file(bell_dir):
+    # What kill -9 of an owner leaves behind: a bound socket file nobody reads.
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    dead.bind(bell_address("ns", "a", bell_dir))
+    dead.close()
+    ringer = Ringer()
+    with pytest.raises(PeerUnreachable):
+        ringer.ring(bell_address("ns", "a", bell_dir))
+    owner = Doorbell("ns", "a", bell_dir)      # replaces the stale file
+    with pytest.raises(NameInUse):
+        Doorbell("ns", "a", bell_dir)          # a live owner's file is never taken
+    ringer.ring(owner.address)
+    assert owner.drain() == 1
+    owner.close()
+    assert os.listdir(bell_dir) == []          # close removes the file
+    with pytest.raises(PeerUnreachable):
         ringer.ring(owner.address)
-        assert owner.drain() == 1
-        owner.close()
-        assert os.listdir(bell_dir) == []          # close removes the file
-        with pytest.raises(PeerUnreachable):
-            ringer.ring(owner.address)
-        ringer.close()
-    finally:
-        shutil.rmtree(bell_dir)
+    ringer.close()
 
 
 def test_a_doorbell_path_too_long_for_a_unix_socket_is_a_clear_error():
@@ -174,18 +177,14 @@ def test_a_doorbell_path_too_long_for_a_unix_socket_is_a_clear_error():
         bell_address("ns", "a", "/tmp/" + "d" * 120)
 
 
-def test_closing_a_file_doorbell_never_removes_a_successors_file():
-    bell_dir = tempfile.mkdtemp(prefix="xb", dir="/tmp")
-    try:
-        first = Doorbell("ns", "a", bell_dir)
-        os.unlink(first.address)                 # its file replaced behind its back ...
-        second = Doorbell("ns", "a", bell_dir)   # ... by a successor's
-        first.close()
-        ringer = Ringer()
-        ringer.ring(second.address)              # the successor is still reachable
-        assert second.drain() == 1
-        ringer.close()
-        second.close()
-        assert os.listdir(bell_dir) == []
-    finally:
-        shutil.rmtree(bell_dir)
+def test_closing_a_file_doorbell_never_removes_a_successors_file(bell_dir):
+    first = Doorbell("ns", "a", bell_dir)
+    os.unlink(first.address)                 # its file replaced behind its back ...
+    second = Doorbell("ns", "a", bell_dir)   # ... by a successor's
+    first.close()
+    ringer = Ringer()
+    ringer.ring(second.address)              # the successor is still reachable
+    assert second.drain() == 1
+    ringer.close()
+    second.close()
+    assert os.listdir(bell_dir) == []
