@@ -361,7 +361,34 @@ def _dict_conv(inner: tuple[Enc, Dec]) -> tuple[Enc, Dec]:
     return (lambda v, arrays: conv(v, arrays, ienc)), (lambda w, ctx: conv(w, ctx, idec))
 
 
+def _is_type_alias(x: Any) -> bool:
+    # A PEP 695 alias (``type X[T] = ...``): typing.TypeAliasType on 3.12+, typing_extensions'
+    # backport elsewhere. Recognised by what it is (a value plus type parameters), not by one
+    # module's class, so numpy's NDArray reads the same whichever way a release spells it
+    # (numpy < 2.5: a types.GenericAlias of ndarray; >= 2.5: a TypeAliasType).
+    # A subscripted alias (``NDArray[T]``, a types.GenericAlias) forwards attribute reads to
+    # its origin, so it must not count as the bare alias.
+    return (not isinstance(x, type) and typing.get_origin(x) is None
+            and hasattr(x, "__value__") and hasattr(x, "__type_params__"))
+
+
+def _unalias(tp: Any) -> Any:
+    """Expand type aliases down to what they stand for, substituting their arguments:
+    ``NDArray[np.int32]`` -> ``ndarray[tuple[Any, ...], dtype[np.int32]]``."""
+    for _ in range(32):  # an alias of an alias ...; a cycle is a programming error
+        if _is_type_alias(tp):
+            tp = tp.__value__
+            continue
+        origin = typing.get_origin(tp)
+        if not _is_type_alias(origin):
+            return tp
+        value, args = origin.__value__, typing.get_args(tp)
+        tp = value[args] if getattr(value, "__parameters__", ()) else value
+    raise TypeError(f"type alias {tp!r} does not resolve")
+
+
 def _build(tp: Any, where: str) -> tuple[Enc, Dec]:
+    tp = _unalias(tp)
     scalar = _SCALARS.get(type(None) if tp is None else tp)
     if scalar is not None:
         return scalar

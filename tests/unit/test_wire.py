@@ -6,7 +6,7 @@ import dataclasses
 import enum
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import msgpack
 import numpy as np
@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from typing_extensions import TypeAliasType
 
 from services.common.wire import (
     ArrayMismatch,
@@ -107,6 +108,24 @@ class Arr:
 @dataclass(frozen=True, slots=True)
 class Typed:
     a: npt.NDArray[np.float32]
+
+
+# PEP 695 aliases, as numpy >= 2.5 spells NDArray (typing.TypeAliasType), built with the
+# backport so the same test runs on 3.11 where the numpy in use may still use GenericAlias.
+_S = TypeVar("_S", bound=np.generic)
+AliasArray = TypeAliasType("AliasArray", np.ndarray[tuple[Any, ...], np.dtype[_S]], type_params=(_S,))
+Floats = TypeAliasType("Floats", AliasArray[np.float32])  # an alias of an alias
+Ids = TypeAliasType("Ids", list[int])
+
+
+@message("test.Aliased")
+@dataclass(frozen=True, slots=True)
+class Aliased:
+    ints: AliasArray[np.int32]
+    floats: Floats
+    anything: AliasArray
+    ids: Ids
+    maybe: Floats | None = None
 
 
 @message("test.Tree")  # self-reference: resolved at first use, not at decoration
@@ -272,6 +291,37 @@ def test_typed_array_dtype_is_enforced():
     header["t"] = "test.Typed"
     with pytest.raises(ArrayMismatch, match="float32"):
         decode([pack(header), *bodies])
+
+
+def test_type_aliases_are_expanded_whatever_their_spelling():
+    msg = Aliased(np.arange(3, dtype=np.int32), np.ones(2, np.float32), np.zeros(1, np.uint8), [1, 2])
+    out = roundtrip(msg)
+    assert same(out.ints, msg.ints) and same(out.floats, msg.floats) and same(out.anything, msg.anything)
+    assert out.ids == [1, 2] and out.maybe is None
+    with pytest.raises(FieldError, match=r"test\.Aliased\.ints"):
+        encode(Aliased(np.arange(3, dtype=np.int64), msg.floats, msg.anything, []))
+    with pytest.raises(FieldError, match=r"test\.Aliased\.floats"):
+        encode(Aliased(msg.ints, np.ones(2, np.float64), msg.anything, []))
+    # A peer sending float64 where the alias says int32 is refused on decode too.
+    header, bodies = header_of(msg)
+    wrong = np.arange(3, dtype=np.float64)
+    header["a"][header["f"]["ints"]] = header_of(Arr(wrong))[0]["a"][0]
+    bodies[header["f"]["ints"]] = wrong.tobytes()
+    with pytest.raises(ArrayMismatch, match="int32"):
+        decode([pack(header), *bodies])
+
+
+def test_numpy_ndarray_annotation_of_this_numpy_builds():
+    # Whatever this numpy's NDArray is at run time (GenericAlias or TypeAliasType), a message
+    # annotated with it must register and enforce its dtype.
+    @message("test.ThisNumpy")
+    @dataclass(frozen=True, slots=True)
+    class ThisNumpy:
+        a: npt.NDArray[np.int32]
+
+    assert roundtrip(ThisNumpy(np.arange(4, dtype=np.int32))).a.tolist() == [0, 1, 2, 3]
+    with pytest.raises(FieldError):
+        encode(ThisNumpy(np.arange(4, dtype=np.float32)))
 
 
 # ---------------------------------------------------------------- zero copy

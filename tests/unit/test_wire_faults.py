@@ -362,10 +362,12 @@ class Chain:
 
 def test_deeply_nested_recursive_message_is_a_wire_error():
     # msgpack itself accepts ~1000 nesting levels; decoding them must not crash the receiver.
-    fields: dict = {"next": []}
-    for _ in range(490):
-        fields = {"next": [fields]}
-    head = pack({"t": "test.faults.Chain", "v": 1, "f": fields, "a": []})
+    # Written byte by byte: a packer refuses this depth (msgpack < 1.2 at 511 levels), an
+    # attacker's bytes need not come from a packer.
+    level = b"\x81" + pack("next") + b"\x91"  # {"next": [ ... ]}
+    fields = level * 490 + b"\x81" + pack("next") + b"\x90"
+    head = (b"\x84" + pack("t") + pack("test.faults.Chain") + pack("v") + pack(1) + pack("a") + pack([])
+            + pack("f") + fields)
     with pytest.raises(MalformedFrame, match="nests too deeply"):
         decode([head])
     assert decode(encode(Chain([Chain([])]))) == Chain([Chain([])])
