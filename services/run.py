@@ -20,6 +20,7 @@ from services.common.config import ConfigError
 from services.pod.spec import PodSpec, fabric_config, load_pod, pod_from_mapping, service
 
 POD_ENV = "XDS_POD"
+EXIT_STALE = 75  # EX_TEMPFAIL: the process was silent past the dead-after window (StaleIncarnation)
 ROLE_MODULES = {
     "router": "services.router.main",
     "prefill": "services.prefill.main",
@@ -73,9 +74,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import importlib
 
+    from services.common.heartbeat import StaleIncarnation
+
     mod = importlib.import_module(ROLE_MODULES[role])
-    uvloop.run(mod.serve(spec, args.name))
-    return 0
+    code = 0
+    try:
+        uvloop.run(mod.serve(spec, args.name))
+    except* StaleIncarnation as eg:
+        # Crash-only: a hung process that its peers may have declared dead ends here (after the
+        # runtime closed its sockets and unlinked its segment); its supervisor starts a new one.
+        print(f"services.run: {args.name}: {eg.exceptions[0]}; exiting for a new incarnation", file=sys.stderr)
+        code = EXIT_STALE
+    return code
 
 
 if __name__ == "__main__":

@@ -40,13 +40,43 @@ def new_epoch() -> str:
     return uuid.uuid4().hex[:12]
 
 
+class StaleIncarnation(RuntimeError):
+    """This process went silent for longer than its peers' dead-after window (it was stopped,
+    or its loop was wedged): they may have declared this epoch dead and moved its work, and
+    ``dead`` is final for an epoch. The process must not go on as if nothing happened; it
+    ends, and its supervisor starts a new incarnation (new PID, new epoch)."""
+
+    def __init__(self, service: str, silent_s: float, limit_s: float) -> None:
+        super().__init__(f"{service}: silent for {silent_s:.2f}s, beyond the dead-after window of {limit_s:g}s: "
+                         "peers may have declared this incarnation dead")
+        self.service, self.silent_s, self.limit_s = service, silent_s, limit_s
+
+
+def stale_after(interval_s: float, dead_after_s: float) -> float:
+    """The publisher's own limit for a pod whose peers declare death after ``dead_after_s``:
+    two beat intervals of margin for delivery and the subscribers' ticks."""
+    return dead_after_s - 2 * interval_s
+
+
 class HeartbeatPublisher:
-    """Publishes a Beat every ``interval_s`` from the running loop; ``load()`` supplies the load."""
+    """Publishes a Beat every ``interval_s`` from the running loop; ``load()`` supplies the load.
+
+    With ``stale_after_s``, ``run`` raises ``StaleIncarnation`` instead of beating again when
+    two beats are further apart than that: the process was hung (SIGSTOP, a wedged loop) long
+    enough that peers may have declared it dead. It must be somewhat below the peers'
+    dead-after window (see ``stale_after``): a peer's silence clock starts when a beat
+    arrives and it looks only every tick, so a publisher that waited for the exact window
+    could wake just under it, beat on, and be ignored for ever as a dead epoch.
+    """
 
     def __init__(self, address: str, *, service: str, role: str, group: int = -1,
                  interval_s: float = 0.2, load: Callable[[], Mapping[str, float]] = dict,
-                 ctx: zmq.Context | None = None) -> None:
+                 ctx: zmq.Context | None = None, stale_after_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if stale_after_s is not None and stale_after_s <= interval_s:
+            raise ValueError(f"stale_after_s ({stale_after_s}) must exceed interval_s ({interval_s})")
         self.service, self.role, self.group, self.interval_s = service, role, group, interval_s
+        self.stale_after_s, self._clock = stale_after_s, clock
         self.epoch = new_epoch()
         self.status = "serving"
         self._load = load
@@ -69,8 +99,14 @@ class HeartbeatPublisher:
     async def run(self) -> None:
         try:
             while True:
+                last = self._clock()  # before the send: a subscriber's silence starts no earlier
                 self.beat_now()
                 await asyncio.sleep(self.interval_s)
+                silent = self._clock() - last
+                if self.stale_after_s is not None and silent > self.stale_after_s:
+                    log.error("heartbeat.stale_incarnation", service=self.service, epoch=self.epoch,
+                              silent_s=round(silent, 3), dead_after_s=self.stale_after_s)
+                    raise StaleIncarnation(self.service, silent, self.stale_after_s)
         finally:
             self._sock.close(0)
 

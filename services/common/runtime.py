@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.health import HealthServer
-from services.common.heartbeat import HeartbeatPublisher
+from services.common.heartbeat import HeartbeatPublisher, stale_after
 from services.common.logging import configure_logging
 from services.common.rpc import RpcServer
 from services.pod.spec import PodSpec, ServiceSpec, address, bind_address, service, services
@@ -92,7 +92,8 @@ class ServiceRuntime:
         await self.health.start()  # NOT_SERVING until mark_ready
         self.heartbeat = HeartbeatPublisher(
             bind_address(self.spec, self.me.name, "heartbeat"), service=self.me.name, role=self.me.role,
-            group=self.me.group, interval_s=self.spec.heartbeat.interval_s, load=self._load)
+            group=self.me.group, interval_s=self.spec.heartbeat.interval_s, load=self._load,
+            stale_after_s=stale_after(self.spec.heartbeat.interval_s, self.spec.heartbeat.dead_after_s))
         return self
 
     def serve_rpc(self, handler: Callable[[Any, bytes], Awaitable[Any]]) -> RpcServer:

@@ -35,7 +35,17 @@ class ModelSpec:
 class HeartbeatSpec:
     interval_s: float = 0.2
     suspect_after_s: float = 0.6
+    # Peers declare a silent service dead after this; a service that finds itself silent for
+    # longer (it was hung) ends and is restarted as a new incarnation (heartbeat.StaleIncarnation).
     dead_after_s: float = 1.5
+
+    def __post_init__(self) -> None:
+        if not 0 < self.interval_s < self.suspect_after_s < self.dead_after_s:
+            raise ConfigError("PodSpec.heartbeat", "needs 0 < interval_s < suspect_after_s < dead_after_s, got "
+                              f"{self.interval_s}, {self.suspect_after_s}, {self.dead_after_s}")
+        if self.dead_after_s <= 3 * self.interval_s:
+            raise ConfigError("PodSpec.heartbeat.dead_after_s", "must exceed 3 * interval_s (a hung service "
+                              "ends itself two intervals before its peers' dead-after window)")
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,8 @@ def test_one_addressing_rule_for_local_and_compose(tmp_path) -> None:
     ({"routers": 0}, "routers"), ({"experts": {"instances": 2, "replicas": 3}}, "experts.replicas"),
     ({"router_ports": [1]}, "router_ports"), ({"decode": {"grups": 2}}, "decode.grups"),
     ({"name": "bad name!"}, "name"), ({"transport": "rdma"}, "transport"),
+    ({"heartbeat": {"interval_s": 0.5, "suspect_after_s": 0.4}}, "heartbeat"),
+    ({"heartbeat": {"interval_s": 0.4, "suspect_after_s": 0.6, "dead_after_s": 1.0}}, "heartbeat.dead_after_s"),
 ])
 def test_bad_specs_name_the_setting(data, key) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
