@@ -14,6 +14,7 @@ import json
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,10 +28,17 @@ import yaml
 from services.common.config import to_mapping
 from services.common.runtime import READY_FD_ENV, ready_path, write_json_atomic
 from services.model.cache import ensure_model
-from services.pod.spec import PodSpec, services
+from services.pod.spec import PodSpec, load_pod, services
 
 READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 5.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class PodStartError(RuntimeError):
@@ -76,14 +84,24 @@ class Pod:
 
     # -- start -----------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Run dir, model files and the resolved spec every service reads (idempotent)."""
-        if self.spec_file.exists():
-            return
-        self.spec.run_path.mkdir(parents=True, exist_ok=True)
-        model_dir = ensure_model(self.spec.model.dir, self.spec.model.preset, self.spec.model.seed, self.spec.cache_dir)
-        resolved = to_mapping(self.spec)
-        resolved["model"]["dir"] = str(model_dir)  # every service loads these very files
-        self.spec_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        """Run dir, model files and the resolved spec every service reads (idempotent).
+
+        Resolving fixes what must not change when a service restarts: the model files, and
+        under local addressing the routers' ports and the fabric's admin port (picked free
+        once), so a restarted router or simulator comes back where its clients know it."""
+        if not self.spec_file.exists():
+            self.spec.run_path.mkdir(parents=True, exist_ok=True)
+            model_dir = ensure_model(self.spec.model.dir, self.spec.model.preset, self.spec.model.seed,
+                                     self.spec.cache_dir)
+            resolved = to_mapping(self.spec)
+            resolved["model"]["dir"] = str(model_dir)  # every service loads these very files
+            if self.spec.addressing == "local":
+                ports = list(self.spec.router_ports) or [0] * self.spec.routers
+                resolved["router_ports"] = [p or free_port() for p in ports]
+                resolved["fabric"] = {**resolved.get("fabric", {}),
+                                      "admin_port": self.spec.fabric.get("admin_port") or free_port()}
+            self.spec_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        self.spec = load_pod(self.spec_file)
 
     @property
     def model_dir(self) -> str:
