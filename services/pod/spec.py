@@ -59,7 +59,7 @@ class KVPoolSpec:
     block_size: int = 16
     lease_s: float = 10.0           # pins and write reservations of a client that went silent expire
     lookup_timeout_s: float = 0.5   # prefill's prefix lookup: a pool slower than this is a miss (and marked down)
-    store_timeout_s: float = 5.0    # background cache write of a prefill's KV
+    store_timeout_s: float = 1.0    # prefill's write of a sequence's KV into the pool (a cache copy)
     probe_interval_s: float = 0.25  # a node marked down is probed this often; requests skip it meanwhile
     staging_blocks: int = 256       # per prefill: KV staged for decode ranks (pool-layout blocks)
     staging_lease_s: float = 30.0   # an unacknowledged stage may be reclaimed after this (when room is needed)

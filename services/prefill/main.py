@@ -5,8 +5,9 @@ at least one token is computed: its logits give the next token), the rest comput
 full model, next token sampled at position ``len(token_ids)``, the KV of every position
 *staged* in this process's XCCL window ``kv_stage`` (services/kvpool/staging.py) and named by
 the ``KVRef`` of the ``PrefillDone`` returned: the attention rank pulls it from here
-one-sided and acknowledges with ``StageRelease``. The KV is also written to the pool, in the
-background, as a prefix cache and a second copy (under the ref's keys).
+one-sided and acknowledges with ``StageRelease``. The KV is also written to the pool (bounded
+by ``kv_pool.store_timeout_s``, unpinned) as a prefix cache and a second copy under the ref's
+keys.
 
 The KV pool is never a point of failure: a pool that is dead or hung (no answer within
 ``kv_pool.lookup_timeout_s``) is marked down and skipped by every request (no prefix hits,
@@ -45,7 +46,6 @@ from services.protocol.inference import KVRef, Prefill, PrefillDone
 from services.protocol.kvpool import StageRelease
 
 STAGE_WINDOW = "kv_stage"
-CACHE_QUEUE = 64     # background cache writes waiting; beyond, a sequence is simply not cached
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +83,6 @@ class PrefillServer:
         self.idle.set()
         self.staging: StagingArea | None = None
         self.stage_freed = asyncio.Event()
-        self.to_cache: asyncio.Queue[tuple[str, tuple[int, ...], Any]] = asyncio.Queue(CACHE_QUEUE)
 
     def load(self) -> dict[str, float]:
         st = self.staging
@@ -156,13 +155,7 @@ class PrefillServer:
         self.n.cached_tokens += n_cached
         self.n.computed_tokens += job.to_compute
         ref = await self._stage(rid, tokens, result.kv)
-        if self.pool.usable():
-            try:
-                self.to_cache.put_nowait((rid, tokens, result.kv))
-            except asyncio.QueueFull:
-                self.n.cache_skipped += 1
-        else:
-            self.n.cache_skipped += 1
+        await self._cache(rid, tokens, result.kv)
         self.n.requests += 1
         self.rt.log.info("prefill.done", request_id=rid, tokens=len(tokens), cached=n_cached,
                          next_token=result.next_token)
@@ -192,24 +185,23 @@ class PrefillServer:
         return dataclasses.replace(kv_ref(tokens, rid, layout.block_size), source=self.rt.me.name,
                                    stage_offset=off, stage_id=st.stage_id, digest=digest)
 
-    async def cache_writer(self) -> None:
-        """Writes staged sequences into the pool, one at a time: the prefix cache and the
-        fallback copy. Never on a request's path; a down or hung pool only skips them."""
+    async def _cache(self, rid: str, tokens: tuple[int, ...], kv: Any) -> None:
+        """Write the staged sequence into the pool too (the prefix cache, and a second copy in
+        case this prefill dies before the rank loads it), bounded by ``store_timeout_s``; a
+        down, hung or full pool only skips it."""
         assert self.pool is not None and self.rt is not None
-        while True:
-            rid, tokens, kv = await self.to_cache.get()
-            if not self.pool.usable():
-                self.n.cache_skipped += 1
-                continue
-            try:
-                ok = await self.pool.cache(tokens, kv, rid, timeout_s=self.rt.spec.kv_pool.store_timeout_s)
-            except KVPoolProtocolError as exc:
-                self.rt.log.error("prefill.pool_protocol_error", request_id=rid, error=str(exc))
-                ok = False
-            if ok:
-                self.n.cached_in_pool += 1
-            else:
-                self.n.cache_skipped += 1
+        if not self.pool.usable():
+            self.n.cache_skipped += 1
+            return
+        try:
+            ok = await self.pool.cache(tokens, kv, rid, timeout_s=self.rt.spec.kv_pool.store_timeout_s)
+        except KVPoolProtocolError as exc:
+            self.rt.log.error("prefill.pool_protocol_error", request_id=rid, error=str(exc))
+            ok = False
+        if ok:
+            self.n.cached_in_pool += 1
+        else:
+            self.n.cache_skipped += 1
 
     async def worker(self) -> None:
         """The only caller of the model: batches what waits, runs it on the one compute thread."""
@@ -261,7 +253,7 @@ async def serve(spec: PodSpec, name: str, cfg: PrefillConfig = PrefillConfig()) 
         try:
             rt.serve_rpc(server.on_rpc)
             await rt.mark_ready(model=spec.model.preset, staging_blocks=spec.kv_pool.staging_blocks)
-            await rt.run_until_stopped(server.worker(), server.cache_writer(), server.pool.watch(),
+            await rt.run_until_stopped(server.worker(), server.pool.watch(),
                                        drain=server.drain)
         finally:
             await server.pool.close()
