@@ -96,7 +96,8 @@ class PrefillServer:
     def stats(self) -> PrefillStats:
         n = self.n
         return PrefillStats(n.requests, n.cached_tokens, n.computed_tokens, n.invalid, n.failed, n.batches,
-                            n.max_batch_seen, self.inflight)
+                            n.max_batch_seen, self.inflight, len(self.staging) if self.staging else 0,
+                            n.pool_skipped, n.cached_in_pool)
 
     async def on_rpc(self, msg: Any, _ident: bytes) -> Any:
         if isinstance(msg, PrefillStatsQuery):
