@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from services.common.config import ConfigError
 from services.common.rpc import INTERNAL, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, RemoteError
 from services.common.runtime import ServiceRuntime
 import numpy as np
@@ -246,6 +247,10 @@ async def serve(spec: PodSpec, name: str, cfg: PrefillConfig = PrefillConfig()) 
     model_cfg, weights = load_model(ensure_model(spec.model.dir, spec.model.preset, spec.model.seed, spec.cache_dir))
     server = PrefillServer(PrefillModel(model_cfg, weights), cfg)
     layout = BlockLayout.of(model_cfg, spec.kv_pool.block_size)
+    if layout.num_blocks(model_cfg.max_position_embeddings - 1) > spec.kv_pool.staging_blocks:
+        raise ConfigError("PodSpec.kv_pool.staging_blocks",
+                          f"must hold the longest prompt ({model_cfg.max_position_embeddings - 1} positions = "
+                          f"{layout.num_blocks(model_cfg.max_position_embeddings - 1)} blocks)")
     server.staging = StagingArea(spec.kv_pool.staging_blocks, lease_s=spec.kv_pool.staging_lease_s)
     async with ServiceRuntime(spec, name, load=server.load,
                               windows={STAGE_WINDOW: spec.kv_pool.staging_blocks * layout.block_bytes}) as rt:

@@ -104,7 +104,9 @@ async def test_3_stopped_pool_costs_no_request_and_its_pins_come_back(pod, refer
         pid = pod.procs["kvpool-0"].pid
         os.kill(pid, signal.SIGSTOP)
         try:
-            assert proc_state(pid) == "T"
+            # Delivery is asynchronous: we are its parent, so wait for the stop to be reported.
+            got, status = os.waitpid(pid, os.WUNTRACED)
+            assert got == pid and os.WIFSTOPPED(status) and proc_state(pid) == "T"
             await all_exact(client, reference, "stopped")
             assert proc_state(pid) == "T", "the requests waited for the pool to be continued"
             await all_exact(client, reference, "stopped2")
