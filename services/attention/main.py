@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from services.attention.core import AttentionCore, strip_routed_experts
 from services.attention.kvcache import KVCache
+from services.attention.kvload import KVLoader
 from services.attention.server import AttentionServer
 from services.common.runtime import ServiceRuntime
 from services.expert.geometry import pod_dispatch
@@ -34,16 +35,20 @@ async def serve(spec: PodSpec, name: str) -> None:
     windows = DispatchWindows()
     server: AttentionServer | None = None
 
+    loader: KVLoader | None = None
+
     def load() -> dict[str, float]:
-        return server.load() if server is not None else {}
+        return {**server.load(), **(loader.stats if loader else {})} if server is not None else {}
 
     async with ServiceRuntime(spec, name, windows={windows.e2a: geo.layout.e2a_window_bytes}, load=load) as rt:
         dispatcher = A2EDispatcher(rt.endpoint, source=geo.sources.index(name), expert_peers=geo.experts,
                                    placement=geo.placement, layout=geo.layout, windows=windows)
         pool = KVPoolClient(spec, rt.endpoint, cfg)
+        loader = KVLoader(spec, rt.endpoint, pool)
         try:
-            server = AttentionServer(rt.endpoint, core, dispatcher, pool.load, master=f"decode-{me.group}")
+            server = AttentionServer(rt.endpoint, core, dispatcher, loader, master=f"decode-{me.group}")
             await rt.mark_ready(group=me.group, source=geo.sources.index(name), kv_blocks=budget)
-            await rt.run_until_stopped(server.serve())
+            await rt.run_until_stopped(server.serve(), pool.watch())
         finally:
+            await loader.close()
             await pool.close()

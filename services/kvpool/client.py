@@ -13,8 +13,14 @@ Failure policy (the caller decides what a miss costs, never waits forever):
   caller hands the KV over another way or fails the request clearly.
 - ``load`` raises ``KVPoolUnavailable`` when a block of the ref is gone (node died, lease
   expired and the block was evicted): the KV must be recomputed (re-prefill).
-- A node that timed out or whose data plane failed is skipped for ``retry_after_s``, so a
-  dead pool costs one timeout, not one per request.
+- A node that timed out or whose data plane failed is *down*: every operation skips it at
+  once (a miss, or ``KVPoolUnavailable``) so a dead or hung pool costs one timeout, not one
+  per request. With ``watch()`` running, a down node is probed every ``probe_interval_s`` (a
+  ``StatsQuery``) and is used again as soon as it answers (restarted, or continued after a
+  SIGSTOP); without it, it is retried after ``retry_after_s``.
+- A pin asked for (``Acquire``/``Pin``) whose answer did not come in time is released by a
+  one-way ``Release`` queued right behind it, so a pool that answers late (continued after a
+  SIGSTOP) drops the pin it gives a client that moved on; the late answer itself is ignored.
 - ``KVPoolProtocolError``: the pool refused a well-formed request or answered nonsense (a
   bug or a version skew) — not retried, not turned into a miss.
 
@@ -66,7 +72,8 @@ class KVPoolProtocolError(KVPoolError):
 
 
 class KVPoolClient:
-    def __init__(self, spec: PodSpec, endpoint: Any, cfg: ModelConfig, *, retry_after_s: float = 1.0) -> None:
+    def __init__(self, spec: PodSpec, endpoint: Any, cfg: ModelConfig, *, retry_after_s: float = 1.0,
+                 probe_interval_s: float | None = None) -> None:
         self.layout = BlockLayout.of(cfg, spec.kv_pool.block_size)
         self.nodes = [s.name for s in services(spec) if s.role == "kvpool"]
         self.ring = HashRing(self.nodes)
@@ -74,6 +81,39 @@ class KVPoolClient:
         self.retry_after_s = retry_after_s
         self._rpc = {n: RpcClient(address(spec, n, "rpc")) for n in self.nodes}
         self._down: dict[str, tuple[float, str]] = {}   # node -> (skip until, why)
+        self.probe_interval_s = probe_interval_s if probe_interval_s is not None else spec.kv_pool.probe_interval_s
+        self._watching = False
+        self.marked_down = 0                            # times a node was found dead or hung
+
+    # ------------------------------------------------------------------ liveness
+    def usable(self) -> bool:
+        """Some node is not known to be down: a lookup or store may be worth trying."""
+        now = self._now()
+        return any(n not in self._down or self._down[n][0] <= now for n in self.nodes)
+
+    def down_nodes(self) -> list[str]:
+        now = self._now()
+        return [n for n, (until, _) in self._down.items() if until > now]
+
+    async def watch(self) -> None:
+        """Until cancelled: probe the nodes marked down; the first answer brings one back."""
+        self._watching = True
+        try:
+            while True:
+                await asyncio.sleep(self.probe_interval_s)
+                down = [n for n in self.nodes if n in self._down]
+                if down:
+                    await _gather([self._probe(n) for n in down])
+        finally:
+            self._watching = False
+
+    async def _probe(self, node: str) -> None:
+        try:
+            reply = await self._rpc[node].call(StatsQuery(), timeout_s=max(self.probe_interval_s, _UNRESPONSIVE_S))
+        except (RpcTimeout, RemoteError, SendQueueFull):
+            return
+        if isinstance(reply, Stats) and self._down.pop(node, None) is not None:
+            log.info("kvpool.node_back", node=node)
 
     async def close(self) -> None:
         for c in self._rpc.values():
@@ -118,10 +158,11 @@ class KVPoolClient:
         return n * self.layout.block_size, self.layout.unpack(blocks, n * self.layout.block_size)
 
     async def store(self, tokens: Sequence[int], kv: Sequence[tuple[np.ndarray, np.ndarray]], owner: str, *,
-                    timeout_s: float = 5.0) -> KVRef:
-        """Write the KV of every position of ``tokens``; see the module doc for the guarantee."""
+                    timeout_s: float = 5.0, key_owner: str | None = None) -> KVRef:
+        """Write the KV of every position of ``tokens``; see the module doc for the guarantee.
+        The tail key is made from ``key_owner`` (default ``owner``), the pins are ``owner``'s."""
         deadline = self._deadline(timeout_s)
-        ref = kv_ref(tokens, owner, self.layout.block_size)
+        ref = kv_ref(tokens, key_owner or owner, self.layout.block_size)
         keys = ref_keys(ref)
         self.layout.check_kv(kv, ref.num_tokens)
         packed: list[np.ndarray] = []
@@ -139,6 +180,20 @@ class KVPoolClient:
             self._abandon(owner)
             raise
         return ref
+
+    async def cache(self, tokens: Sequence[int], kv: Sequence[tuple[np.ndarray, np.ndarray]], key_owner: str, *,
+                    timeout_s: float = 5.0) -> bool:
+        """Best-effort cache write of a sequence staged elsewhere: stored under the keys of
+        ``kv_ref(tokens, key_owner)`` (a staged ref's fallback copy), left unpinned (evictable).
+        True when every block is in the pool; a down, hung or full pool is just False."""
+        owner = f"{key_owner}#cache"
+        try:
+            await self.store(tokens, kv, owner, timeout_s=timeout_s, key_owner=key_owner)
+        except KVPoolUnavailable as exc:
+            log.info("kvpool.cache_skipped", owner=key_owner, error=str(exc))
+            return False
+        self._abandon(owner)   # store pinned them for a hand-off; a cache copy is not one
+        return True
 
     async def load(self, ref: KVRef, owner: str, *, timeout_s: float = 5.0) -> KV:
         """All ``ref.num_tokens`` positions (full blocks + tail); drops ``owner``'s pins on them."""
@@ -278,6 +333,9 @@ class KVPoolClient:
         try:
             reply = await self._rpc[node].call(msg, timeout_s=remaining)
         except RpcTimeout as exc:
+            if isinstance(msg, (Acquire, Pin)):
+                # Queued behind the request on the same socket: a late pool pins, then unpins.
+                self._send(node, Release(msg.owner, msg.hashes))
             if remaining >= _UNRESPONSIVE_S:   # else it is our own budget that ran out, not the node
                 self._mark_down(node, str(exc))
             raise KVPoolUnavailable(str(exc)) from exc
@@ -350,8 +408,16 @@ class KVPoolClient:
         return deadline - now
 
     def _mark_down(self, node: str, why: str) -> None:
-        if self.retry_after_s > 0:
-            self._down[node] = (self._now() + self.retry_after_s, why)
+        if self._watching:
+            until = float("inf")    # until a probe answers
+        elif self.retry_after_s > 0:
+            until = self._now() + self.retry_after_s
+        else:
+            return
+        if node not in self._down:
+            self.marked_down += 1
+            log.warning("kvpool.node_down", node=node, why=why)
+        self._down[node] = (until, why)
 
 
 async def _gather(coros: list[Coroutine[Any, Any, T]]) -> list[T]:

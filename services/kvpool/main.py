@@ -22,20 +22,18 @@ from services.model.config import ModelConfig
 from services.pod.spec import PodSpec
 from services.protocol.kvpool import Acquire, Reserve
 
-LEASE_S = 10.0
-EXPIRE_EVERY_S = LEASE_S / 8
-
-
 async def _expire_leases(core: KVPoolCore) -> None:
+    """Every lease/8: a client that went silent (died, or moved on while this node was
+    stopped) loses its pins and write reservations within 1.125 leases."""
     while True:
-        await asyncio.sleep(EXPIRE_EVERY_S)
+        await asyncio.sleep(core.lease_s / 8)
         core.expire(time.monotonic())
 
 
 async def serve(spec: PodSpec, name: str) -> None:
     model_dir = ensure_model(spec.model.dir, spec.model.preset, spec.model.seed, spec.cache_dir)
     layout = BlockLayout.of(ModelConfig.load(model_dir), spec.kv_pool.block_size)
-    core = KVPoolCore(spec.kv_pool.capacity_blocks, lease_s=LEASE_S)
+    core = KVPoolCore(spec.kv_pool.capacity_blocks, lease_s=spec.kv_pool.lease_s)
     handler = PoolHandler(core, layout.block_bytes)
     window_bytes = spec.kv_pool.capacity_blocks * layout.block_bytes
     async with ServiceRuntime(spec, name, windows={"kv": window_bytes}, load=handler.load) as rt:

@@ -67,6 +67,12 @@ class KVPoolSpec:
     nodes: int = 1
     capacity_blocks: int = 1024
     block_size: int = 16
+    lease_s: float = 10.0           # pins and write reservations of a client that went silent expire
+    lookup_timeout_s: float = 0.5   # prefill's prefix lookup: a pool slower than this is a miss (and marked down)
+    store_timeout_s: float = 1.0    # prefill's write of a sequence's KV into the pool (a cache copy)
+    probe_interval_s: float = 0.25  # a node marked down is probed this often; requests skip it meanwhile
+    staging_blocks: int = 256       # per prefill: KV staged for decode ranks (pool-layout blocks)
+    staging_lease_s: float = 30.0   # an unacknowledged stage may be reclaimed after this (when room is needed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,10 +96,17 @@ class PodSpec:
         positive = {"routers": self.routers, "prefill": self.prefill, "decode.groups": self.decode.groups,
                     "decode.attention_per_group": self.decode.attention_per_group,
                     "decode.max_batch": self.decode.max_batch, "experts.instances": self.experts.instances,
-                    "kv_pool.nodes": self.kv_pool.nodes, "kv_pool.block_size": self.kv_pool.block_size}
+                    "kv_pool.nodes": self.kv_pool.nodes, "kv_pool.block_size": self.kv_pool.block_size,
+                    "kv_pool.staging_blocks": self.kv_pool.staging_blocks}
         for key, v in positive.items():
             if v < 1:
                 raise ConfigError(f"PodSpec.{key}", "must be >= 1")
+        for key, t in {"lease_s": self.kv_pool.lease_s, "lookup_timeout_s": self.kv_pool.lookup_timeout_s,
+                       "store_timeout_s": self.kv_pool.store_timeout_s,
+                       "probe_interval_s": self.kv_pool.probe_interval_s,
+                       "staging_lease_s": self.kv_pool.staging_lease_s}.items():
+            if not t > 0:
+                raise ConfigError(f"PodSpec.kv_pool.{key}", "must be > 0")
         if not 1 <= self.experts.replicas <= self.experts.instances:
             raise ConfigError("PodSpec.experts.replicas", "must be in 1..experts.instances")
         if self.router_ports and len(self.router_ports) != self.routers:

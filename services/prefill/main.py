@@ -2,33 +2,51 @@
 
 Per ``Prefill``: longest cached prefix from the KV pool (whole blocks of ``token_ids[:-1]``, so
 at least one token is computed: its logits give the next token), the rest computed with the
-full model, next token sampled at position ``len(token_ids)``, the KV of every position stored
-in the pool under the request id (pinned there for the decode side's ``load``), and
-``PrefillDone`` returned.
+full model, next token sampled at position ``len(token_ids)``, the KV of every position
+*staged* in this process's XCCL window ``kv_stage`` (services/kvpool/staging.py) and named by
+the ``KVRef`` of the ``PrefillDone`` returned: the attention rank pulls it from here
+one-sided and acknowledges with ``StageRelease``. The KV is also written to the pool (bounded
+by ``kv_pool.store_timeout_s``, unpinned) as a prefix cache and a second copy under the ref's
+keys.
+
+The KV pool is never a point of failure: a pool that is dead or hung (no answer within
+``kv_pool.lookup_timeout_s``) is marked down and skipped by every request (no prefix hits,
+the whole prompt computed) until a background probe hears it again.
 
 The numpy work runs on one worker thread, off the event loop, so heartbeats and RPCs keep
 flowing; requests that wait meanwhile are computed together in the next forward pass (one
 batch; the model is batch-invariant, so the tokens do not depend on it). A KV pool that is
-unreachable is a cache miss on fetch and ``UNAVAILABLE`` on store (the router retries).
+unreachable is a cache miss.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from services.common.config import ConfigError
 from services.common.rpc import INTERNAL, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, RemoteError
 from services.common.runtime import ServiceRuntime
-from services.kvpool.client import KVPoolClient, KVPoolProtocolError, KVPoolUnavailable
+import numpy as np
+
+from services.kvpool.client import KVPoolClient, KVPoolProtocolError
+from services.kvpool.layout import BlockLayout, kv_ref
+from services.kvpool.staging import StagingArea
 from services.model.cache import ensure_model
 from services.model.weights import load_model
 from services.pod.spec import PodSpec
 from services.prefill.core import InvalidPrefill, Job, PrefillModel, Result, check, take_batch
 from services.prefill.messages import PrefillStats, PrefillStatsQuery
-from services.protocol.inference import Prefill, PrefillDone
+from services.protocol.inference import KVRef, Prefill, PrefillDone
+from services.protocol.kvpool import StageRelease
+
+STAGE_WINDOW = "kv_stage"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +54,6 @@ class PrefillConfig:
     max_waiting: int = 64           # requests waiting for the forward pass; beyond: RESOURCE_EXHAUSTED
     batch_max_requests: int = 8
     batch_max_tokens: int = 4096
-    pool_timeout_s: float = 5.0
     compute_timeout_s: float = 60.0
 
 
@@ -49,6 +66,9 @@ class Counters:
     failed: int = 0
     batches: int = 0
     max_batch_seen: int = 0
+    pool_skipped: int = 0       # lookups not tried: the pool was down
+    cached_in_pool: int = 0     # background cache writes that completed
+    cache_skipped: int = 0      # ... that did not (pool down, full, queue full)
 
 
 class PrefillServer:
@@ -62,19 +82,32 @@ class PrefillServer:
         self.inflight = 0
         self.idle = asyncio.Event()
         self.idle.set()
+        self.staging: StagingArea | None = None
+        self.stage_freed = asyncio.Event()
 
     def load(self) -> dict[str, float]:
+        st = self.staging
         return {"running": self.inflight, "queued": len(self.waiting), "requests": self.n.requests,
-                "cached_tokens": self.n.cached_tokens, "computed_tokens": self.n.computed_tokens}
+                "cached_tokens": self.n.cached_tokens, "computed_tokens": self.n.computed_tokens,
+                "pool_skipped": self.n.pool_skipped, "pool_down": float(bool(self.pool and self.pool.down_nodes())),
+                "cached_in_pool": self.n.cached_in_pool, "cache_skipped": self.n.cache_skipped,
+                "staged": len(st) if st else 0, "staged_blocks": st.used_blocks if st else 0,
+                "stage_released": st.stats.released if st else 0, "stage_reclaimed": st.stats.reclaimed if st else 0}
 
     def stats(self) -> PrefillStats:
         n = self.n
         return PrefillStats(n.requests, n.cached_tokens, n.computed_tokens, n.invalid, n.failed, n.batches,
-                            n.max_batch_seen, self.inflight)
+                            n.max_batch_seen, self.inflight, len(self.staging) if self.staging else 0,
+                            n.pool_skipped, n.cached_in_pool)
 
     async def on_rpc(self, msg: Any, _ident: bytes) -> Any:
         if isinstance(msg, PrefillStatsQuery):
             return self.stats()
+        if isinstance(msg, StageRelease):   # one-way, from the attention rank that loaded it
+            if self.staging is not None and isinstance(msg.stage_id, int) and isinstance(msg.owner, str) \
+                    and self.staging.release(msg.stage_id, msg.owner):
+                self.stage_freed.set()
+            return None
         if not isinstance(msg, Prefill):
             raise RemoteError(INVALID_ARGUMENT, f"prefill does not handle {type(msg).__name__}")
         assert self.rt is not None
@@ -100,12 +133,16 @@ class PrefillServer:
     async def _prefill(self, msg: Prefill, params: Any) -> PrefillDone:
         assert self.rt is not None and self.pool is not None
         rid, tokens = msg.request_id, tuple(msg.token_ids)
-        try:
-            n_cached, cached = await self.pool.fetch_prefix(tokens[:-1], rid, timeout_s=self.cfg.pool_timeout_s)
-        except KVPoolProtocolError as exc:
-            # Computing everything is always correct; a pool that answers nonsense is logged loudly.
-            self.rt.log.error("prefill.pool_protocol_error", request_id=rid, error=str(exc))
-            n_cached, cached = 0, []
+        n_cached, cached = 0, []
+        if not self.pool.usable():
+            self.n.pool_skipped += 1    # down: no lookup, no timeout; computing everything is exact
+        else:
+            try:
+                n_cached, cached = await self.pool.fetch_prefix(tokens[:-1], rid,
+                                                                timeout_s=self.rt.spec.kv_pool.lookup_timeout_s)
+            except KVPoolProtocolError as exc:
+                # Computing everything is always correct; a pool that answers nonsense is logged loudly.
+                self.rt.log.error("prefill.pool_protocol_error", request_id=rid, error=str(exc))
         if len(self.waiting) >= self.cfg.max_waiting:
             raise RemoteError(RESOURCE_EXHAUSTED, f"{len(self.waiting)} prefills already wait for the model")
         job = Job(rid, tokens, params, n_cached, cached)
@@ -119,16 +156,54 @@ class PrefillServer:
                 from None
         self.n.cached_tokens += n_cached
         self.n.computed_tokens += job.to_compute
-        try:
-            ref = await self.pool.store(tokens, result.kv, rid, timeout_s=self.cfg.pool_timeout_s)
-        except KVPoolUnavailable as exc:
-            raise RemoteError(UNAVAILABLE, f"{rid}: KV pool cannot take the KV: {exc}") from None
-        except KVPoolProtocolError as exc:
-            raise RemoteError(INTERNAL, f"{rid}: KV pool: {exc}") from None
+        ref = await self._stage(rid, tokens, result.kv)
+        await self._cache(rid, tokens, result.kv)
         self.n.requests += 1
         self.rt.log.info("prefill.done", request_id=rid, tokens=len(tokens), cached=n_cached,
                          next_token=result.next_token)
         return PrefillDone(rid, result.next_token, ref, n_cached, job.to_compute)
+
+    async def _stage(self, rid: str, tokens: tuple[int, ...], kv: Any) -> KVRef:
+        """Pack the KV into this prefill's staging window; the ref says where (and its digest)."""
+        assert self.rt is not None and self.pool is not None and self.staging is not None
+        layout: BlockLayout = self.pool.layout
+        nb = layout.num_blocks(len(tokens))
+        deadline = time.monotonic() + self.cfg.compute_timeout_s
+        while (st := self.staging.alloc(rid, nb, time.monotonic())) is None:
+            # Every block is held by a live lease: wait for an acknowledgement (or a lease to end).
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RemoteError(RESOURCE_EXHAUSTED, f"{rid}: the KV staging area ({self.staging.capacity} blocks) "
+                                                      f"stayed full for {self.cfg.compute_timeout_s:g} s")
+            self.stage_freed.clear()
+            try:
+                await asyncio.wait_for(self.stage_freed.wait(), min(left, self.staging.lease_s))
+            except TimeoutError:
+                pass
+        data = layout.pack(kv, len(tokens)).reshape(-1).view(np.uint8)
+        off = st.first_block * layout.block_bytes
+        self.rt.endpoint.window(STAGE_WINDOW)[off:off + data.nbytes] = data
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        return dataclasses.replace(kv_ref(tokens, rid, layout.block_size), source=self.rt.me.name,
+                                   stage_offset=off, stage_id=st.stage_id, digest=digest)
+
+    async def _cache(self, rid: str, tokens: tuple[int, ...], kv: Any) -> None:
+        """Write the staged sequence into the pool too (the prefix cache, and a second copy in
+        case this prefill dies before the rank loads it), bounded by ``store_timeout_s``; a
+        down, hung or full pool only skips it."""
+        assert self.pool is not None and self.rt is not None
+        if not self.pool.usable():
+            self.n.cache_skipped += 1
+            return
+        try:
+            ok = await self.pool.cache(tokens, kv, rid, timeout_s=self.rt.spec.kv_pool.store_timeout_s)
+        except KVPoolProtocolError as exc:
+            self.rt.log.error("prefill.pool_protocol_error", request_id=rid, error=str(exc))
+            ok = False
+        if ok:
+            self.n.cached_in_pool += 1
+        else:
+            self.n.cache_skipped += 1
 
     async def worker(self) -> None:
         """The only caller of the model: batches what waits, runs it on the one compute thread."""
@@ -171,12 +246,20 @@ class PrefillServer:
 async def serve(spec: PodSpec, name: str, cfg: PrefillConfig = PrefillConfig()) -> None:
     model_cfg, weights = load_model(ensure_model(spec.model.dir, spec.model.preset, spec.model.seed, spec.cache_dir))
     server = PrefillServer(PrefillModel(model_cfg, weights), cfg)
-    async with ServiceRuntime(spec, name, load=server.load) as rt:
+    layout = BlockLayout.of(model_cfg, spec.kv_pool.block_size)
+    if layout.num_blocks(model_cfg.max_position_embeddings - 1) > spec.kv_pool.staging_blocks:
+        raise ConfigError("PodSpec.kv_pool.staging_blocks",
+                          f"must hold the longest prompt ({model_cfg.max_position_embeddings - 1} positions = "
+                          f"{layout.num_blocks(model_cfg.max_position_embeddings - 1)} blocks)")
+    server.staging = StagingArea(spec.kv_pool.staging_blocks, lease_s=spec.kv_pool.staging_lease_s)
+    async with ServiceRuntime(spec, name, load=server.load,
+                              windows={STAGE_WINDOW: spec.kv_pool.staging_blocks * layout.block_bytes}) as rt:
         server.rt = rt
         server.pool = KVPoolClient(spec, rt.endpoint, model_cfg)
         try:
             rt.serve_rpc(server.on_rpc)
-            await rt.mark_ready(model=spec.model.preset)
-            await rt.run_until_stopped(server.worker(), drain=server.drain)
+            await rt.mark_ready(model=spec.model.preset, staging_blocks=spec.kv_pool.staging_blocks)
+            await rt.run_until_stopped(server.worker(), server.pool.watch(),
+                                       drain=server.drain)
         finally:
             await server.pool.close()

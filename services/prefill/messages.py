@@ -24,3 +24,6 @@ class PrefillStats:
     batches: int            # forward passes (a batch serves all requests waiting at that moment)
     max_batch_seen: int
     inflight: int           # requests being served now
+    staged: int = 0         # sequences whose KV waits in the staging area for a decode rank
+    pool_skipped: int = 0   # prefix lookups not tried: the KV pool was down
+    cached_in_pool: int = 0  # sequences also written to the pool

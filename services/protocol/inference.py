@@ -35,7 +35,8 @@ class Sampling:
 @message("inf.KVRef")
 @dataclass(frozen=True, slots=True)
 class KVRef:
-    """Where the KV of the first ``num_tokens`` positions of a sequence lives in the KV pool.
+    """Where the KV of the first ``num_tokens`` positions of a sequence lives: in the KV pool,
+    and/or staged at the prefill that computed it.
 
     ``block_hashes`` are the hash-chain keys of the full blocks; the partial tail (if any) is a
     private block under ``tail_key`` holding ``num_tokens % block_size`` positions. Pool nodes
@@ -45,6 +46,15 @@ class KVRef:
     block_size: int
     block_hashes: tuple[bytes, ...]
     tail_key: bytes = b""
+    # A staged copy (services/kvpool/staging.py): ``source`` (a prefill) holds the packed blocks
+    # at ``stage_offset`` of its ``kv_stage`` window until told ``StageRelease(stage_id)``;
+    # ``digest`` (blake2b-16 of those bytes) lets the reader reject a reclaimed stage. Empty
+    # ``source``: the pool is the only copy. The pool keys above are always given: the pool is
+    # the fallback copy when it holds them.
+    source: str = ""
+    stage_offset: int = 0
+    stage_id: int = 0
+    digest: bytes = b""
 
 
 @message("inf.Prefill")

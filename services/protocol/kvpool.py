@@ -63,3 +63,12 @@ class Stats:
     hits: int
     misses: int
     evictions: int
+
+
+@message("kv.StageRelease")
+@dataclass(frozen=True, slots=True)
+class StageRelease:
+    """Attention rank -> prefill, one-way: the KV staged under ``stage_id`` for ``owner`` (the
+    request id) is loaded (or no longer wanted); the prefill frees it."""
+    owner: str
+    stage_id: int
