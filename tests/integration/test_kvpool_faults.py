@@ -17,6 +17,7 @@ from services.client.sdk import InferenceClient
 from services.common.health import probe
 from services.model.engine import ReferenceEngine
 from services.pod.spec import address
+from services.run import EXIT_STALE
 from tests.integration.test_pod_e2e import Loads, expected
 from tests.pods import TestPod
 
@@ -112,9 +113,14 @@ async def test_3_stopped_pool_costs_no_request_and_its_pins_come_back(pod, refer
             await all_exact(client, reference, "stopped2")
         finally:
             os.kill(pid, signal.SIGCONT)
+        # Continued after its peers declared it dead, it ends its stale incarnation (exit 75)
+        # instead of serving on as an epoch nobody listens to; its supervisor restarts it.
+        assert await asyncio.to_thread(pod.procs["kvpool-0"].wait, 15) == EXIT_STALE
+        pod.start_service("kvpool-0")
         await until(loads, "prefill-0", lambda ld: ld["pool_down"] == 0)
         await all_exact(client, reference, "continued")
-        # Pins taken for clients that moved on (late Acquires) are released or expire.
+        # Nothing pinned for clients that moved on: the new incarnation starts clean and every
+        # pin it gives is returned.
         await until(loads, "kvpool-0", lambda ld: ld["pinned_blocks"] == base and ld["writing_blocks"] == 0)
         # Still a working cache.
         kw = {"max_tokens": 4}
