@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
 import pytest
 
@@ -90,8 +91,9 @@ class Streams:
         await self.changed.until(lambda: all(len(t) >= n for t in self.got.values()), timeout_s)
         assert not any(t.done() for t in self.tasks), "a stream finished before the fault: nothing was tested"
 
-    async def check(self, reference: ReferenceEngine, timeout_s: float = 90.0) -> None:
+    async def check(self, reference: ReferenceEngine, fault_at: float, timeout_s: float = 90.0) -> None:
         finishes = await asyncio.wait_for(asyncio.gather(*self.tasks), timeout_s)
+        print(f"\n{self.tag}: {time.monotonic() - fault_at:.2f} s from the fault to the last stream's finish")
         for i in range(STREAMS):
             assert finishes[i] in ("stop", "length"), f"stream {i} finished {finishes[i]!r}"
             assert tuple(self.got[i]) == expected(reference, self.rid(i), PROMPTS[i], params(i)), f"stream {i}"
@@ -139,9 +141,10 @@ async def test_kill9_of_an_expert_mid_stream_fails_over_to_its_replica(pod, refe
         streams = Streams(client, "kill")
         await streams.all_have(8)
         pid = pod.procs[name].pid
+        fault_at = time.monotonic()
         pod.kill(name)
         assert_gone(pod, name, pid)
-        await streams.check(reference)
+        await streams.check(reference, fault_at)
         assert await expert_failures(pod, loads) > failures0, "no attention rank noticed the dead instance"
 
         await restart(pod, name)
@@ -158,12 +161,13 @@ async def test_sigstop_of_an_expert_mid_stream_fails_over_and_late_answers_are_d
         await attention_uses(pod, loads, 2)
         streams = Streams(client, "stop")
         await streams.all_have(8)
+        fault_at = time.monotonic()
         os.kill(pid, signal.SIGSTOP)
         try:
             # We are its parent: waitpid(WUNTRACED) returns once it has stopped (an event, no poll).
             _, status = await asyncio.wait_for(asyncio.to_thread(os.waitpid, pid, os.WUNTRACED), 10)
             assert os.WIFSTOPPED(status) and proc_state(pid) == "T"
-            await streams.check(reference)
+            await streams.check(reference, fault_at)
             # Hung past the heartbeat detector's dead-after window: declared dead.
             await until_beat(loads, lambda: loads.sub.detector.state(name) is Liveness.DEAD,
                              3 * pod.spec.heartbeat.dead_after_s + 5)
@@ -187,8 +191,10 @@ async def test_both_holders_dead_fails_unavailable_naming_the_expert_then_recove
         assert_gone(pod, n, pid)
     prompt = "every token of this prompt needs experts " * 2
     async with InferenceClient(pod.routers, timeout_s=120) as client, Loads(pod) as loads:
+        t0 = time.monotonic()
         with pytest.raises(Unavailable, match=r"routed expert [15] \(held by expert-1, expert-2\)"):
             await client.complete(prompt, request_id="both-dead", max_tokens=24)
+        assert time.monotonic() - t0 >= FAILOVER_WAIT_S, "failed before waiting for a restart"
         await restart(pod, "expert-1")
         await attention_uses(pod, loads, 1)
         res = await client.complete(prompt, request_id="both-back", max_tokens=24)
