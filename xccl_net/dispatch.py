@@ -11,7 +11,10 @@
 
 Each object owns its endpoint's notify stream (``recv_notify``): do not share an endpoint's
 notifications with another consumer. Every wait is bounded by the caller's ``timeout_s``:
-a missing peer is ``XcclTimeout`` naming who is missing, a dead one ``PeerUnreachable``.
+a missing peer is ``XcclTimeout`` naming who is missing, a dead one ``PeerUnreachable`` --
+unless the dispatcher has a ``Failover``: then a failing rank's rows go to a live replica in
+a new attempt of the same layer (``LayerAttempts``), and only an expert with no live holder
+for ``Failover.wait_s`` fails the layer (``ExpertUnavailable``).
 """
 
 from __future__ import annotations
@@ -301,6 +304,12 @@ class A2EDispatcher:
             try:
                 note = await _next_notice(self.ep, p.deadline, f"E2A of event {att.event_id} from expert ranks "
                                           f"{att.waiting()}")
+            except CorruptMetadata as exc:   # an undecodable notice: nobody to blame, drop it
+                if self.failover is None:
+                    raise
+                self.stats["bad_notices"] += 1
+                log.warning("dispatch.bad_answer", src=None, error=type(exc).__name__, detail=str(exc))
+                continue
             except XcclTimeout:
                 if self.failover is None:
                     raise

@@ -5,8 +5,10 @@ messages). Messages are handled one at a time in arrival order: a Run needs the 
 Load copied in, and a Free must not overtake the Run before it. Every refusal is a typed
 reply carrying the reason (``Loaded.error`` / ``Logits.error``); the rank stays up.
 
-Event ids are this rank's own: ``pack_event_id(layer, self.steps, 0)`` with ``steps``
-counting the Runs it started, so its experts' answers never depend on another group's pace.
+Event ids are this rank's own: ``pack_event_id(layer, self.steps, attempt)`` with ``steps``
+counting the Runs it started, so its experts' answers never depend on another group's pace;
+``attempt`` grows when a failed expert instance's rows are re-dispatched to a replica inside
+the step (the dispatcher's ``Failover``, settings ``experts.*`` of the pod spec).
 """
 
 from __future__ import annotations
