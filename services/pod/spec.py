@@ -52,7 +52,7 @@ class ExpertSpec:
     replicas: int = 2               # copies of every routed expert (on distinct instances)
     # An attention rank waits this long for one instance's answer to one attempt of an MoE
     # layer; then that instance counts as failed for the step and its rows go to a replica.
-    answer_timeout_s: float = 1.0
+    answer_timeout_s: float = 2.0
     # With no live instance holding an expert a step needs: wait this long for one to come
     # back (a restart), then fail the step with UNAVAILABLE naming the expert.
     failover_wait_s: float = 10.0
