@@ -11,7 +11,10 @@
 
 Each object owns its endpoint's notify stream (``recv_notify``): do not share an endpoint's
 notifications with another consumer. Every wait is bounded by the caller's ``timeout_s``:
-a missing peer is ``XcclTimeout`` naming who is missing, a dead one ``PeerUnreachable``.
+a missing peer is ``XcclTimeout`` naming who is missing, a dead one ``PeerUnreachable`` --
+unless the dispatcher has a ``Failover``: then a failing rank's rows go to a live replica in
+a new attempt of the same layer (``LayerAttempts``), and only an expert with no live holder
+for ``Failover.wait_s`` fails the layer (``ExpertUnavailable``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from functools import partial
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,14 +31,15 @@ from services.common.logging import get_logger
 from xccl_net.dispatch_core import (
     DTYPE,
     BlockMeta,
-    CombineCollector,
     DispatchLayout,
     DispatchPlan,
     ExpertFn,
+    LayerAttempts,
+    NoLiveReplica,
     Placement,
     SourceGuard,
+    Verdict,
     a2e_meta,
-    combine,
     decode_meta,
     e2a_meta,
     encode_meta,
@@ -44,7 +47,18 @@ from xccl_net.dispatch_core import (
     plan_dispatch,
     run_block,
 )
-from xccl_net.errors import CorruptMetadata, ProtocolError, XcclError, XcclTimeout
+from xccl_net.dispatch_health import RankChange, RankHealth
+from xccl_net.errors import (
+    CorruptMetadata,
+    ExpertRefused,
+    ExpertUnavailable,
+    FabricUnavailable,
+    LinkDown,
+    PeerUnreachable,
+    ProtocolError,
+    XcclError,
+    XcclTimeout,
+)
 
 log = get_logger(component="dispatch")
 
@@ -76,28 +90,6 @@ def _remaining(deadline: float) -> float:
     return deadline - time.monotonic()
 
 
-async def _all(ops: Sequence[Callable[[], Awaitable[Any]]]) -> None:
-    """Run ``ops`` concurrently to completion; then raise the first XCCL error, if any.
-
-    One failing peer must not cancel the writes to the healthy ones (they would be left
-    waiting for a block that never comes). Ops are thunks so that nothing is started when
-    building the list fails half-way.
-    """
-    errors: list[XcclError] = []
-
-    async def one(op: Callable[[], Awaitable[Any]]) -> None:
-        try:
-            await op()
-        except XcclError as exc:
-            errors.append(exc)
-
-    async with asyncio.TaskGroup() as tg:
-        for op in ops:
-            tg.create_task(one(op))
-    if errors:
-        raise errors[0]
-
-
 async def _next_notice(ep: Any, deadline: float, waiting_for: str) -> Notice:
     left = _remaining(deadline)
     if left <= 0:
@@ -110,11 +102,41 @@ async def _next_notice(ep: Any, deadline: float, waiting_for: str) -> Notice:
 
 
 @dataclass(frozen=True, slots=True)
-class PendingLayer:
-    """A dispatched layer waiting for its E2A answers."""
+class Failover:
+    """How a source rides over expert-rank failures (pod spec ``experts.*``).
 
-    plan: DispatchPlan
-    deadline: float
+    ``answer_timeout_s``: how long one attempt waits for a rank's answer before that rank counts
+    as failed for the step and its rows go to a replica (also the attempt's put timeout).
+    ``wait_s``: with no live holder of an expert a layer needs, how long to wait for one to
+    come back (a restart) before ``ExpertUnavailable``.
+    """
+
+    answer_timeout_s: float = 1.0
+    wait_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.answer_timeout_s <= 0 or self.wait_s < 0:
+            raise ValueError(f"Failover needs answer_timeout_s > 0 and wait_s >= 0, got {self}")
+
+
+@dataclass(slots=True)
+class PendingLayer:
+    """A dispatched layer waiting for its E2A answers (possibly over several attempts)."""
+
+    attempts: LayerAttempts
+    x: np.ndarray
+    layer_deadline: float                 # without failover: the whole layer's bound
+    deadline: float = 0.0                 # the current attempt's
+    wait_deadline: float | None = None    # set when the layer first had to wait for a replica
+
+    @property
+    def plan(self) -> DispatchPlan:
+        assert self.attempts.plan is not None
+        return self.attempts.plan
+
+
+# Transport errors that mean "this rank, for this source, now": the rank fails for the step.
+_RANK_ERRORS = (XcclTimeout, PeerUnreachable, LinkDown, FabricUnavailable, ProtocolError)
 
 
 class A2EDispatcher:
@@ -123,11 +145,17 @@ class A2EDispatcher:
     Event ids are this source's own (increasing); ``incarnation`` must grow across restarts of
     the source (default: the wall clock in ns at construction) so the experts take a restarted
     source's fresh small ids as new, not stale.
+
+    Without ``failover`` a failing rank fails the layer (a typed error naming it). With it, a
+    rank that fails (put error, refusal, no answer within ``answer_timeout_s``) is taken out
+    (``health``, see ``dispatch_health``) and its rows go to a live replica in a new attempt of
+    the same layer; with no live holder of a needed expert the layer waits up to ``wait_s`` for
+    one (``beat``/``silent`` feed the heartbeat view), then raises ``ExpertUnavailable``.
     """
 
     def __init__(self, ep: Any, *, source: int, expert_peers: Sequence[str], placement: Placement,
                  layout: DispatchLayout, windows: DispatchWindows = DispatchWindows(),
-                 incarnation: int | None = None) -> None:
+                 incarnation: int | None = None, failover: Failover | None = None) -> None:
         if len(expert_peers) != layout.num_ranks:
             raise ValueError(f"{len(expert_peers)} expert peers for {layout.num_ranks} ranks")
         self.ep = ep
@@ -137,18 +165,46 @@ class A2EDispatcher:
         self.placement = placement
         self.layout = layout
         self.windows = windows
-        self.excluded: set[int] = set()
-        self.stats = {"layers": 0, "stale_notices": 0, "rows_sent": 0}
+        self.failover = failover
+        self.health = RankHealth(layout.num_ranks)
+        self._changed = asyncio.Event()   # set on every health change: waits for a replica re-plan
+        self.stats = {"layers": 0, "stale_notices": 0, "rows_sent": 0, "retries": 0, "rank_failures": 0,
+                      "refusals": 0, "replica_waits": 0, "unavailable": 0, "bad_notices": 0}
+
+    # -- expert rank health -----------------------------------------------------------------
+    @property
+    def excluded(self) -> frozenset[int]:
+        return self.health.excluded
 
     def exclude(self, rank: int) -> None:
-        """Stop dispatching to ``rank``: its experts are served by their next replica."""
-        self.excluded.add(rank)
+        """Stop dispatching to ``rank`` until ``include``: its experts are served by their next replica."""
+        self._changed_to(self.health.exclude(rank))
 
     def include(self, rank: int) -> None:
-        self.excluded.discard(rank)
+        self._changed_to(self.health.include(rank))
 
+    def beat(self, rank: int, epoch: str, seq: int) -> None:
+        """A heartbeat of expert rank ``rank`` (brings a failed rank back when it is newer)."""
+        self._changed_to(self.health.beat(rank, epoch, seq))
+
+    def silent(self, rank: int, why: str) -> None:
+        """The heartbeat detector declared expert rank ``rank`` dead."""
+        self._changed_to(self.health.silent(rank, why))
+
+    def _rank_failed(self, rank: int, why: str) -> None:
+        self.stats["rank_failures"] += 1
+        self._changed_to(self.health.failed(rank, why))
+
+    def _changed_to(self, change: RankChange | None) -> None:
+        if change is None:
+            return
+        log.info("dispatch.expert_rank", source=self.source, peer=self.expert_peers[change.rank],
+                 state=change.new.value, why=change.why)
+        self._changed.set()
+
+    # -- layers -----------------------------------------------------------------------------
     def plan(self, event_id: int, topk_ids: np.ndarray) -> DispatchPlan:
-        return plan_dispatch(event_id, self.source, topk_ids, self.placement, self.layout, self.excluded,
+        return plan_dispatch(event_id, self.source, topk_ids, self.placement, self.layout, self.health.excluded,
                              self.incarnation)
 
     async def run_layer(self, event_id: int, x: np.ndarray, topk_ids: np.ndarray, topk_w: np.ndarray, *,
@@ -159,55 +215,141 @@ class A2EDispatcher:
     async def start_layer(self, event_id: int, x: np.ndarray, topk_ids: np.ndarray, *,
                           timeout_s: float = 5.0) -> PendingLayer:
         """A2E half: the rows are in the experts' windows when this returns. The caller may
-        compute (e.g. the shared expert) before ``finish_layer``; the deadline keeps running."""
-        deadline = time.monotonic() + timeout_s
+        compute (e.g. the shared expert) before ``finish_layer``; the deadline keeps running.
+        ``timeout_s`` bounds the layer without failover (with it, ``Failover`` does)."""
         if x.shape != (topk_ids.shape[0], self.layout.hidden):
             raise ValueError(f"shapes x {x.shape}, ids {topk_ids.shape} do not agree with hidden {self.layout.hidden}")
-        plan = self.plan(event_id, topk_ids)
-        await self._dispatch(plan, x, deadline)
-        return PendingLayer(plan, deadline)
+        attempts = LayerAttempts(event_id, self.source, topk_ids, self.placement, self.layout, self.incarnation)
+        pending = PendingLayer(attempts, x, layer_deadline=time.monotonic() + timeout_s)
+        await self._launch(pending)
+        return pending
 
     async def finish_layer(self, pending: PendingLayer, topk_w: np.ndarray) -> np.ndarray:
-        """E2A half: wait for every answer (until the layer's deadline) and combine."""
-        plan = pending.plan
-        if topk_w.shape != (plan.num_tokens, plan.top_k):
-            raise ValueError(f"weights {topk_w.shape} for a plan of {plan.num_tokens} x {plan.top_k}")
-        outputs = await self._collect(plan, pending.deadline)
+        """E2A half: wait for every answer, re-dispatching a failed rank's rows, and combine."""
+        att = pending.attempts
+        if topk_w.shape != att.ids.shape:
+            raise ValueError(f"weights {topk_w.shape} for a plan of {att.ids.shape[0]} x {att.ids.shape[1]}")
+        while True:
+            await self._collect(pending)
+            if att.done:
+                break
+            if self.failover is None:   # a refusal (timeouts and put errors raised already)
+                raise ExpertRefused("; ".join(f"{self.expert_peers[r]}: {w}" for r, w in att.failed.items()))
+            self.stats["retries"] += 1
+            log.warning("dispatch.redispatch", source=self.source, event_id=att.event_id,
+                        failed={self.expert_peers[r]: w for r, w in att.failed.items()},
+                        rows=int(att.missing_rows().size))
+            await self._launch(pending)
         self.stats["layers"] += 1
-        return combine(plan, outputs, topk_w, self.layout.hidden)
+        return att.result(topk_w)
 
-    async def _dispatch(self, plan: DispatchPlan, x: np.ndarray, deadline: float) -> None:
-        ops = []
-        for r in plan.ranks:
-            rows = pack_rows(x, plan, r)
-            meta = a2e_meta(plan, r, self.layout)
-            self.stats["rows_sent"] += meta.count
-            ops.append(partial(self.ep.put, self.expert_peers[r], self.windows.a2e, meta.offset, _flat_bytes(rows),
-                               notify=encode_meta(meta), timeout_s=max(_remaining(deadline), 1e-3)))
-        await _all(ops)
+    async def _launch(self, p: PendingLayer) -> None:
+        """Plan the next attempt (waiting for a live replica if needed) and post its blocks."""
+        while True:
+            try:
+                plan = p.attempts.next_plan(self.health.excluded)
+                break
+            except NoLiveReplica as exc:
+                if self.failover is None:
+                    raise
+                now = time.monotonic()
+                if p.wait_deadline is None:
+                    p.wait_deadline = now + self.failover.wait_s
+                    self.stats["replica_waits"] += 1
+                    log.warning("dispatch.wait_replica", source=self.source, expert=exc.expert_id,
+                                holders=[self.expert_peers[r] for r in exc.holders], wait_s=self.failover.wait_s)
+                if now >= p.wait_deadline:
+                    self.stats["unavailable"] += 1
+                    raise ExpertUnavailable(exc.expert_id, tuple(self.expert_peers[r] for r in exc.holders),
+                                            self.failover.wait_s) from exc
+                # No await since planning: no change can have been missed between it and clear().
+                self._changed.clear()
+                try:
+                    await asyncio.wait_for(self._changed.wait(), p.wait_deadline - now)
+                except TimeoutError:
+                    pass
+        now = time.monotonic()
+        p.deadline = now + self.failover.answer_timeout_s if self.failover else p.layer_deadline
+        errors = await self._post(plan, p.x, p.deadline)
+        for r, exc in errors.items():
+            why = f"put of event {plan.event_id} failed: {type(exc).__name__}: {exc}"
+            p.attempts.rank_failed(r, why)
+            if self.failover is None:
+                raise exc
+            self._rank_failed(r, why)
 
-    async def _collect(self, plan: DispatchPlan, deadline: float) -> dict[int, np.ndarray]:
-        coll = CombineCollector(plan, self.layout)
-        while not coll.done:
-            note = await _next_notice(self.ep, deadline, f"E2A of event {plan.event_id} from expert ranks "
-                                      f"{coll.missing()}")
-            meta = note.meta
-            if meta.incarnation != self.incarnation or meta.event_id < plan.event_id:
-                # An answer to an abandoned earlier attempt (or to a previous incarnation of
-                # this source): its block is rewritten before the current answer's notify (a
-                # rank answers a source in order), so dropping is safe.
-                self.stats["stale_notices"] += 1
-                log.warning("dispatch.stale_notice", src=note.src, event_id=meta.event_id, current=plan.event_id)
+    async def _post(self, plan: DispatchPlan, x: np.ndarray, deadline: float) -> dict[int, XcclError]:
+        """Put every rank's block concurrently; one failing peer never cancels the others (they
+        would wait for a block that never comes). Returns the ranks whose put failed."""
+        errors: dict[int, XcclError] = {}
+
+        async def one(r: int, rows: np.ndarray, meta: BlockMeta) -> None:
+            try:
+                await self.ep.put(self.expert_peers[r], self.windows.a2e, meta.offset, _flat_bytes(rows),
+                                  notify=encode_meta(meta), timeout_s=max(_remaining(deadline), 1e-3))
+            except _RANK_ERRORS as exc:
+                errors[r] = exc
+
+        blocks = [(r, pack_rows(x, plan, r), a2e_meta(plan, r, self.layout)) for r in plan.ranks]
+        async with asyncio.TaskGroup() as tg:
+            for r, rows, meta in blocks:
+                self.stats["rows_sent"] += meta.count
+                tg.create_task(one(r, rows, meta))
+        return dict(sorted(errors.items()))
+
+    async def _collect(self, p: PendingLayer) -> None:
+        """Until every rank of the current attempt answered or failed (deadline, refusal)."""
+        att = p.attempts
+        while att.waiting():
+            try:
+                note = await _next_notice(self.ep, p.deadline, f"E2A of event {att.event_id} from expert ranks "
+                                          f"{att.waiting()}")
+            except CorruptMetadata as exc:   # an undecodable notice: nobody to blame, drop it
+                if self.failover is None:
+                    raise
+                self.stats["bad_notices"] += 1
+                log.warning("dispatch.bad_answer", src=None, error=type(exc).__name__, detail=str(exc))
                 continue
-            if note.window != self.windows.e2a:
-                raise CorruptMetadata(f"{note.src} notified window {note.window!r}, expected {self.windows.e2a!r}")
-            if not 0 <= meta.sender < len(self.expert_peers) or self.expert_peers[meta.sender] != note.src:
-                raise CorruptMetadata(f"{note.src} claims to be expert rank {meta.sender}")
-            coll.add(meta, note.nbytes)
-        view = self.ep.window(self.windows.e2a)
-        h = self.layout.hidden
-        return {r: view[m.offset:m.offset + m.count * self.layout.row_bytes].view(DTYPE).reshape(m.count, h)
-                for r, m in coll.blocks.items()}
+            except XcclTimeout:
+                if self.failover is None:
+                    raise
+                for r in att.waiting():
+                    why = f"no answer to event {att.event_id} within {self.failover.answer_timeout_s:g} s"
+                    att.rank_failed(r, why)
+                    self._rank_failed(r, why)
+                return
+            meta = note.meta
+            try:
+                if note.window != self.windows.e2a:
+                    raise CorruptMetadata(f"{note.src} notified window {note.window!r}, expected {self.windows.e2a!r}")
+                if not 0 <= meta.sender < len(self.expert_peers) or self.expert_peers[meta.sender] != note.src:
+                    raise CorruptMetadata(f"{note.src} claims to be expert rank {meta.sender}")
+                verdict = att.accept(meta, note.nbytes)
+            except ProtocolError as exc:
+                if self.failover is None:
+                    raise
+                self.stats["bad_notices"] += 1
+                log.warning("dispatch.bad_answer", src=note.src, error=type(exc).__name__, detail=str(exc))
+                if note.src in self.expert_peers:   # a rank that breaks the protocol fails for the step
+                    r = self.expert_peers.index(note.src)
+                    att.rank_failed(r, f"bad answer: {type(exc).__name__}: {exc}")
+                    self._rank_failed(r, f"bad answer: {exc}")
+                continue
+            if verdict is Verdict.STALE:
+                # An answer to an abandoned attempt, a previous incarnation of this source, or a
+                # rank given up on: its block is rewritten before any answer we read from that
+                # rank (a rank answers a source in order), so dropping it is safe.
+                self.stats["stale_notices"] += 1
+                log.warning("dispatch.stale_notice", src=note.src, event_id=meta.event_id, current=att.event_id)
+            elif verdict is Verdict.REFUSED:
+                self.stats["refusals"] += 1
+                log.warning("dispatch.refused", src=note.src, event_id=meta.event_id, error=meta.error)
+                if self.failover is not None:
+                    self._rank_failed(meta.sender, f"refused event {meta.event_id}: {meta.error}")
+            else:
+                view = self.ep.window(self.windows.e2a)
+                rows = view[meta.offset:meta.offset + meta.count * self.layout.row_bytes].view(DTYPE)
+                att.fill(meta.sender, rows.reshape(meta.count, self.layout.hidden))
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +382,7 @@ class E2AHandler:
         self.windows = windows
         self.hosted = placement.hosted(rank)
         self._guard = SourceGuard(layout, self.hosted)
-        self.stats = {"events": 0, "rows_served": 0, "rejected_notices": 0}
+        self.stats = {"events": 0, "rows_served": 0, "rejected_notices": 0, "refusals_sent": 0}
         # source index -> [events, rows] served for it.
         self.per_source: list[list[int]] = [[0, 0] for _ in range(layout.num_sources)]
 
@@ -262,7 +404,11 @@ class E2AHandler:
         except CorruptMetadata as exc:  # undecodable notify
             self._rejected(exc, src=None)
             raise
-        meta, fn = self._accept(note, select or (lambda _event_id: expert_fn))
+        try:
+            meta, fn = self._accept(note, select or (lambda _event_id: expert_fn))
+        except ProtocolError as exc:
+            await self._refuse(note, exc, deadline, answer_timeout_s)
+            raise
         view = self.ep.window(self.windows.a2e)
         h, rb = self.layout.hidden, self.layout.row_bytes
         rows = view[meta.offset:meta.offset + meta.count * rb].view(DTYPE).reshape(meta.count, h)
@@ -290,6 +436,24 @@ class E2AHandler:
             self._rejected(exc, src=note.src)
             raise
         return meta, fn
+
+    async def _refuse(self, note: Notice, exc: ProtocolError, deadline: float, answer_timeout_s: float | None) -> None:
+        """Answer a block this rank cannot serve with a typed refusal (no rows), so its source
+        re-dispatches the rows to a replica now instead of waiting for its deadline. Only when
+        the notice names a source that really sent it: an impostor gets no answer."""
+        meta = note.meta
+        if not 0 <= meta.sender < len(self.source_peers) or self.source_peers[meta.sender] != note.src:
+            return
+        answer = e2a_meta(meta.event_id, self.rank, 0, self.layout, meta.incarnation,
+                          error=f"{type(exc).__name__}: {exc}")
+        timeout_s = max(_remaining(deadline), 1e-3) if answer_timeout_s is None else answer_timeout_s
+        try:
+            await self.ep.put(note.src, self.windows.e2a, answer.offset, b"", notify=encode_meta(answer),
+                              timeout_s=timeout_s)
+        except XcclError as put_exc:
+            log.warning("dispatch.refusal_failed", rank=self.rank, src=note.src, error=type(put_exc).__name__)
+            return
+        self.stats["refusals_sent"] += 1
 
     def _rejected(self, exc: ProtocolError, src: str | None) -> None:
         self.stats["rejected_notices"] += 1

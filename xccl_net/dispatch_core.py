@@ -32,6 +32,7 @@ expert rank answers only after it has consumed that block.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -101,15 +102,21 @@ class Placement:
         """Experts whose weights live on ``rank`` (as primary or replica)."""
         return frozenset(e for e, hs in enumerate(self.holders) if rank in hs)
 
-    def choose(self, excluded: Iterable[int] = ()) -> np.ndarray:
-        """Expert id -> the rank serving it: the first holder not excluded (deterministic)."""
+    def choose(self, excluded: Iterable[int] = (), needed: Iterable[int] | None = None) -> np.ndarray:
+        """Expert id -> the rank serving it: the first holder not excluded (deterministic).
+
+        Only experts in ``needed`` (default: all) must have a live holder; the others map to
+        -1 when none is left, so an expert nobody routes to never blocks a layer.
+        """
         ex = frozenset(excluded)
-        out = np.empty(self.num_experts, dtype=np.int64)
+        want = None if needed is None else frozenset(int(e) for e in needed)
+        out = np.full(self.num_experts, -1, dtype=np.int64)
         for e, hs in enumerate(self.holders):
             live = [r for r in hs if r not in ex]
-            if not live:
+            if live:
+                out[e] = live[0]
+            elif want is None or e in want:
                 raise NoLiveReplica(e, hs)
-            out[e] = live[0]
         return out
 
 
@@ -179,6 +186,8 @@ class BlockMeta:
     A2E: ``expert_ids`` holds one id per row. E2A: ``expert_ids`` is empty (the source
     knows its own plan). ``sender`` is the sender's index (source index or expert rank).
     ``incarnation`` is the source's (an E2A answer echoes the one of the block it answers).
+    An E2A ``error`` is a refusal: the rank could not serve the block (its rows must go to a
+    replica); such an answer carries no rows.
     """
 
     event_id: int
@@ -187,6 +196,7 @@ class BlockMeta:
     count: int
     expert_ids: npt.NDArray[np.int32] = field(default_factory=lambda: np.empty(0, dtype=ID_DTYPE))
     incarnation: int = 0
+    error: str = ""   # E2A only: the expert rank refuses the event (count 0); says why
 
 
 def encode_meta(meta: BlockMeta) -> bytes:
@@ -243,8 +253,15 @@ class DispatchPlan:
 
 
 def plan_dispatch(event_id: int, source: int, topk_ids: np.ndarray, placement: Placement,
-                  layout: DispatchLayout, excluded: Iterable[int] = (), incarnation: int = 0) -> DispatchPlan:
-    """Decide which rows go to which rank; raise at the sender on capacity overflow."""
+                  layout: DispatchLayout, excluded: Iterable[int] = (), incarnation: int = 0,
+                  only_rows: np.ndarray | None = None) -> DispatchPlan:
+    """Decide which rows go to which rank; raise at the sender on capacity overflow.
+
+    ``only_rows`` (flat row indices token * k + slot) plans just those rows, as a retry does
+    for the rows whose rank failed: then only ranks that receive rows are posted to. Without
+    it every rank not excluded gets a (possibly empty) block. ``NoLiveReplica`` names an
+    expert some planned row needs and no live rank holds.
+    """
     ids = np.asarray(topk_ids)
     if ids.ndim != 2:
         raise ValueError(f"topk_ids must be [T, k], got shape {ids.shape}")
@@ -255,12 +272,17 @@ def plan_dispatch(event_id: int, source: int, topk_ids: np.ndarray, placement: P
     if ids.size and (ids.min() < 0 or ids.max() >= placement.num_experts):
         raise ValueError(f"expert ids must be in 0..{placement.num_experts - 1}")
     ex = frozenset(excluded)
-    serving = placement.choose(ex)
     flat = ids.reshape(-1).astype(np.int64)
     # Stable sort by expert id keeps (token, slot) order inside each expert: canonical order.
     order = np.argsort(flat, kind="stable")
+    if only_rows is not None:
+        keep = np.zeros(flat.size, dtype=bool)
+        keep[np.asarray(only_rows, dtype=np.int64)] = True
+        order = order[keep[order]]
+    serving = placement.choose(ex, np.unique(flat[order]).tolist())
     dest = serving[flat[order]]
-    ranks = tuple(r for r in range(layout.num_ranks) if r not in ex)
+    ranks = tuple(r for r in range(layout.num_ranks)
+                  if r not in ex and (only_rows is None or np.any(dest == r)))
     rows: dict[int, np.ndarray] = {}
     experts: dict[int, np.ndarray] = {}
     for r in ranks:
@@ -347,9 +369,10 @@ def run_block(rows: np.ndarray, expert_ids: np.ndarray, expert_fn: ExpertFn, hid
     return out
 
 
-def e2a_meta(event_id: int, rank: int, count: int, layout: DispatchLayout, incarnation: int = 0) -> BlockMeta:
+def e2a_meta(event_id: int, rank: int, count: int, layout: DispatchLayout, incarnation: int = 0,
+             error: str = "") -> BlockMeta:
     return BlockMeta(event_id=event_id, sender=rank, offset=layout.e2a_offset(rank), count=count,
-                     incarnation=incarnation)
+                     incarnation=incarnation, error=error)
 
 
 # ---------------------------------------------------------------- attention side: combine
@@ -383,6 +406,135 @@ class CombineCollector:
                                   f"{self.plan.count(meta.sender)} were sent")
         self.blocks[meta.sender] = meta
         return self.done
+
+
+class AttemptsExhausted(PeerUnreachable):
+    """A layer used every attempt id its event id leaves room for (``pack_event_id``: 8 bits)."""
+
+
+class Verdict(enum.Enum):
+    STALE = "stale"        # an answer to an abandoned attempt, or from a rank given up on: drop it
+    ANSWER = "answer"      # rows of the current attempt: read them now (``LayerAttempts.fill``)
+    REFUSED = "refused"    # the rank refused the current attempt: its rows go to a replica
+
+
+class LayerAttempts:
+    """One MoE layer of one source across as many attempts as its ranks' failures need. Pure.
+
+    Attempt a posts event ``first_event_id + a`` (the attempt field of ``pack_event_id``), so an
+    answer to an abandoned attempt is older than the current event and dropped. An answered
+    rank's rows are copied out at once (a later attempt may make that rank rewrite its E2A
+    block); the rows of a rank that failed (put error, refusal, no answer in time) stay
+    missing and ``next_plan`` re-plans only those onto live replicas. The combine runs once,
+    when every row is filled, in slot order (``weighted_sum``); each expert computes each row
+    on its own (fixed row tiles, see ``run_block``), so which replica served a row, and in
+    which attempt, never changes a bit of the result.
+
+    A new attempt is planned only after the previous one is over (every posted rank answered
+    or failed): an a2e block is single-buffered, and a rank that answered has consumed its
+    block, so the retry may reuse it. A failed rank may still hold an unread block; if it is
+    posted to again, it answers the old notice first (with whatever rows the block then holds)
+    and that answer is stale by event id: dropped, never combined.
+    """
+
+    def __init__(self, first_event_id: int, source: int, topk_ids: np.ndarray, placement: Placement,
+                 layout: DispatchLayout, incarnation: int = 0) -> None:
+        self.ids = np.asarray(topk_ids)
+        if self.ids.ndim != 2:
+            raise ValueError(f"topk_ids must be [T, k], got shape {self.ids.shape}")
+        if first_event_id < 0:
+            raise ValueError(f"event id {first_event_id} is negative")
+        self.first_event_id = first_event_id
+        self.source, self.placement, self.layout, self.incarnation = source, placement, layout, incarnation
+        self.max_attempts = 256 - (first_event_id & 0xFF)
+        self.attempt = -1
+        self.plan: DispatchPlan | None = None
+        self._coll: CombineCollector | None = None
+        self.failed: dict[int, str] = {}          # rank -> why, in the current attempt
+        self.failed_ranks: dict[int, str] = {}    # every rank that failed in any attempt
+        n = self.ids.shape[0] * self.ids.shape[1]
+        self.y = np.empty((n, layout.hidden), dtype=DTYPE)
+        self.filled = np.zeros(n, dtype=bool)
+
+    @property
+    def event_id(self) -> int:
+        if self.plan is None:
+            raise RuntimeError("no attempt planned yet")
+        return self.plan.event_id
+
+    @property
+    def done(self) -> bool:
+        return bool(self.filled.all())
+
+    def missing_rows(self) -> np.ndarray:
+        return np.flatnonzero(~self.filled)
+
+    def next_plan(self, excluded: Iterable[int]) -> DispatchPlan:
+        """Plan the next attempt: all rows first, then the rows still missing. Raises
+        ``NoLiveReplica`` (nothing changed: call again when a rank is back) or
+        ``AttemptsExhausted``."""
+        if self.plan is not None and self.waiting():
+            raise RuntimeError(f"attempt {self.attempt} still waits for ranks {self.waiting()}")
+        if self.attempt + 1 >= self.max_attempts:
+            raise AttemptsExhausted(f"layer event {self.first_event_id}: {self.attempt + 1} attempts used, "
+                                    f"failed ranks {self.failed_ranks}")
+        rows = None if self.plan is None else self.missing_rows()
+        plan = plan_dispatch(self.first_event_id + self.attempt + 1, self.source, self.ids, self.placement,
+                             self.layout, excluded, self.incarnation, only_rows=rows)
+        self.attempt += 1
+        self.plan, self._coll, self.failed = plan, CombineCollector(plan, self.layout), {}
+        return plan
+
+    def waiting(self) -> list[int]:
+        """Ranks of the current attempt that neither answered nor failed."""
+        if self._coll is None:
+            return []
+        return [r for r in self._coll.missing() if r not in self.failed]
+
+    def rank_failed(self, rank: int, why: str) -> None:
+        """``rank`` will not answer the current attempt (its rows stay missing)."""
+        if self._coll is not None and rank in self.waiting():
+            self.failed[rank] = why
+            self.failed_ranks[rank] = why
+
+    def accept(self, meta: BlockMeta, nbytes: int | None = None) -> Verdict:
+        """Classify an E2A notice; a peer violation on the current event raises ``ProtocolError``."""
+        if self.plan is None or self._coll is None:
+            raise RuntimeError("no attempt planned yet")
+        if meta.incarnation != self.incarnation or meta.event_id < self.plan.event_id:
+            return Verdict.STALE
+        if meta.event_id == self.plan.event_id and meta.sender in self.failed:
+            return Verdict.STALE   # it answered after we gave up on it: its rows went elsewhere
+        if meta.error:
+            if meta.event_id != self.plan.event_id:
+                raise EventIdMismatch(f"expected event {self.plan.event_id}, got a refusal of "
+                                      f"{meta.event_id} from rank {meta.sender}")
+            if meta.sender not in self.waiting():
+                raise ProtocolError(f"expert rank {meta.sender} refused event {meta.event_id} it was not "
+                                    f"sent or already answered")
+            self.rank_failed(meta.sender, f"refused event {meta.event_id}: {meta.error}")
+            return Verdict.REFUSED
+        self._coll.add(meta, nbytes)
+        return Verdict.ANSWER
+
+    def fill(self, rank: int, rows: np.ndarray) -> None:
+        """Copy ``rank``'s answered rows of the current attempt into place."""
+        assert self.plan is not None
+        idx = self.plan.rows[rank]
+        if rows.shape != (idx.size, self.layout.hidden):
+            raise CorruptMetadata(f"expert rank {rank} returned rows of shape {rows.shape}, "
+                                  f"expected {(idx.size, self.layout.hidden)}")
+        self.y[idx] = rows
+        self.filled[idx] = True
+
+    def result(self, topk_w: np.ndarray) -> np.ndarray:
+        """The combined routed output [T, H] once every row is filled."""
+        if not self.done:
+            raise RuntimeError(f"{int((~self.filled).sum())} rows still missing")
+        t, k = self.ids.shape
+        if topk_w.shape != (t, k):
+            raise ValueError(f"weights {topk_w.shape} for a layer of {t} x {k}")
+        return weighted_sum(topk_w, self.y.reshape(t, k, self.layout.hidden))
 
 
 def weighted_sum(topk_w: np.ndarray, y: np.ndarray) -> np.ndarray:

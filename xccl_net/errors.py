@@ -22,6 +22,17 @@ class PeerUnreachable(XcclError):
     """The peer is dead, unknown, or not registered."""
 
 
+class ExpertUnavailable(PeerUnreachable):
+    """No live instance holds a routed expert a layer needs, and none came back in time.
+
+    Names the expert and its holders, so the failure says which instances to restart."""
+
+    def __init__(self, expert_id: int, holders: tuple[str, ...], waited_s: float) -> None:
+        super().__init__(f"UNAVAILABLE: no live replica of routed expert {expert_id} (held by "
+                         f"{', '.join(holders)}) after waiting {waited_s:.1f} s for one to come back")
+        self.expert_id, self.holders, self.waited_s = expert_id, holders, waited_s
+
+
 class LinkDown(XcclError):
     """The fabric refused the transfer: a link on the path is down or partitioned."""
 
@@ -48,6 +59,10 @@ class ProtocolError(XcclError):
 
 class EventIdMismatch(ProtocolError):
     """Metadata carried an event id other than the one expected."""
+
+
+class ExpertRefused(ProtocolError):
+    """An expert rank answered an A2E block with a refusal (it cannot serve it) instead of rows."""
 
 
 class ChunkOrderError(ProtocolError):

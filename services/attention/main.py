@@ -10,6 +10,7 @@ the group's attention ranks). See ``services.attention.server`` for the message 
 from __future__ import annotations
 
 from services.attention.core import AttentionCore, strip_routed_experts
+from services.attention.experts import ExpertWatch
 from services.attention.kvcache import KVCache
 from services.attention.kvload import KVLoader
 from services.attention.server import AttentionServer
@@ -19,7 +20,7 @@ from services.kvpool.client import KVPoolClient
 from services.model.cache import ensure_model
 from services.model.weights import load_model
 from services.pod.spec import PodSpec, service
-from xccl_net.dispatch import A2EDispatcher, DispatchWindows
+from xccl_net.dispatch import A2EDispatcher, DispatchWindows, Failover
 
 
 async def serve(spec: PodSpec, name: str) -> None:
@@ -42,13 +43,15 @@ async def serve(spec: PodSpec, name: str) -> None:
 
     async with ServiceRuntime(spec, name, windows={windows.e2a: geo.layout.e2a_window_bytes}, load=load) as rt:
         dispatcher = A2EDispatcher(rt.endpoint, source=geo.sources.index(name), expert_peers=geo.experts,
-                                   placement=geo.placement, layout=geo.layout, windows=windows)
+                                   placement=geo.placement, layout=geo.layout, windows=windows,
+                                   failover=Failover(spec.experts.answer_timeout_s, spec.experts.failover_wait_s))
+        watch = ExpertWatch(spec, dispatcher, geo.experts)
         pool = KVPoolClient(spec, rt.endpoint, cfg)
         loader = KVLoader(spec, rt.endpoint, pool)
         try:
             server = AttentionServer(rt.endpoint, core, dispatcher, loader, master=f"decode-{me.group}")
             await rt.mark_ready(group=me.group, source=geo.sources.index(name), kv_blocks=budget)
-            await rt.run_until_stopped(server.serve(), pool.watch())
+            await rt.run_until_stopped(server.serve(), pool.watch(), watch.run())
         finally:
             await loader.close()
             await pool.close()

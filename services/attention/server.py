@@ -5,8 +5,10 @@ messages). Messages are handled one at a time in arrival order: a Run needs the 
 Load copied in, and a Free must not overtake the Run before it. Every refusal is a typed
 reply carrying the reason (``Loaded.error`` / ``Logits.error``); the rank stays up.
 
-Event ids are this rank's own: ``pack_event_id(layer, self.steps, 0)`` with ``steps``
-counting the Runs it started, so its experts' answers never depend on another group's pace.
+Event ids are this rank's own: ``pack_event_id(layer, self.steps, attempt)`` with ``steps``
+counting the Runs it started, so its experts' answers never depend on another group's pace;
+``attempt`` grows when a failed expert instance's rows are re-dispatched to a replica inside
+the step (the dispatcher's ``Failover``, settings ``experts.*`` of the pod spec).
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ log = get_logger(component="attention")
 KV = list[tuple[np.ndarray, np.ndarray]]
 Loader = Callable[[KVRef, str], Awaitable[KV]]
 
-LAYER_TIMEOUT_S = 5.0     # one MoE layer's round trip to the experts
+# One MoE layer's bound for a dispatcher without failover (tests); the pod's dispatchers are
+# bounded by ``experts.answer_timeout_s`` per attempt and ``experts.failover_wait_s``.
+LAYER_TIMEOUT_S = 5.0
 REPLY_TIMEOUT_S = 5.0
 IDLE_WAIT_S = 1.0         # a bounded wait for the next message; the loop just goes round
 
@@ -106,8 +110,15 @@ class AttentionServer:
     def load(self) -> dict[str, float]:
         """Heartbeat load."""
         cache = self.core.cache
+        d = self.dispatcher
+        out = d.excluded
         return {"sequences": len(cache), "kv_blocks_used": cache.used_blocks, "kv_blocks_free": cache.free_blocks,
-                "steps": self.steps, **self.profile.as_load()}
+                "steps": self.steps, **self.profile.as_load(),
+                # Expert failover: instances out now (count and bit mask by expert rank), layers
+                # re-dispatched, instance failures seen, late answers dropped.
+                "experts_out": len(out), "experts_out_mask": sum(1 << r for r in out),
+                "expert_retries": d.stats["retries"], "expert_failures": d.stats["rank_failures"],
+                "expert_stale_answers": d.stats["stale_notices"], "expert_unavailable": d.stats["unavailable"]}
 
     async def serve(self) -> None:
         """Handle the master's messages until cancelled."""

@@ -25,19 +25,20 @@ from xccl_net.errors import EndpointClosed, ProtocolError, XcclError, XcclTimeou
 # How long one wait for a notice lasts before the loop goes round (it re-checks nothing but
 # keeps every await bounded).
 IDLE_WAIT_S = 1.0
-# A source that takes longer than this to accept an answer is treated as gone for that event
-# (meanwhile the other sources wait: answers go out one at a time, in arrival order).
-ANSWER_TIMEOUT_S = 2.0
 
 
 async def _serve_events(rt: ServiceRuntime, handler: E2AHandler, inst: ExpertInstance) -> None:
+    # A source that takes longer than this to accept an answer is treated as gone for that event.
+    answer_put_timeout_s = rt.spec.experts.answer_put_timeout_s
     while True:
         try:
-            await handler.serve_event(select=inst.select, timeout_s=IDLE_WAIT_S, answer_timeout_s=ANSWER_TIMEOUT_S)
+            await handler.serve_event(select=inst.select, timeout_s=IDLE_WAIT_S, answer_timeout_s=answer_put_timeout_s)
         except XcclTimeout:
             continue
         except ProtocolError:
-            continue  # already logged and counted by the handler; that notice alone is lost
+            # Logged and counted by the handler, and answered with a typed refusal when the
+            # source is known (it re-dispatches those rows to a replica); nothing else is lost.
+            continue
         except EndpointClosed:
             raise
         except XcclError as exc:
@@ -60,7 +61,8 @@ async def serve(spec: PodSpec, name: str) -> None:
         if handler is None:
             return {}
         return {"events_served": handler.stats["events"], "rows_served": handler.stats["rows_served"],
-                "compute_ms": inst.compute_s * 1e3}
+                "compute_ms": inst.compute_s * 1e3, "rejected_notices": handler.stats["rejected_notices"],
+                "refusals_sent": handler.stats["refusals_sent"]}
 
     async with ServiceRuntime(spec, name, windows={windows.a2e: geo.layout.a2e_window_bytes}, load=load) as rt:
         handler = E2AHandler(rt.endpoint, rank=me.rank, source_peers=geo.sources, placement=geo.placement,

@@ -60,6 +60,15 @@ class DecodeSpec:
 class ExpertSpec:
     instances: int = 4
     replicas: int = 2               # copies of every routed expert (on distinct instances)
+    # An attention rank waits this long for one instance's answer to one attempt of an MoE
+    # layer; then that instance counts as failed for the step and its rows go to a replica.
+    answer_timeout_s: float = 2.0
+    # With no live instance holding an expert a step needs: wait this long for one to come
+    # back (a restart), then fail the step with UNAVAILABLE naming the expert.
+    failover_wait_s: float = 10.0
+    # An expert instance gives up an answer's put to a source that does not take it in this
+    # time (that source is gone; the others wait meanwhile: answers go out in arrival order).
+    answer_put_timeout_s: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +116,11 @@ class PodSpec:
                        "staging_lease_s": self.kv_pool.staging_lease_s}.items():
             if not t > 0:
                 raise ConfigError(f"PodSpec.kv_pool.{key}", "must be > 0")
+        for key in ("answer_timeout_s", "answer_put_timeout_s"):
+            if not getattr(self.experts, key) > 0:
+                raise ConfigError(f"PodSpec.experts.{key}", "must be > 0 (seconds)")
+        if not self.experts.failover_wait_s >= 0:
+            raise ConfigError("PodSpec.experts.failover_wait_s", "must be >= 0 (seconds)")
         if not 1 <= self.experts.replicas <= self.experts.instances:
             raise ConfigError("PodSpec.experts.replicas", "must be in 1..experts.instances")
         if self.router_ports and len(self.router_ports) != self.routers:

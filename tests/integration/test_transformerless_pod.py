@@ -43,7 +43,9 @@ def pod():
     """Fabric + pool + experts + attention ranks; stopped by PID; no /dev/shm entry left."""
     p = TestPod.create("tl", {"model": {"preset": "tiny", "seed": 3},
                               "decode": {"groups": 2, "attention_per_group": 1, "max_batch": 4, "kv_blocks": 16},
-                              "experts": {"instances": 4, "replicas": 2}, "kv_pool": {"nodes": 1, "block_size": 4}})
+                              # Counts expert events exactly: a slow host must not cause a failover retry.
+                              "experts": {"instances": 4, "replicas": 2, "answer_timeout_s": 30.0},
+                              "kv_pool": {"nodes": 1, "block_size": 4}})
     try:
         p.start(READY_TIMEOUT_S, only=SERVICES)
         yield load_pod(p.spec_file)   # the resolved spec: its model.dir is the files the services load
