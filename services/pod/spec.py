@@ -39,6 +39,13 @@ class HeartbeatSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class RoutingSpec:
+    # A request with no live backend (prefill or decode group dead, hung or busy) waits this
+    # long for one when the client set no deadline; with a deadline, until that deadline.
+    backend_wait_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class DecodeSpec:
     groups: int = 2                 # DP groups: one decode master each
     attention_per_group: int = 1
@@ -65,6 +72,7 @@ class PodSpec:
     model: ModelSpec = field(default_factory=ModelSpec)
     routers: int = 2
     router_ports: tuple[int, ...] = ()   # local addressing; empty or 0 entries = pick free ports
+    routing: RoutingSpec = field(default_factory=RoutingSpec)
     prefill: int = 1
     decode: DecodeSpec = field(default_factory=DecodeSpec)
     experts: ExpertSpec = field(default_factory=ExpertSpec)
@@ -84,6 +92,8 @@ class PodSpec:
         for key, v in positive.items():
             if v < 1:
                 raise ConfigError(f"PodSpec.{key}", "must be >= 1")
+        if not self.routing.backend_wait_s > 0:
+            raise ConfigError("PodSpec.routing.backend_wait_s", "must be > 0 (seconds)")
         if not 1 <= self.experts.replicas <= self.experts.instances:
             raise ConfigError("PodSpec.experts.replicas", "must be in 1..experts.instances")
         if self.router_ports and len(self.router_ports) != self.routers:
