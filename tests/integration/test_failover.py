@@ -203,3 +203,26 @@ async def test_waiting_past_the_deadline_fails_naming_the_prefill(pod, reference
     async with InferenceClient(pod.routers, timeout_s=60) as c:
         res = await c.complete("served again", max_tokens=6, request_id="pd-2")
     assert res.token_ids == expected(reference, "pd-2", "served again", {"max_tokens": 6})
+
+
+async def test_hung_decode_master_is_replayed_and_its_late_pushes_change_nothing(pod, reference) -> None:
+    async with InferenceClient(pod.routers, timeout_s=120) as c:
+        streams = [Stream(c, f"dh-{i}", p, sampling_for(i)) for i, p in enumerate(PROMPTS[:8])]
+        await asyncio.wait_for(until(lambda: all(len(s.tokens) >= 8 for s in streams), 60, poll_s=0.02), 61)
+        pid = pod.pids()["decode-0"]
+        t_fault = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await until(lambda: proc_state(pid) == "T", 5)
+            # Continued only once a router has replayed its requests elsewhere: whatever it
+            # then pushes for them is late.
+            await until(lambda: any(log_has(pod, r, "request.restart", reason="decode-0 is dead")
+                                    for r in ("router-0", "router-1")), 30)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await asyncio.wait_for(asyncio.gather(*(s.task for s in streams)), 60)
+        print(f"\ndecode-0 SIGSTOP: last stream finished {max(s.done_s for s in streams) - t_fault:.2f}s after the stop")
+        for s in streams:
+            assert tuple(s.tokens) == expected(reference, s.rid, s.prompt, s.kw), f"{s.rid} differs"
+        res = await c.complete("after the decode hang", max_tokens=8, request_id="dh-fresh")
+    assert res.token_ids == expected(reference, "dh-fresh", "after the decode hang", {"max_tokens": 8})
