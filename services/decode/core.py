@@ -21,6 +21,15 @@ Rules:
   ``last_token``, not yet fed), the step feeds ``last_token`` at ``prompt_len + generated - 1`` and
   samples output number ``generated`` at position ``prompt_len + generated``.
 - Lifecycle is the table ``TRANSITIONS``; anything else raises ``IllegalTransition``.
+- A request id has one live sequence here. An ``Admit`` for an id the group already holds is
+  a retry when it is the same admission (same router, resume point and KV): idempotent. Any
+  other is a *takeover*: the client resumed on another router (or the router replayed the
+  request), so the old sequence ends silently (its router is gone or has moved on: nothing is
+  pushed to it) and the new one runs from its own resume point. The new one waits until the
+  old one is fully released (its in-flight step completed, its ``Free`` queued), so the rank
+  sees ``Free(id)`` before the new ``Load(id)`` and no step result of the old sequence is
+  sampled for the new one. A rank answers in order, so a ``Loaded`` of a load whose sequence
+  already ended (and got its ``Free``) is recognised by counting and ignored.
 - A sequence that fails ends with ``Tokens(finish_reason="error", error="CODE: message")`` (the
   router maps the code to the client's status); "cancelled" is pushed only when the master
   itself gives a sequence up (shutdown), which tells the router to replay it elsewhere.
@@ -191,6 +200,7 @@ class CoreStats:
     steps: int = 0
     tokens: int = 0
     queue_peak: int = 0
+    takeovers: int = 0
 
 
 def blocks_for(prompt_len: int, max_tokens: int, block_size: int) -> int:
@@ -210,6 +220,9 @@ class DecodeCore:
         self._inflight: StepPlan | None = None
         self._inflight_ids: set[str] = set()
         self._deferred: list[_Seq] = []           # ended during the in-flight step
+        self._releasing: set[str] = set()         # ids of deferred sequences (their Free not sent yet)
+        self._successors: dict[str, Request] = {} # takeovers waiting for the old sequence's release
+        self._stale_loads: dict[tuple[str, str], int] = {}   # (id, rank): Loaded answers to ignore
 
     # -- views -----------------------------------------------------------------------------
     def state_of(self, request_id: str) -> SeqState | None:
@@ -252,14 +265,30 @@ class DecodeCore:
         s.state = next_state(s.rid, s.state, event)
 
     def admit(self, req: Request) -> list[Effect]:
-        """Queue ``req`` (idempotent per request id) and start what fits. Raises ``Refused``."""
-        if req.request_id in self._seqs:
+        """Queue ``req`` and start what fits; a retried Admit is idempotent, any other Admit of
+        a held request id takes it over (see the module rules). Raises ``Refused``."""
+        rid = req.request_id
+        old = self._seqs.get(rid)
+        waiting = self._successors.get(rid)
+        if (waiting or (old.req if old else None)) == req:
             return []   # a retried Admit: already here
         try:
             self._check(req)
         except Refused:
             self.stats.refused += 1
             raise
+        if old is None and rid not in self._releasing:
+            return self._enqueue(req)
+        self.stats.takeovers += 1
+        self._successors[rid] = req     # replaces a successor that was itself taken over
+        out: list[Effect] = []
+        if old is not None:
+            out = [e for e in self._end(old, SeqEvent.CANCEL) if not isinstance(e, Emit)]
+        if rid not in self._releasing and rid in self._successors:
+            out += self._enqueue(self._successors.pop(rid))
+        return out
+
+    def _enqueue(self, req: Request) -> list[Effect]:
         s = _Seq(req, blocks_for(req.prompt_len, req.params.max_tokens, self.cfg.block_size),
                  generated=req.generated, last_token=req.next_token)
         self._seqs[req.request_id] = s
@@ -315,6 +344,13 @@ class DecodeCore:
 
     def loaded(self, request_id: str, rank: str, error: str = "") -> list[Effect]:
         """A rank's ``Loaded``. Late answers for ended sequences are answered with a Free."""
+        stale = self._stale_loads.get((request_id, rank), 0)
+        if stale:   # the answer to a Load whose sequence ended: its Free went out after that Load
+            if stale == 1:
+                del self._stale_loads[(request_id, rank)]
+            else:
+                self._stale_loads[(request_id, rank)] = stale - 1
+            return []
         s = self._seqs.get(request_id)
         if s is None or s.rank != rank:
             # It ended (cancel, load timeout) or never was ours on that rank: the rank may hold it now.
@@ -322,7 +358,7 @@ class DecodeCore:
         if s.state is not SeqState.LOADING:
             return []   # a duplicate answer
         if error:
-            return self._end(s, SeqEvent.FAIL, free_rank=False,
+            return self._end(s, SeqEvent.FAIL, free_rank=False, load_answered=True,
                              error=f"{UNAVAILABLE}: attention rank {rank} could not load the KV: {error}")
         self._move(s, SeqEvent.LOADED)
         return []
@@ -332,12 +368,14 @@ class DecodeCore:
         s = self._seqs.get(request_id)
         if s is None or s.state is not SeqState.LOADING:
             return []
-        return self._end(s, SeqEvent.FAIL, error=f"{UNAVAILABLE}: {error}")
+        return self._end(s, SeqEvent.FAIL, load_answered=True, error=f"{UNAVAILABLE}: {error}")
 
     def cancel(self, request_id: str) -> list[Effect]:
         """The router's Cancel: it asked, so no final Tokens is pushed back (its Ok says it)."""
         s = self._seqs.get(request_id)
         if s is None:
+            if self._successors.pop(request_id, None) is not None:
+                return []   # a takeover still waiting for its predecessor's release
             raise Refused(NOT_FOUND, f"no request {request_id!r} on this decode group")
         return [e for e in self._end(s, SeqEvent.CANCEL) if not isinstance(e, Emit)]
 
@@ -345,14 +383,21 @@ class DecodeCore:
         """Shutting down: end every sequence with finish_reason "cancelled", which tells its
         router to replay it on another group."""
         out: list[Effect] = []
+        successors, self._successors = self._successors, {}
+        for req in successors.values():
+            out.append(Emit(req.router, Tokens(req.request_id, req.generated, (), "cancelled")))
         for s in [*self._queue, *self._seqs.values()]:   # the queue first: nothing gets promoted
             if s.state not in TERMINAL:
                 out += self._end(s, SeqEvent.CANCEL)
         return out
 
-    def _end(self, s: _Seq, event: SeqEvent, *, error: str = "", free_rank: bool = True) -> list[Effect]:
+    def _end(self, s: _Seq, event: SeqEvent, *, error: str = "", free_rank: bool = True,
+             load_answered: bool = False) -> list[Effect]:
         """Terminal transition: final Tokens (unless it carried the last token), blocks back, Free."""
         was_queued = s.state is SeqState.QUEUED
+        if s.state is SeqState.LOADING and not load_answered:
+            key = (s.rid, s.rank)
+            self._stale_loads[key] = self._stale_loads.get(key, 0) + 1
         self._move(s, event)
         del self._seqs[s.rid]
         out: list[Effect] = []
@@ -369,6 +414,7 @@ class DecodeCore:
             return out
         if s.rid in self._inflight_ids:
             self._deferred.append(s)     # its step is still computing: free when it completes
+            self._releasing.add(s.rid)
             return out
         out += self._release(s, free_rank)
         return out + self._promote()
@@ -376,7 +422,12 @@ class DecodeCore:
     def _release(self, s: _Seq, send_free: bool) -> list[Effect]:
         self._free[s.rank] += s.blocks
         self._by_rank[s.rank].discard(s.rid)
-        return [SendFree(s.rank, Free((s.rid,)))] if send_free else []
+        self._releasing.discard(s.rid)
+        out: list[Effect] = [SendFree(s.rank, Free((s.rid,)))] if send_free else []
+        successor = self._successors.pop(s.rid, None)
+        if successor is not None:   # a takeover: its Load goes out after this Free
+            out += self._enqueue(successor)
+        return out
 
     # -- steps -------------------------------------------------------------------------------
     def plan_step(self) -> StepPlan | None:
@@ -476,6 +527,8 @@ class DecodeCore:
         cache): use it for new admissions."""
         if rank in self._down and not self._by_rank[rank]:
             self._free[rank] = self.cfg.rank_blocks
+            # Restarted (or drained): it will not answer the Loads it had.
+            self._stale_loads = {k: n for k, n in self._stale_loads.items() if k[1] != rank}
         self._down.discard(rank)
         return self._promote()
 

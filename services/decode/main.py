@@ -63,7 +63,9 @@ class Master:
         self.routers: dict[str, bytes] = {}         # router service name -> its RPC identity
         bound = 4 * core.cfg.max_batch + 64         # Loads <= max_batch at once, Frees likewise
         self.outbox: dict[str, asyncio.Queue[Load | Free]] = {r: asyncio.Queue(bound) for r in core.cfg.ranks}
-        self.load_timers: dict[str, asyncio.TimerHandle] = {}
+        # (request id, rank) -> timers of the Loads sent, oldest first (a rank answers in order;
+        # a takeover can have a second Load of the same id out behind the first).
+        self.load_timers: dict[tuple[str, str], list[asyncio.TimerHandle]] = {}
         self.step_waiters: dict[str, asyncio.Future[Logits | str]] = {}   # str: why no answer
         self.profile = dict.fromkeys(("prof_steps", "prof_schedule_ms", "prof_rank_rtt_ms",
                                       "prof_sample_stream_ms"), 0.0)
@@ -170,11 +172,20 @@ class Master:
                     self._apply(self.core.rank_failed(rank, f"could not send Load to attention rank {rank}: {exc}"))
                 continue
             if isinstance(msg, Load):
-                self.load_timers[msg.request_id] = loop.call_later(
-                    self.rank_timeout_s + self.cfg.load_extra_s, self._load_timeout, msg.request_id, rank)
+                self.load_timers.setdefault((msg.request_id, rank), []).append(loop.call_later(
+                    self.rank_timeout_s + self.cfg.load_extra_s, self._load_timeout, msg.request_id, rank))
+
+    def _pop_load_timer(self, request_id: str, rank: str) -> asyncio.TimerHandle | None:
+        timers = self.load_timers.get((request_id, rank))
+        if not timers:
+            return None
+        timer = timers.pop(0)
+        if not timers:
+            del self.load_timers[(request_id, rank)]
+        return timer
 
     def _load_timeout(self, request_id: str, rank: str) -> None:
-        self.load_timers.pop(request_id, None)
+        self._pop_load_timer(request_id, rank)
         if self.core.state_of(request_id) is SeqState.LOADING:
             limit = self.rank_timeout_s + self.cfg.load_extra_s
             self._apply(self.core.rank_failed(rank, f"attention rank {rank} did not answer Load of {request_id} "
@@ -199,7 +210,7 @@ class Master:
                 self.bad_from_ranks += 1
                 self.rt.log.warning("decode.unknown_peer", peer=src, msg_type=type(msg).__name__)
             elif isinstance(msg, Loaded):
-                timer = self.load_timers.pop(msg.request_id, None)
+                timer = self._pop_load_timer(msg.request_id, src)
                 if timer is not None:
                     timer.cancel()
                 self._apply(self.core.loaded(msg.request_id, src, msg.error))

@@ -49,6 +49,13 @@ class HeartbeatSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class RoutingSpec:
+    # A request with no live backend (prefill or decode group dead, hung or busy) waits this
+    # long for one when the client set no deadline; with a deadline, until that deadline.
+    backend_wait_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class DecodeSpec:
     groups: int = 2                 # DP groups: one decode master each
     attention_per_group: int = 1
@@ -90,6 +97,7 @@ class PodSpec:
     model: ModelSpec = field(default_factory=ModelSpec)
     routers: int = 2
     router_ports: tuple[int, ...] = ()   # local addressing; empty or 0 entries = pick free ports
+    routing: RoutingSpec = field(default_factory=RoutingSpec)
     prefill: int = 1
     decode: DecodeSpec = field(default_factory=DecodeSpec)
     experts: ExpertSpec = field(default_factory=ExpertSpec)
@@ -121,6 +129,8 @@ class PodSpec:
                 raise ConfigError(f"PodSpec.experts.{key}", "must be > 0 (seconds)")
         if not self.experts.failover_wait_s >= 0:
             raise ConfigError("PodSpec.experts.failover_wait_s", "must be >= 0 (seconds)")
+        if not self.routing.backend_wait_s > 0:
+            raise ConfigError("PodSpec.routing.backend_wait_s", "must be > 0 (seconds)")
         if not 1 <= self.experts.replicas <= self.experts.instances:
             raise ConfigError("PodSpec.experts.replicas", "must be in 1..experts.instances")
         if self.router_ports and len(self.router_ports) != self.routers:

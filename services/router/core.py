@@ -16,7 +16,20 @@ Rules (the invariants the servicer and the tests rely on):
 - Migration is a replay: ``RESTART`` sends a request back to ``admitted``; the driver then
   prefills prompt + tokens already streamed and admits it to another DP group, whose
   output continues at index ``len(tokens)``.
-- Liveness and load come only from heartbeats.
+- Liveness and load come only from heartbeats. A prefill declared dead by silence that beats
+  again in the same epoch (it was hung: SIGSTOP, a wedged loop, then continued) is usable again:
+  it holds nothing of ours (whatever it was computing was replayed, and its late answers go
+  to RPC calls nobody waits for), so taking new work from it is safe. The detector calls an
+  epoch's death final, so the core watches such a peer's silence itself (``dead_after_s``).
+  A decode master stays dead for its epoch (its sequences were replayed; its late pushes are
+  strays, answered with a Cancel).
+- Waiting for a backend: with no live prefill or decode group (dead, hung, busy, or not
+  heard from yet), a request waits for one instead of failing, until its deadline (the
+  client's, less ``deadline_margin_s`` so the router's own error reaches it: DEADLINE_EXCEEDED
+  naming the backends) or, without one, ``backend_wait_s`` after it started waiting
+  (UNAVAILABLE). Busy (RESOURCE_EXHAUSTED) is never a reason to give up early.
+- A decode group's UNAVAILABLE push (its rank died, it lost the sequence) is replayed
+  elsewhere like a lost backend, not forwarded to the client.
 """
 
 from __future__ import annotations
@@ -32,8 +45,13 @@ from services.model.sampling import SamplingParams
 # Error codes, as in services/common/rpc.py and gRPC.
 INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL = (
     "INVALID_ARGUMENT", "NOT_FOUND", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "INTERNAL")
+DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
 _CODES = frozenset({INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL,
-                    "CANCELLED", "DEADLINE_EXCEEDED"})
+                    "CANCELLED", DEADLINE_EXCEEDED})
+# Backend refusals worth another try (elsewhere, or the same one later); anything else is
+# about the request itself. A backend that only ever answers INTERNAL is not waited for.
+RETRY_ELSEWHERE = frozenset({UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL})
+WAIT_AND_RETRY = frozenset({UNAVAILABLE, RESOURCE_EXHAUSTED})
 
 
 class State(enum.StrEnum):
@@ -116,6 +134,9 @@ class RouterConfig:
     max_restarts: int = 3               # replays of one request before it fails
     token_timeout_s: float = 30.0       # decoding with no token for this long -> replay
     vocab_size: int = 259
+    backend_wait_s: float = 30.0        # wait for a live backend this long when the client set no deadline
+    deadline_margin_s: float = 0.25     # give up this much before the client's deadline (our error reaches it)
+    dead_after_s: float = 1.5           # heartbeat silence that kills a peer that woke after being declared dead
 
 
 # --------------------------------------------------------------------------- effects
@@ -171,6 +192,8 @@ class Request:
     last_progress_s: float = 0.0
     streams: int = 0             # attached client streams
     restarts: int = 0
+    deadline_s: float | None = None      # the client's (monotonic), if it set one
+    waiting_since_s: float | None = None  # waiting for a live backend since
 
     @property
     def terminal(self) -> bool:
@@ -188,6 +211,8 @@ class Peer:
     liveness: Liveness = Liveness.ALIVE
     status: str = "serving"
     load: dict[str, float] = field(default_factory=dict)
+    woke: bool = False           # declared dead by silence, then beat again in the same epoch
+    last_beat_s: float = 0.0
 
     @property
     def usable(self) -> bool:
@@ -208,6 +233,7 @@ class RouterCore:
         self.requests: dict[str, Request] = {}
         self.peers: dict[str, Peer] = {}
         self.stray_pushes = 0        # token pushes for requests we do not (or no longer) drive
+        self.revived = 0             # hung prefills taken back into service
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -226,12 +252,16 @@ class RouterCore:
         return req
 
     def open(self, request_id: str, prompt: tuple[int, ...], params: SamplingParams,
-             now: float) -> tuple[Request, bool]:
-        """The request for this id, and whether it is new (the caller then starts its driver)."""
+             now: float, deadline_s: float | None = None) -> tuple[Request, bool]:
+        """The request for this id, and whether it is new (the caller then starts its driver).
+        ``deadline_s``: the client's deadline (monotonic) or None; a stream attaching to a live
+        request extends its deadline to the latest one asked for (none: no bound)."""
         old = self.requests.get(request_id)
         if old is not None:
             same = old.prompt == prompt and old.params == params
             if same and old.state in (*_LIVE, State.FINISHED):
+                if old.deadline_s is not None:
+                    old.deadline_s = None if deadline_s is None else max(old.deadline_s, deadline_s)
                 return old, False
             if not same and not old.terminal:
                 raise InvalidRequestError(
@@ -244,7 +274,7 @@ class RouterCore:
             self._evict_oldest_terminal()
             if len(self.requests) >= self.cfg.max_requests:
                 raise TableFull(f"router has {len(self.requests)} requests in flight (limit {self.cfg.max_requests})")
-        req = Request(request_id, prompt, params, now, last_progress_s=now)
+        req = Request(request_id, prompt, params, now, last_progress_s=now, deadline_s=deadline_s)
         self.requests[request_id] = req
         return req, True
 
@@ -276,6 +306,7 @@ class RouterCore:
         self._fire(req, Event.PREFILL, now)
         req.prefill, req.decode = prefill, ""
         req.last_progress_s = now
+        req.waiting_since_s = None
 
     def retry_prefill(self, request_id: str, now: float) -> None:
         req = self.get(request_id)
@@ -307,6 +338,7 @@ class RouterCore:
             raise IllegalTransition(req.request_id, req.state, Event.TOKENS)
         req.decode = decode
         req.last_progress_s = now
+        req.waiting_since_s = None
 
     def unassign_decode(self, request_id: str) -> None:
         """The Admit failed: pushes from that group are strays from now on."""
@@ -331,6 +363,8 @@ class RouterCore:
             return [SendCancel(source, request_id)] if not finish_reason else []
         if error or finish_reason == "error":
             code, msg = split_error(error or "decode failed")
+            if code == UNAVAILABLE:   # the group lost it (a rank died): replay it elsewhere
+                return self.restart(request_id, f"{source}: {msg}", now)
             return self.fail(request_id, code, f"{source}: {msg}", now)
         if any(not 0 <= t < self.cfg.vocab_size for t in token_ids):
             return [SendCancel(source, request_id),
@@ -371,6 +405,25 @@ class RouterCore:
         if req.terminal and Wake(request_id) not in effects:
             effects.append(Wake(request_id))
         return effects
+
+    def backend_wait(self, request_id: str, why: str, now: float) -> float:
+        """No backend to try now (``why`` says which and why): how long the driver may wait
+        for one (for the next heartbeat, then it picks again). Raises ``RouterError`` when the
+        request's wait is over: DEADLINE_EXCEEDED at the client's deadline (less the margin),
+        UNAVAILABLE after ``backend_wait_s`` without one."""
+        req = self.get(request_id)
+        if req.waiting_since_s is None:
+            req.waiting_since_s = now
+        if req.deadline_s is not None:
+            left = req.deadline_s - self.cfg.deadline_margin_s - now
+            if left <= 0:
+                raise RouterError(f"request {request_id!r} waited {now - req.waiting_since_s:.1f}s for a backend "
+                                  f"until its deadline: {why}", DEADLINE_EXCEEDED)
+            return left
+        left = req.waiting_since_s + self.cfg.backend_wait_s - now
+        if left <= 0:
+            raise NoBackend(f"request {request_id!r} waited {self.cfg.backend_wait_s:g}s for a backend: {why}")
+        return left
 
     def cancel(self, request_id: str, now: float) -> list[Effect]:
         """Client cancel. Unknown id -> UnknownRequest; a terminal request is left as it is."""
@@ -415,6 +468,9 @@ class RouterCore:
         """Forget finished requests nobody reads after the retention time; replay requests
         whose decode group went silent without being declared dead (it lost them)."""
         effects: list[Effect] = []
+        for name, peer in self.peers.items():
+            if peer.woke and peer.liveness is Liveness.ALIVE and now - peer.last_beat_s >= self.cfg.dead_after_s:
+                effects += self.liveness_changed(name, Liveness.DEAD, now)   # hung again
         for rid, req in list(self.requests.items()):
             if req.terminal:
                 if not req.streams and now - (req.ended_s or now) >= self.cfg.retain_finished_s:
@@ -438,16 +494,23 @@ class RouterCore:
             # Restarted (new epoch), perhaps faster than the detector could call it dead: whatever
             # it held is gone.
             peer.epoch = epoch
+            peer.woke = False
             effects += self._backend_lost(service, f"{service} restarted", now)
             if role == "decode":
                 effects.append(Subscribe(service))
+        elif peer.liveness is Liveness.DEAD and role == "prefill":
+            peer.liveness, peer.woke = Liveness.ALIVE, True   # it was hung and is back (see the rules)
+            self.revived += 1
         peer.status, peer.load, peer.group = status, dict(load), group
+        peer.last_beat_s = now
         return effects
 
     def liveness_changed(self, service: str, new: Liveness, now: float) -> list[Effect]:
         peer = self.peers.get(service)
         if peer is None:
             return []  # we learn role and load from its first beat
+        if new is Liveness.ALIVE:
+            peer.woke = False   # the detector speaks for it again (a new epoch)
         peer.liveness = new
         return self._backend_lost(service, f"{service} is dead", now) if new is Liveness.DEAD else []
 

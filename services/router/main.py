@@ -33,10 +33,10 @@ async def serve(spec: PodSpec, name: str) -> None:
     model_dir = ensure_model(spec.model.dir, spec.model.preset, spec.model.seed, spec.cache_dir)
     model_cfg = ModelConfig.load(model_dir)
     core = RouterCore(RouterConfig(max_batch=spec.decode.max_batch, kv_block_size=spec.kv_pool.block_size,
-                                   vocab_size=model_cfg.vocab_size))
+                                   vocab_size=model_cfg.vocab_size, backend_wait_s=spec.routing.backend_wait_s,
+                                   dead_after_s=spec.heartbeat.dead_after_s))
     async with ServiceRuntime(spec, name, xccl=False, load=core.load) as rt:
-        router = Router(name, core, model_cfg, model_dir.name, lambda svc: address(spec, svc, "rpc"),
-                        startup_grace_s=spec.heartbeat.dead_after_s)
+        router = Router(name, core, model_cfg, model_dir.name, lambda svc: address(spec, svc, "rpc"))
         server = grpc.aio.server()
         pb_grpc.add_InferenceServicer_to_server(router, server)
         # The runtime's health status (NOT_SERVING -> SERVING when ready -> NOT_SERVING while

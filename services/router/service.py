@@ -24,13 +24,10 @@ from services.model.config import ModelConfig
 from services.model.tokenizer import IncrementalDecoder
 from services.protocol.inference import Admit, Cancel, Prefill, PrefillDone, Sampling, Subscribe, Tokens
 from services.router import api
-from services.router.core import (INTERNAL, UNAVAILABLE, Effect, NoBackend, Request, Restart, RouterCore,
-                                  RouterError, SendCancel, State, Subscribe as SubscribeEffect, Wake)
+from services.router.core import (INTERNAL, RETRY_ELSEWHERE, UNAVAILABLE, Effect, NoBackend, Request, Restart,
+                                  RouterCore, RouterError, SendCancel, State, Subscribe as SubscribeEffect, Wake)
 
 log = get_logger()
-
-# Backend refusals worth trying on another instance; anything else is about the request itself.
-_RETRY_ELSEWHERE = frozenset({UNAVAILABLE, "RESOURCE_EXHAUSTED", INTERNAL})
 
 
 def grpc_code(code: str) -> grpc.StatusCode:
@@ -40,12 +37,10 @@ def grpc_code(code: str) -> grpc.StatusCode:
 class Router(pb_grpc.InferenceServicer):
     def __init__(self, name: str, core: RouterCore, model_cfg: ModelConfig, model_name: str,
                  rpc_address: Any, *, prefill_timeout_s: float = 30.0, admit_timeout_s: float = 10.0,
-                 startup_grace_s: float = 1.5, tick_s: float = 0.25) -> None:
+                 tick_s: float = 0.25) -> None:
         self.name, self.core, self.model_cfg, self.model_name = name, core, model_cfg, model_name
         self._rpc_address = rpc_address       # service name -> its rpc address
         self.prefill_timeout_s, self.admit_timeout_s = prefill_timeout_s, admit_timeout_s
-        self._startup_grace_s = startup_grace_s
-        self._startup_until = time.monotonic() + startup_grace_s
         self._tick_s = tick_s
         self._clients: dict[str, RpcClient] = {}
         self._subscribed: set[str] = set()
@@ -159,9 +154,6 @@ class Router(pb_grpc.InferenceServicer):
             missing = {n for n in names if not (n in self.core.peers and self.core.peers[n].usable)}
             left = deadline - time.monotonic()
             if not missing or left <= 0:
-                # Clients see us from now on: the first requests may still wait (bounded) for
-                # the first beats of backends that start alongside us.
-                self._startup_until = time.monotonic() + self._startup_grace_s
                 return missing
             await self._next_beat(left)
 
@@ -173,39 +165,47 @@ class Router(pb_grpc.InferenceServicer):
         except asyncio.TimeoutError:
             pass
 
-    async def _pick(self, pick: Any) -> str:
-        """Pick a backend; right after start, wait (bounded) for the first heartbeats."""
-        while True:
-            try:
-                return pick()
-            except NoBackend:
-                left = self._startup_until - time.monotonic()
-                if left <= 0:
-                    raise
-                await self._next_beat(left)
+    async def _wait_for_backend(self, rid: str, why: str) -> None:
+        """None to try now: wait for the next heartbeat (a backend may be back, or less busy),
+        as long as the request's wait allows (``RouterCore.backend_wait`` raises when over)."""
+        left = self.core.backend_wait(rid, why, time.monotonic())
+        log.info("backend.wait", request_id=rid, why=why, left_s=round(left, 3))
+        await self._next_beat(left)
+
+    def _rpc_timeout(self, rid: str, limit_s: float) -> float:
+        """A backend call's timeout: its own limit, cut at the client's deadline."""
+        deadline = self.core.get(rid).deadline_s
+        return limit_s if deadline is None else max(0.05, min(limit_s, deadline - time.monotonic()))
 
     async def _prefill(self, rid: str) -> Any:
-        """Prefill prompt + tokens already streamed; returns the KVRef, or None when finished."""
+        """Prefill prompt + tokens already streamed; returns the KVRef, or None when finished.
+        With no prefill to try (dead, hung, busy, or each refused it), waits for one."""
         tried: set[str] = set()
-        last = ""
+        last, last_code = "", ""
         while True:
             req = self.core.get(rid)
             try:
-                name = await self._pick(lambda: self.core.pick_prefill(exclude=frozenset(tried)))
+                name = self.core.pick_prefill(exclude=frozenset(tried))
             except NoBackend as exc:
-                raise NoBackend(f"{exc.message}; last error: {last}" if last else exc.message) from None
+                why = f"{exc.message}; last error: {last}" if last else exc.message
+                if last_code == INTERNAL:   # every one failed on the request itself: waiting will not help
+                    raise RouterError(why, INTERNAL) from None
+                await self._wait_for_backend(rid, why)
+                tried.clear()
+                continue
             tried.add(name)
             self.core.begin_prefill(rid, name, time.monotonic())
             ids = (*req.prompt, *req.tokens)
             msg = Prefill(rid, ids, Sampling.of(req.params), position_offset=len(ids))
+            timeout_s = self._rpc_timeout(rid, self.prefill_timeout_s)
             try:
-                done = await self._client(name).call(msg, timeout_s=self.prefill_timeout_s)
+                done = await self._client(name).call(msg, timeout_s=timeout_s)
             except RpcTimeout:
-                last = f"{name} did not answer Prefill within {self.prefill_timeout_s:g}s"
+                last, last_code = f"{name} did not answer Prefill within {timeout_s:g}s", UNAVAILABLE
             except RemoteError as exc:
-                if exc.code not in _RETRY_ELSEWHERE:
+                if exc.code not in RETRY_ELSEWHERE:
                     raise RouterError(f"{name}: {exc.message}", exc.code) from None
-                last = f"{name}: {exc.code}: {exc.message}"
+                last, last_code = f"{name}: {exc.code}: {exc.message}", exc.code
             else:
                 if not isinstance(done, PrefillDone) or done.request_id != rid:
                     raise RouterError(f"{name} answered Prefill with {type(done).__name__}", INTERNAL)
@@ -220,9 +220,13 @@ class Router(pb_grpc.InferenceServicer):
         while True:
             req = self.core.get(rid)
             try:
-                name = await self._pick(lambda: self.core.pick_decode(rid, exclude=frozenset(tried)))
+                name = self.core.pick_decode(rid, exclude=frozenset(tried))
             except NoBackend as exc:
-                raise NoBackend(f"{exc.message}; last error: {last}" if last else exc.message) from None
+                # The KV waits in the pool (pinned for this request: a lease, renewed by the
+                # replay if it runs out) while no decode group can take it.
+                await self._wait_for_backend(rid, f"{exc.message}; last error: {last}" if last else exc.message)
+                tried.clear()
+                continue
             tried.add(name)
             client = self._client(name)
             try:
@@ -236,7 +240,7 @@ class Router(pb_grpc.InferenceServicer):
                 last = f"{name} did not answer Admit within {self.admit_timeout_s:g}s"
                 client.send(Cancel(rid))  # it may have admitted it after all
             except RemoteError as exc:
-                if exc.code not in _RETRY_ELSEWHERE:
+                if exc.code not in RETRY_ELSEWHERE:
                     raise RouterError(f"{name}: {exc.message}", exc.code) from None
                 last = f"{name}: {exc.code}: {exc.message}"
             log.warning("admit.retry", request_id=rid, error=last)
@@ -256,7 +260,10 @@ class Router(pb_grpc.InferenceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} is draining; use another router")
         try:
             p = api.parse_generate(request, self.model_cfg)
-            req, created = self.core.open(p.request_id, p.prompt, p.params, time.monotonic())
+            now = time.monotonic()
+            remaining = context.time_remaining()
+            req, created = self.core.open(p.request_id, p.prompt, p.params, now,
+                                          None if remaining is None else now + remaining)
         except RouterError as exc:
             await context.abort(grpc_code(exc.code), exc.message)
         self.core.attach(req.request_id)

@@ -19,6 +19,7 @@ from services.common.health import probe
 from services.common.liveness import Liveness
 from services.model.engine import ReferenceEngine
 from services.pod.spec import address
+from services.run import EXIT_STALE
 from tests.integration.test_pod_e2e import PROMPTS, Loads, expected
 from tests.pods import TestPod
 from tests.waiting import Changed
@@ -173,14 +174,16 @@ async def test_sigstop_of_an_expert_mid_stream_fails_over_and_late_answers_are_d
                              3 * pod.spec.heartbeat.dead_after_s + 5)
         finally:
             os.kill(pid, signal.SIGCONT)
-        await attention_uses(pod, loads, 2)   # its beats resume (same epoch, newer seq): back in
+        # Continued after its peers declared it dead, it ends its stale incarnation (exit 75):
+        # whatever it answered late in between went to abandoned attempts and was dropped by
+        # event id (tests/integration/test_dispatch_failover.py proves the dropping on its own).
+        assert await asyncio.to_thread(pod.procs[name].wait, 15) == EXIT_STALE
+        await restart(pod, name)
+        await attention_uses(pod, loads, 2)   # the new incarnation beats: back in
         before = (await loads.fresh(name))["rows_served"]
         await fresh_request_is_exact(client, reference, "stop-fresh")
         await until_beat(loads, lambda: loads.sub.latest[name].load["rows_served"] > before, 10)
-        stale = sum([int((await loads.fresh(f"attention-{g}-0"))["expert_stale_answers"])
-                     for g in range(pod.spec.decode.groups)])
-        assert stale >= 1, "the continued expert's answers to abandoned attempts were not seen and dropped"
-    assert pod.procs[name].pid == pid and pod.alive(name)
+    assert pod.procs[name].pid != pid and pod.alive(name)
 
 
 async def test_both_holders_dead_fails_unavailable_naming_the_expert_then_recovers(pod, reference) -> None:

@@ -138,10 +138,12 @@ def test_cancel_frees_blocks_in_every_state() -> None:
     out = c.cancel("q")
     assert frees(out) == [] and c.free_blocks == 3 and c.queued == 0
     assert emitted(out) == [], "the router asked: its Ok is the answer, no push"
-    # loading: blocks back and Free sent (the rank may already hold it); a late Loaded frees again.
+    # loading: blocks back and Free sent (the rank may already hold it); the rank answers in
+    # order, so that Free follows the Load and the late Loaded is ignored (no second Free, which
+    # could hit a later sequence of the same id).
     out = c.cancel("load")
     assert frees(out) == ["load"] and c.free_blocks == 6
-    assert frees(c.loaded("load", "a0")) == ["load"]
+    assert c.loaded("load", "a0") == []
     # running with its step in flight: blocks and Free wait for the step to complete.
     plan = c.plan_step()
     out = c.cancel("run")
@@ -247,7 +249,7 @@ def test_complete_step_checks_the_step_number() -> None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(ops=st.lists(st.tuples(st.sampled_from(["admit", "cancel", "step", "load"]),
+@given(ops=st.lists(st.tuples(st.sampled_from(["admit", "cancel", "step", "load", "takeover"]),
                               st.integers(0, 9), st.integers(2, 12), st.integers(0, VOCAB - 1)),
                     max_size=60))
 def test_random_schedules_keep_accounting_and_end_every_request_once(ops) -> None:
@@ -276,6 +278,13 @@ def test_random_schedules_keep_accounting_and_end_every_request_once(ops) -> Non
             if c.state_of(target) is not None:
                 absorb(c.cancel(target))
                 finals[target] = finals.get(target, 0) + 1   # the Cancel's Ok is its end
+        elif op == "takeover" and admitted:
+            target = sorted(admitted)[i % len(admitted)]
+            if c.state_of(target) is not None:   # live: another router resumes it
+                try:
+                    absorb(c.admit(req(target, max_tokens=n, router=f"router-{tok}")))
+                except Refused as e:
+                    assert e.code == "RESOURCE_EXHAUSTED"
         elif op == "load" and pending_loads:
             e = pending_loads.pop(0)
             absorb(c.loaded(e.load.request_id, e.rank))
@@ -341,3 +350,85 @@ def test_a_refused_step_fails_its_sequences_but_not_the_rank() -> None:
         ("x", "UNAVAILABLE: attention rank a0 refused step 1: StepError: unknown sequence x")]
     assert frees(out) == ["x"] and not c.is_down("a0") and c.load()["live_ranks"] == 2
     assert [e.rank for e in c.admit(req("z"))] == ["a0"]
+
+
+# -- takeover: an Admit for a held request id from another router / resume point --------------
+def test_a_retried_admit_from_the_same_router_stays_idempotent_in_every_state() -> None:
+    c = core(max_batch=1)
+    eff = c.admit(req("a")) + c.admit(req("b"))
+    assert c.admit(req("a")) == [] and c.admit(req("b")) == []       # loading, queued
+    load_all(c, eff)
+    assert c.admit(req("a")) == [] and c.stats.takeovers == 0 and c.stats.admitted == 2
+
+
+def test_takeover_of_a_running_sequence_serves_the_new_router_from_its_resume_point() -> None:
+    c = core()
+    load_all(c, c.admit(req("r", prompt_len=4, max_tokens=8, router="router-0")))
+    run_step(c, lambda rid: 7)
+    run_step(c, lambda rid: 8)                        # router-0 (now dead) was sent indices 1, 2
+    before = c.free_blocks
+    new = req("r", prompt_len=4, max_tokens=8, generated=1, next_token=5, router="router-1")
+    out = c.admit(new)
+    assert emitted(out) == [], "nothing is pushed to the old router"
+    assert frees(out) == ["r"] and loads(out) == ["r"], "Free of the old sequence, then Load of the new"
+    assert [type(e).__name__ for e in out] == ["SendFree", "SendLoad"]
+    assert next(e.load for e in out if isinstance(e, SendLoad)).kv == new.kv
+    assert c.free_blocks == before and c.stats.takeovers == 1
+    load_all(c, out)
+    plan = c.plan_step()
+    assert plan.runs[0][1].positions == (4,), "feeds next_token at prompt_len + generated - 1"
+    out = c.complete_step(plan.step, {"a0": onehot([9])})
+    assert [(e.router, e.tokens.index, e.tokens.token_ids) for e in out if isinstance(e, Emit)] == \
+        [("router-1", 1, (9,))]
+    assert c.admit(new) == [], "the new router's retried Admit is idempotent"
+
+
+def test_takeover_during_the_old_sequences_step_waits_for_that_step() -> None:
+    c = core()
+    load_all(c, c.admit(req("r", max_tokens=8, router="router-0")))
+    plan = c.plan_step()
+    out = c.admit(req("r", max_tokens=8, router="router-1"))
+    assert out == [] and c.state_of("r") is None, "the old step still computes on the rank's cache"
+    assert c.admit(req("r", max_tokens=8, router="router-1")) == []   # retried while waiting
+    out = c.complete_step(plan.step, {"a0": onehot([3])})
+    assert emitted(out) == [], "the old sequence's row is sampled for nobody"
+    assert [type(e).__name__ for e in out] == ["SendFree", "SendLoad"] and c.state_of("r") is SeqState.LOADING
+    load_all(c, out)
+    out = run_step(c, lambda rid: 4)
+    assert [(e.router, e.tokens.index) for e in out if isinstance(e, Emit)] == [("router-1", 1)]
+    assert c.free_blocks == 64 - blocks_for(4, 8, 4)
+
+
+def test_takeover_of_a_loading_sequence_ignores_the_old_loaded() -> None:
+    c = core()
+    c.admit(req("r", router="router-0"))                               # Load out, not answered
+    out = c.admit(req("r", router="router-1"))
+    assert [type(e).__name__ for e in out] == ["SendFree", "SendLoad"]
+    assert c.loaded("r", "a0") == [] and c.state_of("r") is SeqState.LOADING, "that answered the old Load"
+    assert c.loaded("r", "a0") == [] and c.state_of("r") is SeqState.RUNNING
+
+
+def test_takeover_of_a_queued_sequence_and_cancel_of_a_waiting_one() -> None:
+    c = core(max_batch=1)
+    load_all(c, c.admit(req("x")))
+    c.admit(req("r", router="router-0"))
+    out = c.admit(req("r", router="router-1", generated=2, next_token=6))
+    assert out == [] and c.queued == 1 and c.stats.takeovers == 1
+    # a takeover waiting for an in-flight step can be cancelled by its router
+    c2 = core()
+    load_all(c2, c2.admit(req("r", max_tokens=8)))
+    plan = c2.plan_step()
+    c2.admit(req("r", max_tokens=8, router="router-1"))
+    assert c2.cancel("r") == []
+    out = c2.complete_step(plan.step, {"a0": onehot([3])})
+    assert frees(out) == ["r"] and loads(out) == [] and c2.free_blocks == 64
+    with pytest.raises(Refused):
+        c2.cancel("r")
+
+
+def test_an_invalid_takeover_is_refused_and_leaves_the_old_sequence() -> None:
+    c = core()
+    load_all(c, c.admit(req("r", router="router-0")))
+    with pytest.raises(Refused):
+        c.admit(req("r", router="router-1", generated=0))
+    assert c.state_of("r") is SeqState.RUNNING and c.stats.takeovers == 0

@@ -11,7 +11,7 @@ from services.model.config import EOS_ID
 from services.model.sampling import SamplingParams
 from services.router.core import (TRANSITIONS, Event, IllegalTransition, InvalidRequestError, NoBackend, Restart,
                                   RouterConfig, RouterCore, SendCancel, State, Subscribe, TableFull, UnknownRequest,
-                                  Wake, split_error)
+                                  RouterError, Wake, split_error)
 
 P = SamplingParams(max_tokens=8)
 PROMPT = (256, 72, 105)
@@ -110,10 +110,26 @@ def test_pushes_from_a_group_that_is_not_the_current_one_are_strays() -> None:
 def test_master_error_fails_with_the_code_it_names() -> None:
     c = core_with_backends()
     decoding(c)
-    c.on_tokens("r1", 1, (), "error", "UNAVAILABLE: expert-3 has no live replica", "decode-0", 1.0)
+    c.on_tokens("r1", 1, (), "error", "INVALID_ARGUMENT: r1: bad sampling", "decode-0", 1.0)
     req = c.requests["r1"]
-    assert req.state is State.FAILED and req.error_code == "UNAVAILABLE" and "expert-3" in req.error
+    assert req.state is State.FAILED and req.error_code == "INVALID_ARGUMENT" and "bad sampling" in req.error
     assert split_error("boom") == ("INTERNAL", "boom")
+
+
+def test_master_unavailable_push_is_replayed_not_forwarded_until_restarts_run_out() -> None:
+    c = core_with_backends(max_restarts=2)
+    decoding(c)
+    req = c.requests["r1"]
+    c.on_tokens("r1", 1, (11,), "", "", "decode-0", 1.0)
+    eff = c.on_tokens("r1", 2, (), "error", "UNAVAILABLE: attention rank attention-0-0 is dead", "decode-0", 1.5)
+    assert req.state is State.ADMITTED and req.tokens == [10, 11] and req.error_code == ""
+    assert any(isinstance(e, Restart) and "attention-0-0" in e.reason for e in eff)
+    for _ in range(2):   # replayed twice more, failing the same way
+        c.begin_prefill("r1", "prefill-0", 2.0)
+        c.prefill_done("r1", 12, 2.0)
+        c.assign_decode("r1", "decode-0", 2.0)
+        c.on_tokens("r1", len(req.tokens), (), "error", "UNAVAILABLE: expert-3 has no live replica", "decode-0", 2.5)
+    assert req.state is State.FAILED and req.error_code == "UNAVAILABLE" and "expert-3" in req.error
 
 
 def test_idempotent_ids_attach_refuse_or_replace() -> None:
@@ -269,3 +285,85 @@ def test_tokens_never_skip_or_repeat_whatever_overlapping_pushes_arrive(chunks) 
         c.on_tokens("r1", start, tuple(truth[start:start + n]), "", "", "decode-0", 1.0)
         got = c.requests["r1"].tokens
         assert got == truth[:len(got)] and len(got) >= have
+
+
+# -- waiting for a backend ------------------------------------------------------------------
+def test_no_live_prefill_waits_until_the_clients_deadline_then_names_it() -> None:
+    c = core_with_backends(deadline_margin_s=0.25)
+    c.open("r1", PROMPT, P, 0.0, deadline_s=10.0)
+    c.liveness_changed("prefill-0", Liveness.DEAD, 1.0)
+    with pytest.raises(NoBackend) as ei:
+        c.pick_prefill()
+    assert c.backend_wait("r1", ei.value.message, 1.0) == pytest.approx(8.75)
+    assert c.backend_wait("r1", ei.value.message, 9.0) == pytest.approx(0.75)
+    with pytest.raises(RouterError) as ei2:
+        c.backend_wait("r1", ei.value.message, 9.8)
+    assert ei2.value.code == "DEADLINE_EXCEEDED" and "prefill-0: dead" in ei2.value.message
+
+
+def test_without_a_deadline_the_wait_is_bounded_by_backend_wait_s() -> None:
+    c = core_with_backends(backend_wait_s=5.0)
+    c.open("r1", PROMPT, P, 0.0)
+    assert c.backend_wait("r1", "no live prefill service (prefill-0: dead)", 2.0) == pytest.approx(5.0)
+    assert c.backend_wait("r1", "again", 6.0) == pytest.approx(1.0)
+    with pytest.raises(NoBackend) as ei:
+        c.backend_wait("r1", "no live prefill service (prefill-0: dead)", 7.0)
+    assert ei.value.code == "UNAVAILABLE" and "prefill-0: dead" in ei.value.message
+    # once it got a backend, a later wait starts afresh
+    c.begin_prefill("r1", "prefill-0", 7.5)
+    c.retry_prefill("r1", 8.0)
+    assert c.backend_wait("r1", "busy", 8.0) == pytest.approx(5.0)
+
+
+def test_a_stream_attaching_extends_the_deadline_and_none_means_unbounded() -> None:
+    c = core_with_backends()
+    c.open("r1", PROMPT, P, 0.0, deadline_s=5.0)
+    c.open("r1", PROMPT, P, 1.0, deadline_s=9.0)
+    assert c.requests["r1"].deadline_s == 9.0
+    c.open("r1", PROMPT, P, 1.0, deadline_s=3.0)
+    assert c.requests["r1"].deadline_s == 9.0
+    c.open("r1", PROMPT, P, 1.0)
+    assert c.requests["r1"].deadline_s is None
+
+
+def test_a_hung_prefill_that_wakes_is_usable_again_and_dies_again_on_silence() -> None:
+    c = core_with_backends(dead_after_s=1.5)
+    c.open("r1", PROMPT, P, 0.0)
+    c.begin_prefill("r1", c.pick_prefill(), 0.0)
+    eff = c.liveness_changed("prefill-0", Liveness.DEAD, 2.0)            # SIGSTOPped
+    assert any(isinstance(e, Restart) for e in eff) and c.requests["r1"].state is State.ADMITTED
+    with pytest.raises(NoBackend):
+        c.pick_prefill()
+    c.observe_beat("prefill-0", "prefill", -1, "e0", "serving", {}, 5.0)  # SIGCONT: same epoch
+    assert c.pick_prefill() == "prefill-0" and c.revived == 1
+    c.begin_prefill("r1", "prefill-0", 5.0)
+    assert c.tick(6.0) == []
+    eff = c.tick(6.6)                                                   # silent again past dead_after_s
+    assert any(isinstance(e, Restart) for e in eff)
+    with pytest.raises(NoBackend):
+        c.pick_prefill()
+    # a restart (new epoch) is the detector's business again
+    c.liveness_changed("prefill-0", Liveness.ALIVE, 7.0)
+    c.observe_beat("prefill-0", "prefill", -1, "e9", "serving", {}, 7.0)
+    assert c.pick_prefill() == "prefill-0" and not c.peers["prefill-0"].woke
+    assert c.tick(20.0) == []
+
+
+def test_a_hung_decode_master_stays_dead_and_its_late_pushes_are_cancelled() -> None:
+    c = core_with_backends()
+    c.observe_beat("decode-1", "decode", 1, "e2", "serving", {"running": 0, "free_kv_blocks": 50}, 0.0)
+    decoding(c)
+    assert c.requests["r1"].decode == "decode-0"
+    eff = c.liveness_changed("decode-0", Liveness.DEAD, 2.0)
+    assert not any(isinstance(e, SendCancel) for e in eff), "a dead master is not talked to"
+    c.begin_prefill("r1", "prefill-0", 2.0)
+    c.prefill_done("r1", 11, 2.0)                                          # the replay's token 1
+    c.assign_decode("r1", c.pick_decode("r1"), 2.0)
+    assert c.requests["r1"].decode == "decode-1"
+    c.observe_beat("decode-0", "decode", 0, "e1", "serving", {"running": 1, "free_kv_blocks": 100}, 3.0)
+    assert c.peers["decode-0"].liveness is Liveness.DEAD, "same epoch: still dead"
+    # its late pushes (continued after SIGCONT) change nothing and are told to stop
+    assert c.on_tokens("r1", 2, (99,), "", "", "decode-0", 3.1) == [SendCancel("decode-0", "r1")]
+    assert c.requests["r1"].tokens == [10, 11]
+    assert c.on_tokens("r1", 2, (12,), "", "", "decode-1", 3.2) == [Wake("r1")]
+    assert c.requests["r1"].tokens == [10, 11, 12]
