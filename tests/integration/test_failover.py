@@ -12,6 +12,7 @@ waits are on conditions (router logs, stream progress, heartbeats), never sleeps
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ from services.common.health import probe
 from services.model.engine import GenerationRequest, ReferenceEngine
 from services.model.sampling import SamplingParams
 from services.model.tokenizer import encode
+from services.run import EXIT_STALE
 from tests.pods import TestPod
 
 pytestmark = pytest.mark.integration
@@ -179,6 +181,11 @@ async def test_hung_prefill_requests_wait_and_complete_after_sigcont(pod, refere
                                     for r in ("router-0", "router-1")), 30)
             assert not task.done() and proc_state(pid) == "T"
             os.kill(pid, signal.SIGCONT)
+            # Continued past the dead-after window, it ends its stale incarnation (exit 75);
+            # the request keeps waiting for the restart its supervisor (here: the test) makes.
+            assert await asyncio.to_thread(pod.procs["prefill-0"].wait, 15) == EXIT_STALE
+            assert not task.done()
+            await asyncio.to_thread(pod.start_service, "prefill-0")
             res = await asyncio.wait_for(task, 60)
         assert res.token_ids == expected(reference, "ps-1", "a hung prefill", {"max_tokens": 10})
         # and a fresh request afterwards
@@ -186,7 +193,8 @@ async def test_hung_prefill_requests_wait_and_complete_after_sigcont(pod, refere
             res = await c.complete("after the hang", max_tokens=6, request_id="ps-2")
         assert res.token_ids == expected(reference, "ps-2", "after the hang", {"max_tokens": 6})
     finally:
-        os.kill(pid, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):   # gone already if it ended itself
+            os.kill(pid, signal.SIGCONT)
 
 
 async def test_waiting_past_the_deadline_fails_naming_the_prefill(pod, reference) -> None:
@@ -199,7 +207,10 @@ async def test_waiting_past_the_deadline_fails_naming_the_prefill(pod, reference
                 await c.complete("no prefill in time", max_tokens=4, request_id="pd-1")
         assert "prefill-0" in ei.value.message and "deadline" in ei.value.message
     finally:
-        os.kill(pid, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):   # gone already if it ended itself
+            os.kill(pid, signal.SIGCONT)
+    assert await asyncio.to_thread(pod.procs["prefill-0"].wait, 15) == EXIT_STALE   # its stale incarnation ends
+    await asyncio.to_thread(pod.start_service, "prefill-0")
     async with InferenceClient(pod.routers, timeout_s=60) as c:
         res = await c.complete("served again", max_tokens=6, request_id="pd-2")
     assert res.token_ids == expected(reference, "pd-2", "served again", {"max_tokens": 6})
@@ -224,5 +235,7 @@ async def test_hung_decode_master_is_replayed_and_its_late_pushes_change_nothing
         print(f"\ndecode-0 SIGSTOP: last stream finished {max(s.done_s for s in streams) - t_fault:.2f}s after the stop")
         for s in streams:
             assert tuple(s.tokens) == expected(reference, s.rid, s.prompt, s.kw), f"{s.rid} differs"
+        assert await asyncio.to_thread(pod.procs["decode-0"].wait, 15) == EXIT_STALE   # its stale incarnation ends
+        await asyncio.to_thread(pod.start_service, "decode-0")
         res = await c.complete("after the decode hang", max_tokens=8, request_id="dh-fresh")
     assert res.token_ids == expected(reference, "dh-fresh", "after the decode hang", {"max_tokens": 8})
