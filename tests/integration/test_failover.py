@@ -27,6 +27,7 @@ from services.model.engine import GenerationRequest, ReferenceEngine
 from services.model.sampling import SamplingParams
 from services.model.tokenizer import encode
 from services.run import EXIT_STALE
+from tests.integration.test_pod_e2e import Loads
 from tests.pods import TestPod
 
 pytestmark = pytest.mark.integration
@@ -220,22 +221,27 @@ async def test_hung_decode_master_is_replayed_and_its_late_pushes_change_nothing
     async with InferenceClient(pod.routers, timeout_s=120) as c:
         streams = [Stream(c, f"dh-{i}", p, sampling_for(i)) for i, p in enumerate(PROMPTS[:8])]
         await asyncio.wait_for(until(lambda: all(len(s.tokens) >= 8 for s in streams), 60, poll_s=0.02), 61)
-        pid = pod.pids()["decode-0"]
+        # Stop a master that is running some of these streams (the heartbeats say which).
+        async with Loads(pod) as loads:
+            running = {g: (await loads.fresh(f"decode-{g}"))["running"] for g in range(pod.spec.decode.groups)}
+        victim = f"decode-{max(running, key=running.get)}"
+        assert running[int(victim[-1])] > 0, f"no DP group runs the streams: {running}"
+        pid = pod.pids()[victim]
         t_fault = time.monotonic()
         os.kill(pid, signal.SIGSTOP)
         try:
             await until(lambda: proc_state(pid) == "T", 5)
             # Continued only once a router has replayed its requests elsewhere: whatever it
             # then pushes for them is late.
-            await until(lambda: any(log_has(pod, r, "request.restart", reason="decode-0 is dead")
+            await until(lambda: any(log_has(pod, r, "request.restart", reason=f"{victim} is dead")
                                     for r in ("router-0", "router-1")), 30)
         finally:
             os.kill(pid, signal.SIGCONT)
         await asyncio.wait_for(asyncio.gather(*(s.task for s in streams)), 60)
-        print(f"\ndecode-0 SIGSTOP: last stream finished {max(s.done_s for s in streams) - t_fault:.2f}s after the stop")
+        print(f"\n{victim} SIGSTOP: last stream finished {max(s.done_s for s in streams) - t_fault:.2f}s after the stop")
         for s in streams:
             assert tuple(s.tokens) == expected(reference, s.rid, s.prompt, s.kw), f"{s.rid} differs"
-        assert await asyncio.to_thread(pod.procs["decode-0"].wait, 15) == EXIT_STALE   # its stale incarnation ends
-        await asyncio.to_thread(pod.start_service, "decode-0")
+        assert await asyncio.to_thread(pod.procs[victim].wait, 15) == EXIT_STALE   # its stale incarnation ends
+        await asyncio.to_thread(pod.start_service, victim)
         res = await c.complete("after the decode hang", max_tokens=8, request_id="dh-fresh")
     assert res.token_ids == expected(reference, "dh-fresh", "after the decode hang", {"max_tokens": 8})
