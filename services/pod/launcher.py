@@ -19,6 +19,7 @@ a SIGSTOPped service is not dead to this loop (hangs are for heartbeats).
 from __future__ import annotations
 
 import json
+import math
 import os
 import selectors
 import signal
@@ -129,6 +130,7 @@ class Pod:
         except BaseException:
             self.stop()
             raise
+        self.wake()   # a running supervisor adopts the new services
         return self
 
     def start_service(self, name: str, timeout_s: float = READY_TIMEOUT_S) -> Child:
@@ -385,7 +387,7 @@ class _SupervisionLoop:
         try:
             while not (should_stop() or pod._closing):
                 self._adopt()
-                timers = list(self.due.values()) + [d for _, d in self.starting.values()]
+                timers = list(self.due.values()) + [d for _, d in self.starting.values() if d != math.inf]
                 timeout = max(0.0, min(timers) - time.monotonic()) if timers else None
                 for key, _ in self.sel.select(timeout):
                     if key.data is None:
@@ -412,7 +414,7 @@ class _SupervisionLoop:
                     if deadline <= now and child.proc.poll() is None:
                         _say(f"service {child.name} restart not ready after {self.settings.ready_timeout_s:g}s; killing it")
                         child.proc.kill()   # its pipe's end-of-file makes it a failed restart
-                        self.starting[fd] = (child, float("inf"))
+                        self.starting[fd] = (child, math.inf)   # now wait for its end-of-file
         finally:
             self.sel.close()
             for fd in self.pidfds.values():

@@ -89,6 +89,8 @@ def test_supervised_pod_restarts_killed_services() -> None:
     pod = TestPod.create("sup", {**FAST, "supervision": {"backoff_initial_s": 0.05}})
     try:
         pod.start().supervise()
+        stopped = pod.procs["prefill-0"].pid
+        assert pod.stop_one("prefill-0") == 0   # asked for: not restarted (checked below)
         for name in ("expert-1", "router-0"):
             old = pod.procs[name].pid
             assert pod.kill(name) == -signal.SIGKILL
@@ -98,8 +100,16 @@ def test_supervised_pod_restarts_killed_services() -> None:
             assert _health(pod, name) == "SERVING"
             log = (pod.spec.run_path / f"{name}.log").read_text()
             assert f"restart 1 of {name} (pid {old} exited with code -9)" in log
+        # The loop handled prefill-0's exit before it restarted the others: it stays stopped.
+        assert pod.procs["prefill-0"].pid == stopped and not pod.alive("prefill-0")
+        # A clean exit we did not ask for (SIGTERM from elsewhere, code 0) is restarted too.
+        old = pod.procs["kvpool-0"].pid
+        os.kill(old, signal.SIGTERM)
+        c = pod.wait_restarted("kvpool-0", old, timeout_s=60)
+        assert pod.procs["kvpool-0"].pid == c.proc.pid != old and _health(pod, "kvpool-0") == "SERVING"
+        assert "restart 1 of kvpool-0 (pid %d exited with code 0)" % old in c.log_path.read_text()
         info = pod.ready_info()
-        assert info["restarts"] == {"expert-1": 1, "router-0": 1}
+        assert info["restarts"] == {"expert-1": 1, "router-0": 1, "kvpool-0": 1}
         assert info["pids"]["router-0"] == pod.procs["router-0"].pid
         assert probe(info["routers"][0]) == "SERVING"   # the ready info names the new router's port
         assert not pod.killed   # restarted: they clean up their shm at stop like everyone else
@@ -112,7 +122,7 @@ def test_supervised_pod_restarts_killed_services() -> None:
             os.sched_yield()
         pod.stop()
         assert pod.procs["expert-0"].returncode == 0 and pod.procs["expert-0"].pid == hung
-        assert set(pod.restarts) == {"expert-1", "router-0"}
+        assert set(pod.restarts) == {"expert-1", "router-0", "kvpool-0"}
     finally:
         pod.stop()   # asserts no shm segment left (the restarted expert removes its own)
 
