@@ -373,7 +373,8 @@ class _SupervisionLoop:
         self.settings = pod.spec.supervision
         self.core = Supervisor(self.settings)
         self.sel = selectors.DefaultSelector()
-        self.seen: set[int] = set()                  # pids adopted or started by this loop
+        self.seen: set[int] = set()                  # id() of children adopted or started here (kept in
+                                                     # pod.children for good: ids stay unique)
         self.pidfds: dict[int, int] = {}             # pid -> pidfd of a watched, ready process
         self.starting: dict[int, tuple[Child, float]] = {}   # ready fd -> (restart, ready deadline)
         self.buffers: dict[int, bytes] = {}
@@ -427,9 +428,9 @@ class _SupervisionLoop:
         with pod._changed:
             latest = {c.name: c for c in pod.children}
         for name, c in latest.items():
-            if c.proc.pid in self.seen or not c.info:
+            if id(c) in self.seen or not c.info:
                 continue
-            self.seen.add(c.proc.pid)
+            self.seen.add(id(c))
             self.due.pop(name, None)   # started by hand while its restart was pending
             self.core.ready(name, time.monotonic())
             if c.proc.returncode is not None:
@@ -451,7 +452,11 @@ class _SupervisionLoop:
         if fd is not None:
             self.sel.unregister(fd)
             os.close(fd)
-        code = c.proc.wait(timeout=10)   # it is gone (pidfd readable or pipe closed): reap
+        try:
+            code = c.proc.wait(timeout=10)   # it is gone (pidfd readable or pipe closed): reap
+        except subprocess.TimeoutExpired:   # closed its readiness pipe yet lives on: a failed start
+            c.proc.kill()
+            code = c.proc.wait(timeout=10)
         pod = self.pod
         if c is not pod.child(c.name) or c.name in pod._requested or pod._closing:
             return
@@ -471,7 +476,7 @@ class _SupervisionLoop:
         old = self.pod.child(name)
         child = self.pod._spawn(name, marker=f"restart {n} of {name} (pid {old.proc.pid} exited with code "
                                              f"{old.proc.returncode})")
-        self.seen.add(child.proc.pid)
+        self.seen.add(id(child))
         self.starting[child.ready_fd] = (child, time.monotonic() + self.settings.ready_timeout_s)
         self.buffers[child.ready_fd] = b""
         self.sel.register(child.ready_fd, selectors.EVENT_READ, ("ready", child))
