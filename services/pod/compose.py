@@ -78,7 +78,9 @@ def generate(spec: PodSpec) -> str:
         "image": IMAGE, "build": build,
         "environment": {"XDS_POD": pod_json, "XDS_LOG_FORMAT": "json"},
         "ipc": f"service:{HOLDER}", "pid": f"service:{HOLDER}",
-        "volumes": [f"run:{RUN_DIR}"], "restart": "unless-stopped", "stop_grace_period": "10s",
+        # Docker restarts with its own backoff; supervision.restart: false means no restart here too.
+        "volumes": [f"run:{RUN_DIR}"], "restart": "unless-stopped" if spec.supervision.restart else "no",
+        "stop_grace_period": "10s",
     }
     if spec.model.dir:
         common["volumes"].append(f"{Path(spec.model.dir).resolve()}:{inner.model.dir}:ro")

@@ -92,6 +92,18 @@ class KVPoolSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class SupervisionSpec:
+    """How ``xds up`` restarts a service that dies (``services/pod/supervisor.py``)."""
+    restart: bool = True             # restart dead services; False: report them only
+    backoff_initial_s: float = 0.1   # wait before the first restart of a streak; doubles per failure
+    backoff_max_s: float = 5.0       # cap of that wait
+    stable_after_s: float = 10.0     # ready this long before dying: backoff starts again from initial
+    max_restarts: int = 5            # restarts of one service within window_s; one more exit gives up
+    window_s: float = 60.0
+    ready_timeout_s: float = 60.0    # a restart not ready by then is killed and counts as a failure
+
+
+@dataclass(frozen=True, slots=True)
 class PodSpec:
     name: str = "xds"
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -103,6 +115,7 @@ class PodSpec:
     experts: ExpertSpec = field(default_factory=ExpertSpec)
     kv_pool: KVPoolSpec = field(default_factory=KVPoolSpec)
     heartbeat: HeartbeatSpec = field(default_factory=HeartbeatSpec)
+    supervision: SupervisionSpec = field(default_factory=SupervisionSpec)
     fabric: dict[str, Any] = field(default_factory=dict)  # fabric_sim FabricConfig settings
     transport: Literal["shm", "tcp"] = "shm"
     addressing: Literal["local", "compose"] = "local"
@@ -131,6 +144,14 @@ class PodSpec:
             raise ConfigError("PodSpec.experts.failover_wait_s", "must be >= 0 (seconds)")
         if not self.routing.backend_wait_s > 0:
             raise ConfigError("PodSpec.routing.backend_wait_s", "must be > 0 (seconds)")
+        sup = self.supervision
+        for key in ("backoff_initial_s", "backoff_max_s", "window_s", "ready_timeout_s"):
+            if not getattr(sup, key) > 0:
+                raise ConfigError(f"PodSpec.supervision.{key}", "must be > 0")
+        if sup.stable_after_s < 0 or sup.max_restarts < 0:
+            raise ConfigError("PodSpec.supervision", "stable_after_s and max_restarts must be >= 0")
+        if sup.backoff_max_s < sup.backoff_initial_s:
+            raise ConfigError("PodSpec.supervision.backoff_max_s", "must be >= backoff_initial_s")
         if not 1 <= self.experts.replicas <= self.experts.instances:
             raise ConfigError("PodSpec.experts.replicas", "must be in 1..experts.instances")
         if self.router_ports and len(self.router_ports) != self.routers:
