@@ -59,12 +59,27 @@ def new_request_id() -> str:
     return f"sdk-{uuid.uuid4().hex}"
 
 
+def keepalive_options(keepalive_s: float) -> list[tuple[str, int]]:
+    """HTTP/2 keepalive for the client's channels: a ping every ``keepalive_s`` on a connection
+    with calls, the connection dropped when no ack comes within twice that. A hung router
+    (SIGSTOP, a wedged loop) keeps its TCP connections open and answers nothing; without
+    pings a stream on it would wait for the request's deadline instead of failing over.
+    Routers accept pings this often (``services.router.main.SERVER_KEEPALIVE_OPTIONS``)."""
+    ms = max(1, int(keepalive_s * 1000))
+    return [("grpc.keepalive_time_ms", ms), ("grpc.keepalive_timeout_ms", 2 * ms),
+            ("grpc.keepalive_permit_without_calls", 0), ("grpc.http2.max_pings_without_data", 0)]
+
+
+
 class InferenceClient:
-    def __init__(self, endpoints: Sequence[str], *, timeout_s: float = 60.0) -> None:
+    def __init__(self, endpoints: Sequence[str], *, timeout_s: float = 60.0, keepalive_s: float = 1.0) -> None:
         if not endpoints:
             raise ValueError("InferenceClient needs at least one endpoint (host:port)")
+        if not keepalive_s > 0:
+            raise ValueError(f"keepalive_s must be > 0, got {keepalive_s}")
         self.endpoints = list(endpoints)
         self.timeout_s = timeout_s
+        self._options = keepalive_options(keepalive_s)
         self._good = 0                          # index of the endpoint that last worked
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._owner: dict[str, str] = {}        # request id -> endpoint streaming it (for cancel)
@@ -83,7 +98,7 @@ class InferenceClient:
     def _stub(self, endpoint: str) -> pb_grpc.InferenceStub:
         ch = self._channels.get(endpoint)
         if ch is None:
-            ch = self._channels[endpoint] = grpc.aio.insecure_channel(endpoint)
+            ch = self._channels[endpoint] = grpc.aio.insecure_channel(endpoint, options=self._options)
         return pb_grpc.InferenceStub(ch)
 
     def _order(self, first: str | None = None) -> list[str]:

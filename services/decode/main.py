@@ -293,14 +293,21 @@ class Master:
         self.rank_epochs[c.peer] = c.epoch
         if c.new is Liveness.DEAD:
             why = f"attention rank {c.peer} is dead (no heartbeat for {self.spec.heartbeat.dead_after_s:g} s)"
-            fut = self.step_waiters.get(c.peer)
-            if fut is not None and not fut.done():
-                fut.set_result(why)   # the step in flight stops waiting for it
+            self._abandon_step(c.peer, why)
             self._apply(self.core.rank_failed(c.peer, why))
         elif c.new is Liveness.ALIVE and known is not None and c.epoch != known:
+            # Restarted, perhaps before silence could declare the old process dead (a
+            # supervisor restarts within a second): the old process's step will never answer.
             self.rt.log.info("decode.rank_restarted", rank=c.peer, epoch=c.epoch)
-            effects = self.core.rank_failed(c.peer, f"attention rank {c.peer} restarted and lost its KV cache")
-            self._apply(effects + self.core.rank_up(c.peer))
+            why = f"attention rank {c.peer} restarted and lost its KV cache"
+            self._abandon_step(c.peer, why)
+            self._apply(self.core.rank_failed(c.peer, why) + self.core.rank_up(c.peer))
+
+    def _abandon_step(self, rank: str, why: str) -> None:
+        """The step in flight stops waiting for ``rank`` (it fails that rank's part)."""
+        fut = self.step_waiters.get(rank)
+        if fut is not None and not fut.done():
+            fut.set_result(why)
 
     # -- shutdown --------------------------------------------------------------------------
     async def drain(self) -> None:
