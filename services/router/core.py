@@ -40,18 +40,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.liveness import Liveness
+from services.common.status import Code, Refused, retryable
 from services.model.sampling import SamplingParams
-
-# Error codes, as in services/common/rpc.py and gRPC.
-INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL = (
-    "INVALID_ARGUMENT", "NOT_FOUND", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "INTERNAL")
-DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
-_CODES = frozenset({INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL,
-                    "CANCELLED", DEADLINE_EXCEEDED})
-# Backend refusals worth another try (elsewhere, or the same one later); anything else is
-# about the request itself. A backend that only ever answers INTERNAL is not waited for.
-RETRY_ELSEWHERE = frozenset({UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL})
-WAIT_AND_RETRY = frozenset({UNAVAILABLE, RESOURCE_EXHAUSTED})
 
 
 class State(enum.StrEnum):
@@ -91,32 +81,30 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
 }
 
 
-class RouterError(Exception):
-    """A refusal with a gRPC-style code; the servicer maps ``code`` to the client status."""
+class RouterError(Refused):
+    """A refusal (``status.Code``); the servicer maps ``code`` to the client status.
+    Subclasses fix the code; ``code`` overrides it."""
 
-    code = INTERNAL
+    code = Code.INTERNAL
 
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if code is not None:
-            self.code = code
+    def __init__(self, message: str, code: Code | None = None) -> None:
+        super().__init__(type(self).code if code is None else code, message)
 
 
 class InvalidRequestError(RouterError):
-    code = INVALID_ARGUMENT
+    code = Code.INVALID_ARGUMENT
 
 
 class UnknownRequest(RouterError):
-    code = NOT_FOUND
+    code = Code.NOT_FOUND
 
 
 class NoBackend(RouterError):
-    code = UNAVAILABLE
+    code = Code.UNAVAILABLE
 
 
 class TableFull(RouterError):
-    code = RESOURCE_EXHAUSTED
+    code = Code.RESOURCE_EXHAUSTED
 
 
 class IllegalTransition(RouterError):
@@ -186,7 +174,7 @@ class Request:
     prefill: str = ""
     decode: str = ""
     finish_reason: str = ""      # "stop" | "length" | "cancelled" once terminal (failed: "")
-    error_code: str = ""
+    error_code: Code = Code.OK   # once failed: why (as the client sees it)
     error: str = ""
     ended_s: float | None = None
     last_progress_s: float = 0.0
@@ -217,14 +205,6 @@ class Peer:
     @property
     def usable(self) -> bool:
         return self.liveness is Liveness.ALIVE and self.status == "serving"
-
-
-def split_error(text: str) -> tuple[str, str]:
-    """A peer error string ``"CODE: message"`` -> (code, message); INTERNAL when uncoded."""
-    code, sep, rest = text.partition(":")
-    if sep and code.strip() in _CODES:
-        return code.strip(), rest.strip()
-    return INTERNAL, text
 
 
 class RouterCore:
@@ -320,7 +300,7 @@ class RouterCore:
         if req.state is not State.PREFILLING:
             raise IllegalTransition(req.request_id, req.state, Event.FIRST_TOKEN)
         if not 0 <= next_token < self.cfg.vocab_size:
-            return self.fail(request_id, INTERNAL, f"{req.prefill} returned token id {next_token} outside the vocabulary", now)
+            return self.fail(request_id, Code.INTERNAL, f"{req.prefill} returned token id {next_token} outside the vocabulary", now)
         req.tokens.append(int(next_token))
         req.last_progress_s = now
         reason = self._finish_reason(req)
@@ -354,30 +334,32 @@ class RouterCore:
         return ""
 
     def on_tokens(self, request_id: str, index: int, token_ids: tuple[int, ...], finish_reason: str,
-                  error: str, source: str, now: float) -> list[Effect]:
-        """A decode master's push. Only the request's current decode group is listened to."""
+                  error: str, source: str, now: float, code: Code = Code.OK) -> list[Effect]:
+        """A decode master's push (``code``: its ``Tokens.code``). Only the request's current
+        decode group is listened to. A retryable error is replayed elsewhere, any other fails."""
         req = self.requests.get(request_id)
         if req is None or req.state is not State.DECODING or req.decode != source:
             self.stray_pushes += 1
             # A master still producing something nobody reads must stop.
             return [SendCancel(source, request_id)] if not finish_reason else []
         if error or finish_reason == "error":
-            code, msg = split_error(error or "decode failed")
-            if code == UNAVAILABLE:   # the group lost it (a rank died): replay it elsewhere
-                return self.restart(request_id, f"{source}: {msg}", now)
-            return self.fail(request_id, code, f"{source}: {msg}", now)
+            code = Code.INTERNAL if code is Code.OK else code   # an error without a code: the peer's bug
+            msg = f"{source}: {error or 'decode failed'}"
+            if retryable(code):   # the group lost it (a rank died): replay it elsewhere
+                return self.restart(request_id, msg, now)
+            return self.fail(request_id, code, msg, now)
         if any(not 0 <= t < self.cfg.vocab_size for t in token_ids):
             return [SendCancel(source, request_id),
-                    *self.fail(request_id, INTERNAL, f"{source} sent a token id outside the vocabulary", now)]
+                    *self.fail(request_id, Code.INTERNAL, f"{source} sent a token id outside the vocabulary", now)]
         have = len(req.tokens)
         if index > have:
             return [SendCancel(source, request_id),
-                    *self.fail(request_id, INTERNAL,
+                    *self.fail(request_id, Code.INTERNAL,
                                f"{source} skipped output positions: sent index {index}, expected {have}", now)]
         overlap = min(have - index, len(token_ids))
         if tuple(req.tokens[index:index + overlap]) != tuple(token_ids[:overlap]):
             return [SendCancel(source, request_id),
-                    *self.fail(request_id, INTERNAL,
+                    *self.fail(request_id, Code.INTERNAL,
                                f"{source} sent tokens that differ from those already streamed at index {index}", now)]
         effects: list[Effect] = []
         reason = ""
@@ -418,7 +400,7 @@ class RouterCore:
             left = req.deadline_s - self.cfg.deadline_margin_s - now
             if left <= 0:
                 raise RouterError(f"request {request_id!r} waited {now - req.waiting_since_s:.1f}s for a backend "
-                                  f"until its deadline: {why}", DEADLINE_EXCEEDED)
+                                  f"until its deadline: {why}", Code.DEADLINE_EXCEEDED)
             return left
         left = req.waiting_since_s + self.cfg.backend_wait_s - now
         if left <= 0:
@@ -437,7 +419,7 @@ class RouterCore:
             self.requests.pop(request_id, None)
         return [*effects, Wake(request_id)]
 
-    def fail(self, request_id: str, code: str, message: str, now: float) -> list[Effect]:
+    def fail(self, request_id: str, code: Code, message: str, now: float) -> list[Effect]:
         req = self.requests.get(request_id)
         if req is None or req.terminal:
             return []
@@ -453,7 +435,7 @@ class RouterCore:
         if req is None or req.terminal or req.state is State.ADMITTED:
             return []
         if req.restarts >= self.cfg.max_restarts:
-            return self.fail(request_id, UNAVAILABLE,
+            return self.fail(request_id, Code.UNAVAILABLE,
                              f"gave up after {req.restarts} restarts; last: {reason}", now)
         effects: list[Effect] = []
         if req.decode and self.peers.get(req.decode, Peer("decode")).liveness is not Liveness.DEAD:

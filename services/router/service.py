@@ -20,18 +20,20 @@ from services.api.xds.v1 import inference_pb2 as pb
 from services.api.xds.v1 import inference_pb2_grpc as pb_grpc
 from services.common.logging import get_logger
 from services.common.rpc import RemoteError, RpcClient, RpcTimeout
+from services.common.status import Code, retry_elsewhere, retryable
 from services.model.config import ModelConfig
 from services.model.tokenizer import IncrementalDecoder
 from services.protocol.inference import Admit, Cancel, Prefill, PrefillDone, Sampling, Subscribe, Tokens
 from services.router import api
-from services.router.core import (INTERNAL, RETRY_ELSEWHERE, UNAVAILABLE, Effect, NoBackend, Request, Restart,
-                                  RouterCore, RouterError, SendCancel, State, Subscribe as SubscribeEffect, Wake)
+from services.router.core import (Effect, NoBackend, Request, Restart, RouterCore, RouterError, SendCancel, State,
+                                  Subscribe as SubscribeEffect, Wake)
 
 log = get_logger()
 
 
-def grpc_code(code: str) -> grpc.StatusCode:
-    return getattr(grpc.StatusCode, code, grpc.StatusCode.UNKNOWN)
+def grpc_code(code: Code) -> grpc.StatusCode:
+    """The one mapping from the pod's status codes to the client's gRPC status (same names)."""
+    return grpc.StatusCode[Code(code).name]
 
 
 class Router(pb_grpc.InferenceServicer):
@@ -109,7 +111,7 @@ class Router(pb_grpc.InferenceServicer):
             log.warning("push.unexpected", source=source, msg_type=type(msg).__name__)
             return
         self.apply(self.core.on_tokens(msg.request_id, msg.index, tuple(msg.token_ids), msg.finish_reason,
-                                       msg.error, source, time.monotonic()))
+                                       msg.error, source, time.monotonic(), msg.code))
 
     async def run(self) -> None:
         """Owns the drivers (one TaskGroup) and the table's clock; runs until cancelled."""
@@ -143,7 +145,7 @@ class Router(pb_grpc.InferenceServicer):
             self.apply(self.core.fail(rid, exc.code, exc.message, time.monotonic()))
         except Exception as exc:  # a driver bug fails its request, never the router
             log.exception("driver.failed", request_id=rid)
-            self.apply(self.core.fail(rid, INTERNAL, f"router error: {type(exc).__name__}: {exc}", time.monotonic()))
+            self.apply(self.core.fail(rid, Code.INTERNAL, f"router error: {type(exc).__name__}: {exc}", time.monotonic()))
 
     async def heard_from(self, names: set[str], timeout_s: float) -> set[str]:
         """Wait (bounded) until every service in ``names`` is known and usable from its beats;
@@ -181,15 +183,16 @@ class Router(pb_grpc.InferenceServicer):
         """Prefill prompt + tokens already streamed; returns the KVRef, or None when finished.
         With no prefill to try (dead, hung, busy, or each refused it), waits for one."""
         tried: set[str] = set()
-        last, last_code = "", ""
+        last, last_code = "", None
         while True:
             req = self.core.get(rid)
             try:
                 name = self.core.pick_prefill(exclude=frozenset(tried))
             except NoBackend as exc:
                 why = f"{exc.message}; last error: {last}" if last else exc.message
-                if last_code == INTERNAL:   # every one failed on the request itself: waiting will not help
-                    raise RouterError(why, INTERNAL) from None
+                if last_code is not None and not retryable(last_code):
+                    # every one failed on it (INTERNAL: tried elsewhere, not worth waiting for)
+                    raise RouterError(why, last_code) from None
                 await self._wait_for_backend(rid, why)
                 tried.clear()
                 continue
@@ -201,14 +204,14 @@ class Router(pb_grpc.InferenceServicer):
             try:
                 done = await self._client(name).call(msg, timeout_s=timeout_s)
             except RpcTimeout:
-                last, last_code = f"{name} did not answer Prefill within {timeout_s:g}s", UNAVAILABLE
+                last, last_code = f"{name} did not answer Prefill within {timeout_s:g}s", Code.UNAVAILABLE
             except RemoteError as exc:
-                if exc.code not in RETRY_ELSEWHERE:
+                if not retry_elsewhere(exc.code):
                     raise RouterError(f"{name}: {exc.message}", exc.code) from None
                 last, last_code = f"{name}: {exc.code}: {exc.message}", exc.code
             else:
                 if not isinstance(done, PrefillDone) or done.request_id != rid:
-                    raise RouterError(f"{name} answered Prefill with {type(done).__name__}", INTERNAL)
+                    raise RouterError(f"{name} answered Prefill with {type(done).__name__}", Code.INTERNAL)
                 self.apply(self.core.prefill_done(rid, done.next_token, time.monotonic()))
                 return None if self.core.get(rid).terminal else done.kv
             log.warning("prefill.retry", request_id=rid, error=last)
@@ -240,7 +243,7 @@ class Router(pb_grpc.InferenceServicer):
                 last = f"{name} did not answer Admit within {self.admit_timeout_s:g}s"
                 client.send(Cancel(rid))  # it may have admitted it after all
             except RemoteError as exc:
-                if exc.code not in RETRY_ELSEWHERE:
+                if not retry_elsewhere(exc.code):
                     raise RouterError(f"{name}: {exc.message}", exc.code) from None
                 last = f"{name}: {exc.code}: {exc.message}"
             log.warning("admit.retry", request_id=rid, error=last)
@@ -257,7 +260,7 @@ class Router(pb_grpc.InferenceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> Any:
         if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} is draining; use another router")
+            await context.abort(grpc_code(Code.UNAVAILABLE), f"{self.name} is draining; use another router")
         try:
             p = api.parse_generate(request, self.model_cfg)
             now = time.monotonic()
