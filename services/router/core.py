@@ -4,6 +4,11 @@ No sockets, no asyncio, no clock of its own: the servicer feeds it client calls,
 replies, token pushes and heartbeat observations with ``now``, and carries out the effects
 it returns (``SendCancel``, ``Subscribe``, ``Wake``, ``Restart``).
 
+The retry driver is here too: a request's driver asks ``next_call`` what to do (``CallPrefill``,
+``CallAdmit``, ``WaitBackend``, or nothing: it is done) and feeds the outcome back
+(``prefill_answered``, ``admit_answered``, ``call_failed``); retry-versus-fail is
+``status.retry_elsewhere``/``status.retryable``.
+
 Rules (the invariants the servicer and the tests rely on):
 - ``Request.tokens`` is every output token streamed so far, position ``i`` at index ``i``.
   It only grows, never skips or repeats a position: a push that overlaps what we have must
@@ -40,7 +45,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.liveness import Liveness
-from services.common.status import Code, Refused, retryable
+from services.common.status import Code, retry_elsewhere, retryable
+from services.router.effects import (Call, CallAdmit, CallPrefill, Effect, InvalidRequestError, NoBackend, Restart,
+                                     RouterError, SendCancel, Subscribe, TableFull, UnknownRequest, WaitBackend, Wake)
 from services.model.sampling import SamplingParams
 
 
@@ -81,32 +88,6 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
 }
 
 
-class RouterError(Refused):
-    """A refusal (``status.Code``); the servicer maps ``code`` to the client status.
-    Subclasses fix the code; ``code`` overrides it."""
-
-    code = Code.INTERNAL
-
-    def __init__(self, message: str, code: Code | None = None) -> None:
-        super().__init__(type(self).code if code is None else code, message)
-
-
-class InvalidRequestError(RouterError):
-    code = Code.INVALID_ARGUMENT
-
-
-class UnknownRequest(RouterError):
-    code = Code.NOT_FOUND
-
-
-class NoBackend(RouterError):
-    code = Code.UNAVAILABLE
-
-
-class TableFull(RouterError):
-    code = Code.RESOURCE_EXHAUSTED
-
-
 class IllegalTransition(RouterError):
     def __init__(self, request_id: str, state: State, event: Event) -> None:
         super().__init__(f"request {request_id!r}: event {event.value!r} is illegal in state {state.value!r}")
@@ -125,39 +106,6 @@ class RouterConfig:
     backend_wait_s: float = 30.0        # wait for a live backend this long when the client set no deadline
     deadline_margin_s: float = 0.25     # give up this much before the client's deadline (our error reaches it)
     dead_after_s: float = 1.5           # heartbeat silence that kills a peer that woke after being declared dead
-
-
-# --------------------------------------------------------------------------- effects
-
-
-@dataclass(frozen=True, slots=True)
-class SendCancel:
-    """Tell ``service`` (a decode master) to stop producing ``request_id``."""
-    service: str
-    request_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class Subscribe:
-    """(Re-)announce this router to a decode master: it is new or restarted."""
-    service: str
-
-
-@dataclass(frozen=True, slots=True)
-class Wake:
-    """The request's tokens or state changed: wake its streams and its driver."""
-    request_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class Restart:
-    """The request went back to ``admitted``: its driver must prefill it again (abandoning
-    any backend call in flight)."""
-    request_id: str
-    reason: str
-
-
-Effect = SendCancel | Subscribe | Wake | Restart
 
 
 # --------------------------------------------------------------------------- table
@@ -182,6 +130,10 @@ class Request:
     restarts: int = 0
     deadline_s: float | None = None      # the client's (monotonic), if it set one
     waiting_since_s: float | None = None  # waiting for a live backend since
+    kv: Any = None               # prefilled, not yet admitted to a DP group
+    tried: set[str] = field(default_factory=set)   # this round of the driver's current phase
+    last_error: str = ""         # the driver's last backend failure (for the eventual error)
+    last_code: Code | None = None
 
     @property
     def terminal(self) -> bool:
@@ -407,6 +359,80 @@ class RouterCore:
             raise NoBackend(f"request {request_id!r} waited {self.cfg.backend_wait_s:g}s for a backend: {why}")
         return left
 
+    # ---------------------------------------------------------------- the retry driver
+
+    @staticmethod
+    def _new_phase(req: Request, kv: Any = None) -> None:
+        req.kv, req.last_error, req.last_code = kv, "", None
+        req.tried.clear()
+
+    def next_call(self, request_id: str, now: float) -> Call | None:
+        """The driver's next step: prefill it (``admitted``), admit it (prefilled, not yet
+        admitted), wait for a backend, or None (nothing left to drive). Raises ``RouterError``
+        when the request must fail: its wait for a backend is over, or every prefill failed
+        on it with a code not worth waiting for."""
+        req = self.get(request_id)
+        if req.state is State.ADMITTED:
+            try:
+                name = self.pick_prefill(exclude=frozenset(req.tried))
+            except NoBackend as exc:
+                why = f"{exc.message}; last error: {req.last_error}" if req.last_error else exc.message
+                if req.last_code is not None and not retryable(req.last_code):
+                    raise RouterError(why, req.last_code) from None   # e.g. INTERNAL everywhere
+                return self._wait(req, why, now)
+            req.tried.add(name)
+            self.begin_prefill(request_id, name, now)
+            return CallPrefill(request_id, name)
+        if req.state is State.DECODING and req.kv is not None and not req.decode:
+            try:
+                name = self.pick_decode(request_id, exclude=frozenset(req.tried))
+            except NoBackend as exc:
+                # The KV waits in the pool (pinned for this request: a lease, renewed by the
+                # replay if it runs out) while no decode group can take it.
+                return self._wait(req, f"{exc.message}; last error: {req.last_error}" if req.last_error
+                                  else exc.message, now)
+            req.tried.add(name)
+            self.assign_decode(request_id, name, now)
+            return CallAdmit(request_id, name, req.kv)
+        return None
+
+    def _wait(self, req: Request, why: str, now: float) -> WaitBackend:
+        left = self.backend_wait(req.request_id, why, now)
+        req.tried.clear()
+        return WaitBackend(req.request_id, left, why)
+
+    def prefill_answered(self, request_id: str, next_token: int, kv: Any, now: float) -> list[Effect]:
+        """The Prefill's answer: the first token; on to the admission (unless it finished)."""
+        effects = self.prefill_done(request_id, next_token, now)
+        req = self.requests.get(request_id)
+        if req is not None and not req.terminal:
+            self._new_phase(req, kv)
+        return effects
+
+    def admit_answered(self, request_id: str) -> None:
+        """The DP group took it: its tokens come as pushes from now on."""
+        req = self.requests.get(request_id)
+        if req is not None:
+            req.kv = None
+
+    def call_failed(self, request_id: str, call: CallPrefill | CallAdmit, code: Code, message: str,
+                    now: float, *, answered: bool = True) -> list[Effect]:
+        """``call`` was refused with ``code`` (``answered``), or not answered in time. Worth
+        another try: the driver's next call picks another backend; else ``RouterError``."""
+        req = self.get(request_id)
+        if answered and not retry_elsewhere(code):
+            raise RouterError(f"{call.service}: {message}", code)
+        req.last_error = f"{call.service}: {code}: {message}" if answered else f"{call.service} {message}"
+        effects: list[Effect] = []
+        if isinstance(call, CallPrefill):
+            req.last_code = code
+            self.retry_prefill(request_id, now)
+        else:
+            if not answered:
+                effects.append(SendCancel(call.service, request_id))  # it may have admitted it after all
+            self.unassign_decode(request_id)
+        return effects
+
     def cancel(self, request_id: str, now: float) -> list[Effect]:
         """Client cancel. Unknown id -> UnknownRequest; a terminal request is left as it is."""
         req = self.get(request_id)
@@ -443,6 +469,7 @@ class RouterCore:
         self._fire(req, Event.RESTART, now)
         req.restarts += 1
         req.prefill, req.decode = "", ""
+        self._new_phase(req)
         req.last_progress_s = now
         return [*effects, Restart(request_id, reason), Wake(request_id)]
 
