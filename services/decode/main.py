@@ -128,7 +128,8 @@ class Master:
                     self.rt.rpc.push(ident, e.tokens)
                 if e.tokens.finish_reason:
                     self.rt.log.info("decode.finish", request_id=e.tokens.request_id,
-                                     reason=e.tokens.finish_reason, error=e.tokens.error or None)
+                                     reason=e.tokens.finish_reason, error=e.tokens.error or None,
+                                     code=str(e.tokens.code) if e.tokens.error else None)
             elif isinstance(e, SendLoad):
                 self._enqueue(e.rank, e.load)
             elif isinstance(e, SendFree):
