@@ -1,8 +1,9 @@
 """Request/reply and one-way messages between services over ZeroMQ (ROUTER server, DEALER client).
 
 Frames: ``[request_id (8 bytes LE), *wire.encode(msg)]``. ``request_id`` 0 marks a one-way
-message (no reply). A handler's ``RemoteError`` travels back as ``rpc.Failed`` and is raised
-again at the caller with the same code; any other handler exception becomes ``INTERNAL``
+message (no reply). A handler's ``status.Refused`` (``RemoteError`` is one) travels back as
+``rpc.Failed`` and is raised again at the caller as ``RemoteError`` with the same code; any
+other handler exception becomes ``INTERNAL``
 (logged with its traceback at the server, which stays up). Garbage frames from a peer are
 answered with ``INVALID_ARGUMENT`` when they carry a request id, else counted and dropped.
 Every call has a timeout: ``RpcTimeout`` — the peer may be dead, hung or just slow.
@@ -20,21 +21,17 @@ from typing import Any
 import zmq
 
 from services.common.logging import get_logger
+from services.common.status import Code, Refused
 from services.common.wire import WireError, decode, encode, message
 from services.common.zmqio import ZmqPump
 
 log = get_logger()
 _ID = struct.Struct("<Q")
 
-# Codes follow gRPC's, so the router maps them 1:1 to a client-visible status.
-INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL, CANCELLED = (
-    "INVALID_ARGUMENT", "NOT_FOUND", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "INTERNAL", "CANCELLED")
-
-
 @message("rpc.Failed")
 @dataclass(frozen=True, slots=True)
 class Failed:
-    code: str
+    code: Code
     message: str
 
 
@@ -48,12 +45,8 @@ class RpcError(Exception):
     """Base of RPC errors."""
 
 
-class RemoteError(RpcError):
-    """The peer handled the request and refused it (``code`` as in gRPC)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code, self.message = code, message
+class RemoteError(RpcError, Refused):
+    """The peer handled the request and refused it (``code``: a ``status.Code``)."""
 
 
 class RpcTimeout(RpcError):
@@ -94,7 +87,7 @@ class RpcServer:
             ident, rid = frames[0], _ID.unpack(frames[1])[0]
             if len(self._tasks) >= self._max_inflight:
                 if rid:
-                    self._reply(ident, rid, Failed(RESOURCE_EXHAUSTED, "server has too many requests in flight"))
+                    self._reply(ident, rid, Failed(Code.RESOURCE_EXHAUSTED, "server has too many requests in flight"))
                 continue
             t = asyncio.get_running_loop().create_task(self._serve(ident, rid, frames[2:]))
             self._tasks.add(t)
@@ -107,17 +100,17 @@ class RpcServer:
             self.bad_messages += 1
             log.warning("rpc.bad_message", error=str(exc))
             if rid:
-                self._reply(ident, rid, Failed(INVALID_ARGUMENT, f"undecodable message: {exc}"))
+                self._reply(ident, rid, Failed(Code.INVALID_ARGUMENT, f"undecodable message: {exc}"))
             return
         try:
             reply = await self._handler(msg, ident)
         except asyncio.CancelledError:
             raise
-        except RemoteError as exc:
+        except Refused as exc:
             reply = Failed(exc.code, exc.message)
         except Exception as exc:  # a handler bug must not take the service down
             log.exception("rpc.handler_failed", msg_type=type(msg).__name__)
-            reply = Failed(INTERNAL, f"{type(exc).__name__}: {exc}")
+            reply = Failed(Code.INTERNAL, f"{type(exc).__name__}: {exc}")
         if rid:
             self._reply(ident, rid, reply if reply is not None else Ok())
 
@@ -169,7 +162,8 @@ class RpcClient:
         finally:
             self._pending.pop(rid, None)
         if isinstance(reply, Failed):
-            raise RemoteError(reply.code, reply.message)
+            # A peer that "fails" with OK broke the protocol: no code we could act on.
+            raise RemoteError(Code.UNKNOWN if reply.code is Code.OK else reply.code, reply.message)
         return reply
 
     def send(self, msg: Any) -> None:

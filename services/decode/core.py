@@ -30,8 +30,8 @@ Rules:
   sees ``Free(id)`` before the new ``Load(id)`` and no step result of the old sequence is
   sampled for the new one. A rank answers in order, so a ``Loaded`` of a load whose sequence
   already ended (and got its ``Free``) is recognised by counting and ignored.
-- A sequence that fails ends with ``Tokens(finish_reason="error", error="CODE: message")`` (the
-  router maps the code to the client's status); "cancelled" is pushed only when the master
+- A sequence that fails ends with ``Tokens(finish_reason="error", error=message, code=UNAVAILABLE)``:
+  every such failure is the group's (a rank lost it), so the router replays it elsewhere; "cancelled" is pushed only when the master
   itself gives a sequence up (shutdown), which tells the router to replay it elsewhere.
 """
 
@@ -45,13 +45,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.common.status import Code, Refused
 from services.model.sampling import SamplingParams, sample
 from services.protocol.inference import KVRef, Tokens
 from services.protocol.step import Free, Load, Run
 
-# The same strings as services.common.rpc (the core may not import zmq-backed modules).
-INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, RESOURCE_EXHAUSTED = (
-    "INVALID_ARGUMENT", "NOT_FOUND", "UNAVAILABLE", "RESOURCE_EXHAUSTED")
 
 
 class SeqState(enum.StrEnum):
@@ -96,14 +94,6 @@ def next_state(request_id: str, state: SeqState, event: SeqEvent) -> SeqState:
     if nxt is None:
         raise IllegalTransition(request_id, state, event)
     return nxt
-
-
-class Refused(Exception):
-    """``admit``/``cancel`` refused; ``code`` is an RPC status code (see services.common.rpc)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code, self.message = code, message
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,29 +290,29 @@ class DecodeCore:
     def _check(self, req: Request) -> None:
         p, rid = req.params, req.request_id
         if not rid:
-            raise Refused(INVALID_ARGUMENT, "request_id is empty")
+            raise Refused(Code.INVALID_ARGUMENT, "request_id is empty")
         if req.prompt_len < 1:
-            raise Refused(INVALID_ARGUMENT, f"{rid}: prompt_len must be >= 1, got {req.prompt_len}")
+            raise Refused(Code.INVALID_ARGUMENT, f"{rid}: prompt_len must be >= 1, got {req.prompt_len}")
         if not 1 <= req.generated < p.max_tokens:
-            raise Refused(INVALID_ARGUMENT, f"{rid}: generated must be in 1..max_tokens-1 "
+            raise Refused(Code.INVALID_ARGUMENT, f"{rid}: generated must be in 1..max_tokens-1 "
                           f"(max_tokens={p.max_tokens}), got {req.generated}: nothing left to decode")
         if req.next_token in p.stop_token_ids:
-            raise Refused(INVALID_ARGUMENT, f"{rid}: next_token {req.next_token} is a stop token: already finished")
+            raise Refused(Code.INVALID_ARGUMENT, f"{rid}: next_token {req.next_token} is a stop token: already finished")
         want = req.prompt_len + req.generated - 1
         if req.kv.num_tokens != want:
-            raise Refused(INVALID_ARGUMENT, f"{rid}: kv holds {req.kv.num_tokens} positions, expected "
+            raise Refused(Code.INVALID_ARGUMENT, f"{rid}: kv holds {req.kv.num_tokens} positions, expected "
                           f"prompt_len + generated - 1 = {want}")
         if req.prompt_len + p.max_tokens > self.cfg.max_positions:
-            raise Refused(INVALID_ARGUMENT, f"{rid}: prompt_len + max_tokens = {req.prompt_len + p.max_tokens} "
+            raise Refused(Code.INVALID_ARGUMENT, f"{rid}: prompt_len + max_tokens = {req.prompt_len + p.max_tokens} "
                           f"exceeds the model's {self.cfg.max_positions} positions")
         need = blocks_for(req.prompt_len, p.max_tokens, self.cfg.block_size)
         if need > self.cfg.rank_blocks:
-            raise Refused(RESOURCE_EXHAUSTED, f"{rid}: needs {need} KV blocks, an attention rank of this group has "
+            raise Refused(Code.RESOURCE_EXHAUSTED, f"{rid}: needs {need} KV blocks, an attention rank of this group has "
                           f"{self.cfg.rank_blocks} in all")
         if len(self._down) == len(self.cfg.ranks):
-            raise Refused(UNAVAILABLE, "no live attention rank in this DP group")
+            raise Refused(Code.UNAVAILABLE, "no live attention rank in this DP group")
         if len(self._queue) >= self.cfg.max_queue:
-            raise Refused(RESOURCE_EXHAUSTED, f"admission queue full ({self.cfg.max_queue} waiting)")
+            raise Refused(Code.RESOURCE_EXHAUSTED, f"admission queue full ({self.cfg.max_queue} waiting)")
 
     def _promote(self) -> list[Effect]:
         out: list[Effect] = []
@@ -359,7 +349,7 @@ class DecodeCore:
             return []   # a duplicate answer
         if error:
             return self._end(s, SeqEvent.FAIL, free_rank=False, load_answered=True,
-                             error=f"{UNAVAILABLE}: attention rank {rank} could not load the KV: {error}")
+                             error=f"attention rank {rank} could not load the KV: {error}")
         self._move(s, SeqEvent.LOADED)
         return []
 
@@ -368,7 +358,7 @@ class DecodeCore:
         s = self._seqs.get(request_id)
         if s is None or s.state is not SeqState.LOADING:
             return []
-        return self._end(s, SeqEvent.FAIL, load_answered=True, error=f"{UNAVAILABLE}: {error}")
+        return self._end(s, SeqEvent.FAIL, load_answered=True, error=error)
 
     def cancel(self, request_id: str) -> list[Effect]:
         """The router's Cancel: it asked, so no final Tokens is pushed back (its Ok says it)."""
@@ -376,7 +366,7 @@ class DecodeCore:
         if s is None:
             if self._successors.pop(request_id, None) is not None:
                 return []   # a takeover still waiting for its predecessor's release
-            raise Refused(NOT_FOUND, f"no request {request_id!r} on this decode group")
+            raise Refused(Code.NOT_FOUND, f"no request {request_id!r} on this decode group")
         return [e for e in self._end(s, SeqEvent.CANCEL) if not isinstance(e, Emit)]
 
     def evict_all(self) -> list[Effect]:
@@ -406,7 +396,8 @@ class DecodeCore:
             out.append(Emit(s.req.router, Tokens(s.rid, s.generated, (), "cancelled")))
         elif event is SeqEvent.FAIL:
             self.stats.failed += 1
-            out.append(Emit(s.req.router, Tokens(s.rid, s.generated, (), "error", error)))
+            # Every failure here is the group's, not the request's: the router replays it.
+            out.append(Emit(s.req.router, Tokens(s.rid, s.generated, (), "error", error, Code.UNAVAILABLE)))
         else:
             self.stats.finished += 1
         if was_queued:
@@ -475,7 +466,7 @@ class DecodeCore:
                 for rid in run.request_ids:
                     s = self._seqs.get(rid)
                     if s is not None and s.state is SeqState.RUNNING:
-                        out += self._end(s, SeqEvent.FAIL, error=f"{UNAVAILABLE}: attention rank {rank} refused "
+                        out += self._end(s, SeqEvent.FAIL, error=f"attention rank {rank} refused "
                                                                  f"step {step}: {res.error}")
                 continue
             for rid, row in zip(run.request_ids, res):
@@ -509,8 +500,6 @@ class DecodeCore:
         freed on it: a rank that was only slow keeps a clean cache for when it is back."""
         if rank not in self._by_rank:
             raise ValueError(f"{rank!r} is not an attention rank of this group")
-        if not error.startswith(UNAVAILABLE):
-            error = f"{UNAVAILABLE}: {error}"
         self._down.add(rank)
         out: list[Effect] = []
         for rid in sorted(self._by_rank[rank]):
@@ -519,7 +508,7 @@ class DecodeCore:
                 out += self._end(s, SeqEvent.FAIL, error=error)
         if len(self._down) == len(self.cfg.ranks):
             for s in list(self._queue):
-                out += self._end(s, SeqEvent.FAIL, error=f"{UNAVAILABLE}: no live attention rank in this DP group")
+                out += self._end(s, SeqEvent.FAIL, error="no live attention rank in this DP group")
         return out
 
     def rank_up(self, rank: str) -> list[Effect]:

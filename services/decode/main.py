@@ -21,13 +21,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from services.common.rpc import INVALID_ARGUMENT, UNAVAILABLE, Ok, RemoteError
+from services.common.rpc import Ok
+from services.common.status import Code, Refused
 from services.common.runtime import ServiceRuntime
 from services.common.wire import WireError, decode, encode
 from services.common.heartbeat import HeartbeatSubscriber
 from services.common.liveness import Change, DetectorConfig, FailureDetector, Liveness
 from services.decode.core import (
-    CoreConfig, DecodeCore, Effect, Emit, Refused, Request, SendFree, SendLoad, SeqState, StepRefused)
+    CoreConfig, DecodeCore, Effect, Emit, Request, SendFree, SendLoad, SeqState, StepRefused)
 from services.decode.messages import DecodeStats, DecodeStatsQuery
 from services.model.cache import ensure_model
 from services.model.config import ModelConfig
@@ -81,38 +82,31 @@ class Master:
         if isinstance(msg, Admit):
             return self._admit(msg, ident)
         if isinstance(msg, Cancel):
-            self._apply(self._core_call(self.core.cancel, msg.request_id))
+            self._apply(self.core.cancel(msg.request_id))   # a core Refused goes back as rpc.Failed
             return Ok()
         if isinstance(msg, Subscribe):
             self.routers[msg.router] = ident
             return Ok()
         if isinstance(msg, DecodeStatsQuery):
             return self.stats()
-        raise RemoteError(INVALID_ARGUMENT, f"{self.name} does not handle {type(msg).__name__}")
+        raise Refused(Code.INVALID_ARGUMENT, f"{self.name} does not handle {type(msg).__name__}")
 
     def _admit(self, msg: Admit, ident: bytes) -> Ok:
         assert self.rt is not None
         if self.rt.draining:
-            raise RemoteError(UNAVAILABLE, f"{self.name} is shutting down")
+            raise Refused(Code.UNAVAILABLE, f"{self.name} is shutting down")
         if not msg.router:
-            raise RemoteError(INVALID_ARGUMENT, "Admit.router (the router's service name) is empty")
+            raise Refused(Code.INVALID_ARGUMENT, "Admit.router (the router's service name) is empty")
         try:
             params = msg.sampling.params()
         except InvalidSamplingParams as exc:
-            raise RemoteError(INVALID_ARGUMENT, f"{msg.request_id}: {exc}") from None
+            raise Refused(Code.INVALID_ARGUMENT, f"{msg.request_id}: {exc}") from None
         self.routers[msg.router] = ident   # pushes follow the router's latest connection
         req = Request(msg.request_id, msg.prompt_len, params, msg.kv, msg.next_token, msg.generated, msg.router)
-        self._apply(self._core_call(self.core.admit, req))
+        self._apply(self.core.admit(req))
         self.rt.log.info("decode.admit", request_id=msg.request_id, prompt_len=msg.prompt_len,
                          state=str(self.core.state_of(msg.request_id)))
         return Ok()
-
-    @staticmethod
-    def _core_call(fn: Any, arg: Any) -> list[Effect]:
-        try:
-            return fn(arg)
-        except Refused as exc:
-            raise RemoteError(exc.code, exc.message) from None
 
     def stats(self) -> DecodeStats:
         c, s = self.core, self.core.stats
@@ -134,7 +128,8 @@ class Master:
                     self.rt.rpc.push(ident, e.tokens)
                 if e.tokens.finish_reason:
                     self.rt.log.info("decode.finish", request_id=e.tokens.request_id,
-                                     reason=e.tokens.finish_reason, error=e.tokens.error or None)
+                                     reason=e.tokens.finish_reason, error=e.tokens.error or None,
+                                     code=str(e.tokens.code) if e.tokens.error else None)
             elif isinstance(e, SendLoad):
                 self._enqueue(e.rank, e.load)
             elif isinstance(e, SendFree):

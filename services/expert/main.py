@@ -11,7 +11,7 @@ Heartbeat load: ``events_served``, ``rows_served``. RPC: ``ExpertStatsQuery`` ->
 from __future__ import annotations
 
 
-from services.common.rpc import INVALID_ARGUMENT, RemoteError
+from services.common.status import Code, Refused
 from services.common.runtime import ServiceRuntime
 from services.expert.core import ExpertInstance
 from services.expert.geometry import pod_dispatch
@@ -70,7 +70,7 @@ async def serve(spec: PodSpec, name: str) -> None:
 
         async def on_rpc(msg: object, _peer: bytes) -> object:
             if not isinstance(msg, ExpertStatsQuery):
-                raise RemoteError(INVALID_ARGUMENT, f"{name} does not handle {type(msg).__name__}")
+                raise Refused(Code.INVALID_ARGUMENT, f"{name} does not handle {type(msg).__name__}")
             assert handler is not None
             return ExpertStats(name=name, hosted=tuple(sorted(hosted)), events=handler.stats["events"],
                                rows=handler.stats["rows_served"], rejected=handler.stats["rejected_notices"],

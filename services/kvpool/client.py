@@ -39,6 +39,7 @@ import numpy as np
 
 from services.common.logging import get_logger
 from services.common.rpc import RemoteError, RpcClient, RpcTimeout
+from services.common.status import Code, retryable
 from services.common.zmqio import SendQueueFull
 from services.kvpool.core import HashRing, block_hashes
 from services.kvpool.handler import Pin
@@ -52,7 +53,6 @@ from xccl_net.errors import RETRYABLE, EndpointClosed, XcclError, XcclTimeout
 log = get_logger()
 T = TypeVar("T")
 
-_TRANSIENT_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "NOT_FOUND")
 _WAIT_FIRST_S, _WAIT_MAX_S = 0.002, 0.05
 # A live node answers metadata in well under this; a timeout with less budget left says
 # nothing about the node, so it does not get the node skipped.
@@ -340,7 +340,9 @@ class KVPoolClient:
                 self._mark_down(node, str(exc))
             raise KVPoolUnavailable(str(exc)) from exc
         except RemoteError as exc:
-            if exc.code in _TRANSIENT_CODES:   # draining, overloaded, or our reservation expired
+            # Draining or overloaded (retryable), or our reservation expired (NOT_FOUND: the blocks
+            # are gone, as on a cache miss): this call cannot be served, the pool is not broken.
+            if retryable(exc.code) or exc.code is Code.NOT_FOUND:
                 raise KVPoolUnavailable(f"{node}: {exc}") from exc
             raise KVPoolProtocolError(f"{node} refused {type(msg).__name__}: {exc}") from exc
         except SendQueueFull as exc:

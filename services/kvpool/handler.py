@@ -2,7 +2,7 @@
 
 ``PoolHandler.handle(msg, now)`` maps services/protocol/kvpool.py messages (plus ``Pin``,
 below) onto ``KVPoolCore`` and returns the reply; a request it refuses raises ``Refused``
-with a gRPC-style code, which the server turns into an RPC error. Peer input is checked here
+with a ``status.Code``, which the server turns into an RPC error. Peer input is checked here
 (owner string, key length, key count) before it reaches the core, so no input can put the
 core into a state it does not expect.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.common.status import Code, Refused
 from services.common.wire import message
 from services.kvpool.core import KVPoolCore, UnknownBlock
 from services.kvpool.layout import KEY_BYTES
@@ -18,9 +19,6 @@ from services.protocol.kvpool import Acquire, Commit, Release, Reserve, Slots, S
 
 MAX_KEYS = 1 << 16          # per request: a 64 Ki-block sequence is far beyond any model here
 MAX_OWNER_CHARS = 256
-
-# Same strings as services/common/rpc.py (which imports zmq; this module must not).
-INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE = "INVALID_ARGUMENT", "NOT_FOUND", "UNAVAILABLE"
 
 
 @message("kv.Pin")
@@ -30,12 +28,6 @@ class Pin:
     holds blocks for a hand-off (store -> load), so it is not counted in hits/misses."""
     owner: str
     hashes: tuple[bytes, ...]
-
-
-class Refused(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code, self.message = code, message
 
 
 class PoolHandler:
@@ -57,7 +49,7 @@ class PoolHandler:
             s = core.stats()
             return Stats(s.capacity, s.ready, s.writing, s.pinned, s.free, s.hits, s.misses, s.evictions)
         if not isinstance(msg, (Acquire, Pin, Reserve, Commit, Release)):
-            raise Refused(INVALID_ARGUMENT, f"the KV pool does not handle {type(msg).__name__}")
+            raise Refused(Code.INVALID_ARGUMENT, f"the KV pool does not handle {type(msg).__name__}")
         _check(msg.owner, msg.hashes)
         if isinstance(msg, Acquire):
             slots = core.acquire(msg.hashes, msg.owner, now)
@@ -75,11 +67,11 @@ class PoolHandler:
             try:
                 core.commit(msg.hashes, msg.owner)
             except UnknownBlock as exc:
-                raise Refused(NOT_FOUND, f"commit refused, nothing committed: {exc}") from None
+                raise Refused(Code.NOT_FOUND, f"commit refused, nothing committed: {exc}") from None
             return None
         if msg.everything:
             if msg.hashes:
-                raise Refused(INVALID_ARGUMENT, "Release: give hashes or everything=True, not both")
+                raise Refused(Code.INVALID_ARGUMENT, "Release: give hashes or everything=True, not both")
             core.release_owner(msg.owner)
         else:
             core.release(msg.hashes, msg.owner)
@@ -95,9 +87,9 @@ class PoolHandler:
 
 def _check(owner: str, hashes: tuple[bytes, ...]) -> None:
     if not owner or len(owner) > MAX_OWNER_CHARS:
-        raise Refused(INVALID_ARGUMENT, f"owner must be 1..{MAX_OWNER_CHARS} characters, got {len(owner)}")
+        raise Refused(Code.INVALID_ARGUMENT, f"owner must be 1..{MAX_OWNER_CHARS} characters, got {len(owner)}")
     if len(hashes) > MAX_KEYS:
-        raise Refused(INVALID_ARGUMENT, f"{len(hashes)} block keys in one request (at most {MAX_KEYS})")
+        raise Refused(Code.INVALID_ARGUMENT, f"{len(hashes)} block keys in one request (at most {MAX_KEYS})")
     for i, h in enumerate(hashes):
         if len(h) != KEY_BYTES:
-            raise Refused(INVALID_ARGUMENT, f"block key {i} is {len(h)} bytes, keys are {KEY_BYTES} bytes")
+            raise Refused(Code.INVALID_ARGUMENT, f"block key {i} is {len(h)} bytes, keys are {KEY_BYTES} bytes")

@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-from services.common.rpc import RemoteError
+from services.common.status import Code, Refused
 from services.common.runtime import ServiceRuntime
 from services.kvpool.core import KVPoolCore
-from services.kvpool.handler import UNAVAILABLE, Pin, PoolHandler, Refused
+from services.kvpool.handler import Pin, PoolHandler
 from services.kvpool.layout import BlockLayout
 from services.model.cache import ensure_model
 from services.model.config import ModelConfig
@@ -41,12 +41,12 @@ async def serve(spec: PodSpec, name: str) -> None:
         async def on_rpc(msg: object, _peer: bytes) -> object:
             # Draining: finish what is in flight (commits, releases), take on nothing new.
             if rt.draining and isinstance(msg, (Acquire, Pin, Reserve)):
-                raise RemoteError(UNAVAILABLE, f"{name} is shutting down")
+                raise Refused(Code.UNAVAILABLE, f"{name} is shutting down")
             try:
                 return handler.handle(msg, time.monotonic())
             except Refused as exc:
                 rt.log.warning("kvpool.refused", code=exc.code, error=exc.message, msg_type=type(msg).__name__)
-                raise RemoteError(exc.code, exc.message) from None
+                raise
 
         rt.serve_rpc(on_rpc)
         await rt.mark_ready(block_bytes=layout.block_bytes, capacity_blocks=spec.kv_pool.capacity_blocks,

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common.config import ConfigError
-from services.common.rpc import INTERNAL, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, RemoteError
+from services.common.status import Code, Refused
 from services.common.runtime import ServiceRuntime
 import numpy as np
 
@@ -109,20 +109,20 @@ class PrefillServer:
                 self.stage_freed.set()
             return None
         if not isinstance(msg, Prefill):
-            raise RemoteError(INVALID_ARGUMENT, f"prefill does not handle {type(msg).__name__}")
+            raise Refused(Code.INVALID_ARGUMENT, f"prefill does not handle {type(msg).__name__}")
         assert self.rt is not None
         if self.rt.draining:
-            raise RemoteError(UNAVAILABLE, f"{self.rt.me.name} is shutting down")
+            raise Refused(Code.UNAVAILABLE, f"{self.rt.me.name} is shutting down")
         try:
             params = check(self.model.cfg, msg)
         except InvalidPrefill as exc:
             self.n.invalid += 1
-            raise RemoteError(INVALID_ARGUMENT, str(exc)) from None
+            raise Refused(Code.INVALID_ARGUMENT, str(exc)) from None
         self.inflight += 1
         self.idle.clear()
         try:
             return await self._prefill(msg, params)
-        except RemoteError:
+        except Refused:
             self.n.failed += 1
             raise
         finally:
@@ -144,7 +144,7 @@ class PrefillServer:
                 # Computing everything is always correct; a pool that answers nonsense is logged loudly.
                 self.rt.log.error("prefill.pool_protocol_error", request_id=rid, error=str(exc))
         if len(self.waiting) >= self.cfg.max_waiting:
-            raise RemoteError(RESOURCE_EXHAUSTED, f"{len(self.waiting)} prefills already wait for the model")
+            raise Refused(Code.RESOURCE_EXHAUSTED, f"{len(self.waiting)} prefills already wait for the model")
         job = Job(rid, tokens, params, n_cached, cached)
         fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self.waiting.append((job, fut))
@@ -152,7 +152,7 @@ class PrefillServer:
         try:
             result = await asyncio.wait_for(fut, self.cfg.compute_timeout_s)
         except TimeoutError:
-            raise RemoteError(UNAVAILABLE, f"{rid}: forward pass not done within {self.cfg.compute_timeout_s:g} s") \
+            raise Refused(Code.UNAVAILABLE, f"{rid}: forward pass not done within {self.cfg.compute_timeout_s:g} s") \
                 from None
         self.n.cached_tokens += n_cached
         self.n.computed_tokens += job.to_compute
@@ -173,7 +173,7 @@ class PrefillServer:
             # Every block is held by a live lease: wait for an acknowledgement (or a lease to end).
             left = deadline - time.monotonic()
             if left <= 0:
-                raise RemoteError(RESOURCE_EXHAUSTED, f"{rid}: the KV staging area ({self.staging.capacity} blocks) "
+                raise Refused(Code.RESOURCE_EXHAUSTED, f"{rid}: the KV staging area ({self.staging.capacity} blocks) "
                                                       f"stayed full for {self.cfg.compute_timeout_s:g} s")
             self.stage_freed.clear()
             try:
@@ -231,7 +231,7 @@ class PrefillServer:
                     self.rt.log.exception("prefill.compute_failed", requests=[j.request_id for j, _ in batch])
                     for _, fut in batch:
                         if not fut.done():
-                            fut.set_exception(RemoteError(INTERNAL, f"forward pass failed: {exc!r}"))
+                            fut.set_exception(Refused(Code.INTERNAL, f"forward pass failed: {exc!r}"))
                     continue
                 for (_, fut), res in zip(batch, results):
                     if not fut.done():

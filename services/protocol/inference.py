@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.common.status import Code
 from services.common.wire import message
 from services.model.sampling import SamplingParams
 
@@ -97,7 +98,8 @@ class Tokens:
     index: int
     token_ids: tuple[int, ...]
     finish_reason: str = ""        # "", "stop", "length", "cancelled", "error"
-    error: str = ""
+    error: str = ""                # finish_reason "error": why, for a human
+    code: Code = Code.OK           # finish_reason "error": what (the router replays UNAVAILABLE)
 
 
 @message("inf.Cancel")

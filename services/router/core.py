@@ -4,6 +4,11 @@ No sockets, no asyncio, no clock of its own: the servicer feeds it client calls,
 replies, token pushes and heartbeat observations with ``now``, and carries out the effects
 it returns (``SendCancel``, ``Subscribe``, ``Wake``, ``Restart``).
 
+The retry driver is here too: a request's driver asks ``next_call`` what to do (``CallPrefill``,
+``CallAdmit``, ``WaitBackend``, or nothing: it is done) and feeds the outcome back
+(``prefill_answered``, ``admit_answered``, ``call_failed``); retry-versus-fail is
+``status.retry_elsewhere``/``status.retryable``.
+
 Rules (the invariants the servicer and the tests rely on):
 - ``Request.tokens`` is every output token streamed so far, position ``i`` at index ``i``.
   It only grows, never skips or repeats a position: a push that overlaps what we have must
@@ -40,18 +45,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.liveness import Liveness
+from services.common.status import Code, retry_elsewhere, retryable
+from services.router.effects import (Call, CallAdmit, CallPrefill, Effect, InvalidRequestError, NoBackend, Restart,
+                                     RouterError, SendCancel, Subscribe, TableFull, UnknownRequest, WaitBackend, Wake)
 from services.model.sampling import SamplingParams
-
-# Error codes, as in services/common/rpc.py and gRPC.
-INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL = (
-    "INVALID_ARGUMENT", "NOT_FOUND", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "INTERNAL")
-DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
-_CODES = frozenset({INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL,
-                    "CANCELLED", DEADLINE_EXCEEDED})
-# Backend refusals worth another try (elsewhere, or the same one later); anything else is
-# about the request itself. A backend that only ever answers INTERNAL is not waited for.
-RETRY_ELSEWHERE = frozenset({UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL})
-WAIT_AND_RETRY = frozenset({UNAVAILABLE, RESOURCE_EXHAUSTED})
 
 
 class State(enum.StrEnum):
@@ -91,34 +88,6 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
 }
 
 
-class RouterError(Exception):
-    """A refusal with a gRPC-style code; the servicer maps ``code`` to the client status."""
-
-    code = INTERNAL
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if code is not None:
-            self.code = code
-
-
-class InvalidRequestError(RouterError):
-    code = INVALID_ARGUMENT
-
-
-class UnknownRequest(RouterError):
-    code = NOT_FOUND
-
-
-class NoBackend(RouterError):
-    code = UNAVAILABLE
-
-
-class TableFull(RouterError):
-    code = RESOURCE_EXHAUSTED
-
-
 class IllegalTransition(RouterError):
     def __init__(self, request_id: str, state: State, event: Event) -> None:
         super().__init__(f"request {request_id!r}: event {event.value!r} is illegal in state {state.value!r}")
@@ -139,39 +108,6 @@ class RouterConfig:
     dead_after_s: float = 1.5           # heartbeat silence that kills a peer that woke after being declared dead
 
 
-# --------------------------------------------------------------------------- effects
-
-
-@dataclass(frozen=True, slots=True)
-class SendCancel:
-    """Tell ``service`` (a decode master) to stop producing ``request_id``."""
-    service: str
-    request_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class Subscribe:
-    """(Re-)announce this router to a decode master: it is new or restarted."""
-    service: str
-
-
-@dataclass(frozen=True, slots=True)
-class Wake:
-    """The request's tokens or state changed: wake its streams and its driver."""
-    request_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class Restart:
-    """The request went back to ``admitted``: its driver must prefill it again (abandoning
-    any backend call in flight)."""
-    request_id: str
-    reason: str
-
-
-Effect = SendCancel | Subscribe | Wake | Restart
-
-
 # --------------------------------------------------------------------------- table
 
 
@@ -186,7 +122,7 @@ class Request:
     prefill: str = ""
     decode: str = ""
     finish_reason: str = ""      # "stop" | "length" | "cancelled" once terminal (failed: "")
-    error_code: str = ""
+    error_code: Code = Code.OK   # once failed: why (as the client sees it)
     error: str = ""
     ended_s: float | None = None
     last_progress_s: float = 0.0
@@ -194,6 +130,10 @@ class Request:
     restarts: int = 0
     deadline_s: float | None = None      # the client's (monotonic), if it set one
     waiting_since_s: float | None = None  # waiting for a live backend since
+    kv: Any = None               # prefilled, not yet admitted to a DP group
+    tried: set[str] = field(default_factory=set)   # this round of the driver's current phase
+    last_error: str = ""         # the driver's last backend failure (for the eventual error)
+    last_code: Code | None = None
 
     @property
     def terminal(self) -> bool:
@@ -217,14 +157,6 @@ class Peer:
     @property
     def usable(self) -> bool:
         return self.liveness is Liveness.ALIVE and self.status == "serving"
-
-
-def split_error(text: str) -> tuple[str, str]:
-    """A peer error string ``"CODE: message"`` -> (code, message); INTERNAL when uncoded."""
-    code, sep, rest = text.partition(":")
-    if sep and code.strip() in _CODES:
-        return code.strip(), rest.strip()
-    return INTERNAL, text
 
 
 class RouterCore:
@@ -320,7 +252,7 @@ class RouterCore:
         if req.state is not State.PREFILLING:
             raise IllegalTransition(req.request_id, req.state, Event.FIRST_TOKEN)
         if not 0 <= next_token < self.cfg.vocab_size:
-            return self.fail(request_id, INTERNAL, f"{req.prefill} returned token id {next_token} outside the vocabulary", now)
+            return self.fail(request_id, Code.INTERNAL, f"{req.prefill} returned token id {next_token} outside the vocabulary", now)
         req.tokens.append(int(next_token))
         req.last_progress_s = now
         reason = self._finish_reason(req)
@@ -354,30 +286,32 @@ class RouterCore:
         return ""
 
     def on_tokens(self, request_id: str, index: int, token_ids: tuple[int, ...], finish_reason: str,
-                  error: str, source: str, now: float) -> list[Effect]:
-        """A decode master's push. Only the request's current decode group is listened to."""
+                  error: str, source: str, now: float, code: Code = Code.OK) -> list[Effect]:
+        """A decode master's push (``code``: its ``Tokens.code``). Only the request's current
+        decode group is listened to. A retryable error is replayed elsewhere, any other fails."""
         req = self.requests.get(request_id)
         if req is None or req.state is not State.DECODING or req.decode != source:
             self.stray_pushes += 1
             # A master still producing something nobody reads must stop.
             return [SendCancel(source, request_id)] if not finish_reason else []
         if error or finish_reason == "error":
-            code, msg = split_error(error or "decode failed")
-            if code == UNAVAILABLE:   # the group lost it (a rank died): replay it elsewhere
-                return self.restart(request_id, f"{source}: {msg}", now)
-            return self.fail(request_id, code, f"{source}: {msg}", now)
+            code = Code.INTERNAL if code is Code.OK else code   # an error without a code: the peer's bug
+            msg = f"{source}: {error or 'decode failed'}"
+            if retryable(code):   # the group lost it (a rank died): replay it elsewhere
+                return self.restart(request_id, msg, now)
+            return self.fail(request_id, code, msg, now)
         if any(not 0 <= t < self.cfg.vocab_size for t in token_ids):
             return [SendCancel(source, request_id),
-                    *self.fail(request_id, INTERNAL, f"{source} sent a token id outside the vocabulary", now)]
+                    *self.fail(request_id, Code.INTERNAL, f"{source} sent a token id outside the vocabulary", now)]
         have = len(req.tokens)
         if index > have:
             return [SendCancel(source, request_id),
-                    *self.fail(request_id, INTERNAL,
+                    *self.fail(request_id, Code.INTERNAL,
                                f"{source} skipped output positions: sent index {index}, expected {have}", now)]
         overlap = min(have - index, len(token_ids))
         if tuple(req.tokens[index:index + overlap]) != tuple(token_ids[:overlap]):
             return [SendCancel(source, request_id),
-                    *self.fail(request_id, INTERNAL,
+                    *self.fail(request_id, Code.INTERNAL,
                                f"{source} sent tokens that differ from those already streamed at index {index}", now)]
         effects: list[Effect] = []
         reason = ""
@@ -418,12 +352,86 @@ class RouterCore:
             left = req.deadline_s - self.cfg.deadline_margin_s - now
             if left <= 0:
                 raise RouterError(f"request {request_id!r} waited {now - req.waiting_since_s:.1f}s for a backend "
-                                  f"until its deadline: {why}", DEADLINE_EXCEEDED)
+                                  f"until its deadline: {why}", Code.DEADLINE_EXCEEDED)
             return left
         left = req.waiting_since_s + self.cfg.backend_wait_s - now
         if left <= 0:
             raise NoBackend(f"request {request_id!r} waited {self.cfg.backend_wait_s:g}s for a backend: {why}")
         return left
+
+    # ---------------------------------------------------------------- the retry driver
+
+    @staticmethod
+    def _new_phase(req: Request, kv: Any = None) -> None:
+        req.kv, req.last_error, req.last_code = kv, "", None
+        req.tried.clear()
+
+    def next_call(self, request_id: str, now: float) -> Call | None:
+        """The driver's next step: prefill it (``admitted``), admit it (prefilled, not yet
+        admitted), wait for a backend, or None (nothing left to drive). Raises ``RouterError``
+        when the request must fail: its wait for a backend is over, or every prefill failed
+        on it with a code not worth waiting for."""
+        req = self.get(request_id)
+        if req.state is State.ADMITTED:
+            try:
+                name = self.pick_prefill(exclude=frozenset(req.tried))
+            except NoBackend as exc:
+                why = f"{exc.message}; last error: {req.last_error}" if req.last_error else exc.message
+                if req.last_code is not None and not retryable(req.last_code):
+                    raise RouterError(why, req.last_code) from None   # e.g. INTERNAL everywhere
+                return self._wait(req, why, now)
+            req.tried.add(name)
+            self.begin_prefill(request_id, name, now)
+            return CallPrefill(request_id, name)
+        if req.state is State.DECODING and req.kv is not None and not req.decode:
+            try:
+                name = self.pick_decode(request_id, exclude=frozenset(req.tried))
+            except NoBackend as exc:
+                # The KV waits in the pool (pinned for this request: a lease, renewed by the
+                # replay if it runs out) while no decode group can take it.
+                return self._wait(req, f"{exc.message}; last error: {req.last_error}" if req.last_error
+                                  else exc.message, now)
+            req.tried.add(name)
+            self.assign_decode(request_id, name, now)
+            return CallAdmit(request_id, name, req.kv)
+        return None
+
+    def _wait(self, req: Request, why: str, now: float) -> WaitBackend:
+        left = self.backend_wait(req.request_id, why, now)
+        req.tried.clear()
+        return WaitBackend(req.request_id, left, why)
+
+    def prefill_answered(self, request_id: str, next_token: int, kv: Any, now: float) -> list[Effect]:
+        """The Prefill's answer: the first token; on to the admission (unless it finished)."""
+        effects = self.prefill_done(request_id, next_token, now)
+        req = self.requests.get(request_id)
+        if req is not None and not req.terminal:
+            self._new_phase(req, kv)
+        return effects
+
+    def admit_answered(self, request_id: str) -> None:
+        """The DP group took it: its tokens come as pushes from now on."""
+        req = self.requests.get(request_id)
+        if req is not None:
+            req.kv = None
+
+    def call_failed(self, request_id: str, call: CallPrefill | CallAdmit, code: Code, message: str,
+                    now: float, *, answered: bool = True) -> list[Effect]:
+        """``call`` was refused with ``code`` (``answered``), or not answered in time. Worth
+        another try: the driver's next call picks another backend; else ``RouterError``."""
+        req = self.get(request_id)
+        if answered and not retry_elsewhere(code):
+            raise RouterError(f"{call.service}: {message}", code)
+        req.last_error = f"{call.service}: {code}: {message}" if answered else f"{call.service} {message}"
+        effects: list[Effect] = []
+        if isinstance(call, CallPrefill):
+            req.last_code = code
+            self.retry_prefill(request_id, now)
+        else:
+            if not answered:
+                effects.append(SendCancel(call.service, request_id))  # it may have admitted it after all
+            self.unassign_decode(request_id)
+        return effects
 
     def cancel(self, request_id: str, now: float) -> list[Effect]:
         """Client cancel. Unknown id -> UnknownRequest; a terminal request is left as it is."""
@@ -437,7 +445,7 @@ class RouterCore:
             self.requests.pop(request_id, None)
         return [*effects, Wake(request_id)]
 
-    def fail(self, request_id: str, code: str, message: str, now: float) -> list[Effect]:
+    def fail(self, request_id: str, code: Code, message: str, now: float) -> list[Effect]:
         req = self.requests.get(request_id)
         if req is None or req.terminal:
             return []
@@ -453,7 +461,7 @@ class RouterCore:
         if req is None or req.terminal or req.state is State.ADMITTED:
             return []
         if req.restarts >= self.cfg.max_restarts:
-            return self.fail(request_id, UNAVAILABLE,
+            return self.fail(request_id, Code.UNAVAILABLE,
                              f"gave up after {req.restarts} restarts; last: {reason}", now)
         effects: list[Effect] = []
         if req.decode and self.peers.get(req.decode, Peer("decode")).liveness is not Liveness.DEAD:
@@ -461,6 +469,7 @@ class RouterCore:
         self._fire(req, Event.RESTART, now)
         req.restarts += 1
         req.prefill, req.decode = "", ""
+        self._new_phase(req)
         req.last_progress_s = now
         return [*effects, Restart(request_id, reason), Wake(request_id)]
 

@@ -20,18 +20,20 @@ from services.api.xds.v1 import inference_pb2 as pb
 from services.api.xds.v1 import inference_pb2_grpc as pb_grpc
 from services.common.logging import get_logger
 from services.common.rpc import RemoteError, RpcClient, RpcTimeout
+from services.common.status import Code
 from services.model.config import ModelConfig
 from services.model.tokenizer import IncrementalDecoder
 from services.protocol.inference import Admit, Cancel, Prefill, PrefillDone, Sampling, Subscribe, Tokens
 from services.router import api
-from services.router.core import (INTERNAL, RETRY_ELSEWHERE, UNAVAILABLE, Effect, NoBackend, Request, Restart,
-                                  RouterCore, RouterError, SendCancel, State, Subscribe as SubscribeEffect, Wake)
+from services.router.core import (CallAdmit, CallPrefill, Effect, Request, Restart, RouterCore, RouterError, SendCancel,
+                                  State, Subscribe as SubscribeEffect, WaitBackend, Wake)
 
 log = get_logger()
 
 
-def grpc_code(code: str) -> grpc.StatusCode:
-    return getattr(grpc.StatusCode, code, grpc.StatusCode.UNKNOWN)
+def grpc_code(code: Code) -> grpc.StatusCode:
+    """The one mapping from the pod's status codes to the client's gRPC status (same names)."""
+    return grpc.StatusCode[Code(code).name]
 
 
 class Router(pb_grpc.InferenceServicer):
@@ -109,7 +111,7 @@ class Router(pb_grpc.InferenceServicer):
             log.warning("push.unexpected", source=source, msg_type=type(msg).__name__)
             return
         self.apply(self.core.on_tokens(msg.request_id, msg.index, tuple(msg.token_ids), msg.finish_reason,
-                                       msg.error, source, time.monotonic()))
+                                       msg.error, source, time.monotonic(), msg.code))
 
     async def run(self) -> None:
         """Owns the drivers (one TaskGroup) and the table's clock; runs until cancelled."""
@@ -133,17 +135,24 @@ class Router(pb_grpc.InferenceServicer):
     # ---------------------------------------------------------------- driver
 
     async def _drive(self, rid: str) -> None:
+        """Carries out the core's calls for one request until it has nothing left to drive
+        (admitted to a DP group, finished or failed); the policy is ``RouterCore.next_call``."""
         try:
-            kv = await self._prefill(rid)
-            if kv is not None:
-                await self._admit(rid, kv)
+            while (call := self.core.next_call(rid, time.monotonic())) is not None:
+                if isinstance(call, WaitBackend):
+                    log.info("backend.wait", request_id=rid, why=call.why, left_s=round(call.wait_s, 3))
+                    await self._next_beat(call.wait_s)
+                elif isinstance(call, CallPrefill):
+                    await self._call_prefill(call)
+                else:
+                    await self._call_admit(call)
         except asyncio.CancelledError:
             raise
         except RouterError as exc:
             self.apply(self.core.fail(rid, exc.code, exc.message, time.monotonic()))
         except Exception as exc:  # a driver bug fails its request, never the router
             log.exception("driver.failed", request_id=rid)
-            self.apply(self.core.fail(rid, INTERNAL, f"router error: {type(exc).__name__}: {exc}", time.monotonic()))
+            self.apply(self.core.fail(rid, Code.INTERNAL, f"router error: {type(exc).__name__}: {exc}", time.monotonic()))
 
     async def heard_from(self, names: set[str], timeout_s: float) -> set[str]:
         """Wait (bounded) until every service in ``names`` is known and usable from its beats;
@@ -165,86 +174,50 @@ class Router(pb_grpc.InferenceServicer):
         except asyncio.TimeoutError:
             pass
 
-    async def _wait_for_backend(self, rid: str, why: str) -> None:
-        """None to try now: wait for the next heartbeat (a backend may be back, or less busy),
-        as long as the request's wait allows (``RouterCore.backend_wait`` raises when over)."""
-        left = self.core.backend_wait(rid, why, time.monotonic())
-        log.info("backend.wait", request_id=rid, why=why, left_s=round(left, 3))
-        await self._next_beat(left)
-
     def _rpc_timeout(self, rid: str, limit_s: float) -> float:
         """A backend call's timeout: its own limit, cut at the client's deadline."""
         deadline = self.core.get(rid).deadline_s
         return limit_s if deadline is None else max(0.05, min(limit_s, deadline - time.monotonic()))
 
-    async def _prefill(self, rid: str) -> Any:
-        """Prefill prompt + tokens already streamed; returns the KVRef, or None when finished.
-        With no prefill to try (dead, hung, busy, or each refused it), waits for one."""
-        tried: set[str] = set()
-        last, last_code = "", ""
-        while True:
-            req = self.core.get(rid)
-            try:
-                name = self.core.pick_prefill(exclude=frozenset(tried))
-            except NoBackend as exc:
-                why = f"{exc.message}; last error: {last}" if last else exc.message
-                if last_code == INTERNAL:   # every one failed on the request itself: waiting will not help
-                    raise RouterError(why, INTERNAL) from None
-                await self._wait_for_backend(rid, why)
-                tried.clear()
-                continue
-            tried.add(name)
-            self.core.begin_prefill(rid, name, time.monotonic())
-            ids = (*req.prompt, *req.tokens)
-            msg = Prefill(rid, ids, Sampling.of(req.params), position_offset=len(ids))
-            timeout_s = self._rpc_timeout(rid, self.prefill_timeout_s)
-            try:
-                done = await self._client(name).call(msg, timeout_s=timeout_s)
-            except RpcTimeout:
-                last, last_code = f"{name} did not answer Prefill within {timeout_s:g}s", UNAVAILABLE
-            except RemoteError as exc:
-                if exc.code not in RETRY_ELSEWHERE:
-                    raise RouterError(f"{name}: {exc.message}", exc.code) from None
-                last, last_code = f"{name}: {exc.code}: {exc.message}", exc.code
-            else:
-                if not isinstance(done, PrefillDone) or done.request_id != rid:
-                    raise RouterError(f"{name} answered Prefill with {type(done).__name__}", INTERNAL)
-                self.apply(self.core.prefill_done(rid, done.next_token, time.monotonic()))
-                return None if self.core.get(rid).terminal else done.kv
-            log.warning("prefill.retry", request_id=rid, error=last)
-            self.core.retry_prefill(rid, time.monotonic())
+    async def _call_prefill(self, call: CallPrefill) -> None:
+        """Prefill prompt + tokens already streamed; the answer goes back to the core."""
+        rid, name = call.request_id, call.service
+        req = self.core.get(rid)
+        ids = (*req.prompt, *req.tokens)
+        msg = Prefill(rid, ids, Sampling.of(req.params), position_offset=len(ids))
+        timeout_s = self._rpc_timeout(rid, self.prefill_timeout_s)
+        try:
+            done = await self._client(name).call(msg, timeout_s=timeout_s)
+        except RpcTimeout:
+            self._failed(call, Code.UNAVAILABLE, f"did not answer Prefill within {timeout_s:g}s", answered=False)
+        except RemoteError as exc:
+            self._failed(call, exc.code, exc.message)
+        else:
+            if not isinstance(done, PrefillDone) or done.request_id != rid:
+                raise RouterError(f"{name} answered Prefill with {type(done).__name__}", Code.INTERNAL)
+            self.apply(self.core.prefill_answered(rid, done.next_token, done.kv, time.monotonic()))
 
-    async def _admit(self, rid: str, kv: Any) -> None:
-        tried: set[str] = set()
-        last = ""
-        while True:
-            req = self.core.get(rid)
-            try:
-                name = self.core.pick_decode(rid, exclude=frozenset(tried))
-            except NoBackend as exc:
-                # The KV waits in the pool (pinned for this request: a lease, renewed by the
-                # replay if it runs out) while no decode group can take it.
-                await self._wait_for_backend(rid, f"{exc.message}; last error: {last}" if last else exc.message)
-                tried.clear()
-                continue
-            tried.add(name)
-            client = self._client(name)
-            try:
-                if name not in self._subscribed:
-                    await self._subscribe(name, client)
-                self.core.assign_decode(rid, name, time.monotonic())
-                await client.call(Admit(rid, len(req.prompt), Sampling.of(req.params), kv, req.tokens[-1],
-                                        len(req.tokens), self.name), timeout_s=self.admit_timeout_s)
-                return
-            except RpcTimeout:
-                last = f"{name} did not answer Admit within {self.admit_timeout_s:g}s"
-                client.send(Cancel(rid))  # it may have admitted it after all
-            except RemoteError as exc:
-                if exc.code not in RETRY_ELSEWHERE:
-                    raise RouterError(f"{name}: {exc.message}", exc.code) from None
-                last = f"{name}: {exc.code}: {exc.message}"
-            log.warning("admit.retry", request_id=rid, error=last)
-            self.core.unassign_decode(rid)
+    async def _call_admit(self, call: CallAdmit) -> None:
+        rid, name = call.request_id, call.service
+        req = self.core.get(rid)
+        client = self._client(name)
+        try:
+            if name not in self._subscribed:
+                await self._subscribe(name, client)
+            await client.call(Admit(rid, len(req.prompt), Sampling.of(req.params), call.kv, req.tokens[-1],
+                                    len(req.tokens), self.name), timeout_s=self.admit_timeout_s)
+        except RpcTimeout:
+            self._failed(call, Code.UNAVAILABLE, f"did not answer Admit within {self.admit_timeout_s:g}s",
+                         answered=False)
+        except RemoteError as exc:
+            self._failed(call, exc.code, exc.message)
+        else:
+            self.core.admit_answered(rid)
+
+    def _failed(self, call: CallPrefill | CallAdmit, code: Code, message: str, *, answered: bool = True) -> None:
+        self.apply(self.core.call_failed(call.request_id, call, code, message, time.monotonic(), answered=answered))
+        log.warning("prefill.retry" if isinstance(call, CallPrefill) else "admit.retry",
+                    request_id=call.request_id, error=self.core.get(call.request_id).last_error)
 
     async def _subscribe(self, name: str, client: RpcClient) -> None:
         try:
@@ -257,7 +230,7 @@ class Router(pb_grpc.InferenceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> Any:
         if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} is draining; use another router")
+            await context.abort(grpc_code(Code.UNAVAILABLE), f"{self.name} is draining; use another router")
         try:
             p = api.parse_generate(request, self.model_cfg)
             now = time.monotonic()

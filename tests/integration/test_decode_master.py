@@ -20,6 +20,7 @@ import pytest_asyncio
 from tests.waiting import Changed
 
 from services.common.rpc import RemoteError, RpcClient
+from services.common.status import Code
 from services.common.wire import decode, encode
 from services.decode.messages import DecodeStats, DecodeStatsQuery
 from services.model.engine import GenerationRequest, ReferenceEngine, SequenceState, forward, new_kv
@@ -241,7 +242,7 @@ async def test_silent_rank_ends_its_requests_with_an_error_and_is_taken_back_whe
     await router.wait([a.request_id for a in admits], timeout_s=30)
     outcomes = {a.request_id: router.final[a.request_id] for a in admits}
     errors = [t for t in outcomes.values() if t.finish_reason == "error"]
-    assert len(errors) == 1 and errors[0].error.startswith("UNAVAILABLE: ") and "attention-0-1" in errors[0].error
+    assert len(errors) == 1 and errors[0].code is Code.UNAVAILABLE and "attention-0-1" in errors[0].error
     fine = [t for t in outcomes.values() if t.finish_reason == "length"]
     assert len(fine) == 1
     st = await stats(router)

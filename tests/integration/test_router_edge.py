@@ -149,6 +149,7 @@ async def test_garbage_from_peers_does_not_hurt_the_router(pod: Pod, router: str
 
     from services.common.heartbeat import Beat
     from services.common.rpc import Failed
+    from services.common.status import Code
     from services.common.wire import encode
 
     ctx = zmq.asyncio.Context()
@@ -171,7 +172,7 @@ async def test_garbage_from_peers_does_not_hurt_the_router(pod: Pod, router: str
             ident, rid, *_ = await rpc.recv_multipart()
             calls += 1
             await rpc.send_multipart([ident, rid, b"\xc1not msgpack"])
-            await rpc.send_multipart([ident, rid, *[bytes(f) for f in encode(Failed("UNAVAILABLE", "overloaded"))]])
+            await rpc.send_multipart([ident, rid, *[bytes(f) for f in encode(Failed(Code.UNAVAILABLE, "overloaded"))]])
 
     tasks = [asyncio.create_task(beats()), asyncio.create_task(refuse())]
     try:

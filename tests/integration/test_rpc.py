@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import pytest
 import zmq
 
-from services.common.rpc import INVALID_ARGUMENT, RemoteError, RpcClient, RpcServer, RpcTimeout
+from services.common.rpc import RemoteError, RpcClient, RpcServer, RpcTimeout
+from services.common.status import Code
 from services.common.wire import message
 
 
@@ -86,7 +87,7 @@ async def test_calls_errors_garbage_and_dead_peer(server) -> None:
         rid, *frames = raw.recv_multipart()
         from services.common.wire import decode
         failed = decode(frames)
-        assert int.from_bytes(rid, "little") == 7 and failed.code == INVALID_ARGUMENT
+        assert int.from_bytes(rid, "little") == 7 and failed.code is Code.INVALID_ARGUMENT
         raw.send_multipart([b"short"])                                  # no request id: dropped
         raw.close(0)
         assert (await client.call(Echo("still up"))).text == "STILL UP"

@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 from services.decode.core import (
     TRANSITIONS, CoreConfig, DecodeCore, Emit, IllegalTransition, Refused, Request, SendFree, SendLoad,
     SeqEvent, SeqState, StepRefused, blocks_for, next_state)
+from services.common.status import Code
 from services.model.sampling import SamplingParams
 from services.protocol.inference import KVRef
 
@@ -213,7 +214,7 @@ def test_least_loaded_rank_and_rank_failure() -> None:
     out = c.complete_step(plan.step, {"a0": onehot([1, 2]), "a1": "attention rank a1 did not answer step 1 in 2 s"})
     errs = [t for t in emitted(out) if t.finish_reason == "error"]
     assert [(t.request_id, t.index, t.token_ids) for t in errs] == [("r1", 1, ())]
-    assert errs[0].error.startswith("UNAVAILABLE: ") and "did not answer" in errs[0].error
+    assert errs[0].code is Code.UNAVAILABLE and errs[0].error.startswith("attention rank a1 did not answer")
     assert frees(out) == ["r1"], "freed on the rank all the same: it may only have been slow"
     assert c.load()["live_ranks"] == 1
     assert {e.rank for e in c.admit(req("r9"))} == {"a0"}
@@ -233,6 +234,7 @@ def test_load_error_and_timeout_fail_only_that_request() -> None:
     eff = c.admit(req("a")) + c.admit(req("b"))
     out = c.loaded("a", "a0", error="KV pool miss for block 0")
     assert emitted(out)[0].finish_reason == "error" and "KV pool miss" in emitted(out)[0].error
+    assert emitted(out)[0].code is Code.UNAVAILABLE
     out = c.load_failed("b", "attention rank a0 did not answer Load in 5 s")
     assert frees(out) == ["b"] and emitted(out)[0].finish_reason == "error"
     assert c.free_blocks == 8 and c.load()["live_ranks"] == 1
@@ -314,8 +316,8 @@ def test_rank_failed_mid_step_ends_loading_and_running_sequences() -> None:
     c.loaded("run1", "a1")
     plan = c.plan_step()
     out = c.rank_failed("a0", "attention rank a0 did not answer Load of load0 within 7 s")
-    errs = {t.request_id: t.error for t in emitted(out)}
-    assert set(errs) == {"run0", "load0"} and all(e.startswith("UNAVAILABLE: ") for e in errs.values())
+    errs = {t.request_id: t.code for t in emitted(out)}
+    assert errs == {"run0": Code.UNAVAILABLE, "load0": Code.UNAVAILABLE}
     assert frees(out) == ["load0"], "run0 is in the step in flight: freed when it completes"
     # a0's answer to the in-flight step comes anyway: nothing for the ended sequences.
     out = c.complete_step(plan.step, {"a0": onehot([1]), "a1": onehot([2])})
@@ -346,8 +348,8 @@ def test_a_refused_step_fails_its_sequences_but_not_the_rank() -> None:
     plan = c.plan_step()
     out = c.complete_step(plan.step, {"a0": StepRefused("StepError: unknown sequence x"), "a1": onehot([4])})
     fails = [t for t in emitted(out) if t.finish_reason == "error"]
-    assert [(t.request_id, t.error) for t in fails] == [
-        ("x", "UNAVAILABLE: attention rank a0 refused step 1: StepError: unknown sequence x")]
+    assert [(t.request_id, t.code, t.error) for t in fails] == [
+        ("x", Code.UNAVAILABLE, "attention rank a0 refused step 1: StepError: unknown sequence x")]
     assert frees(out) == ["x"] and not c.is_down("a0") and c.load()["live_ranks"] == 2
     assert [e.rank for e in c.admit(req("z"))] == ["a0"]
 

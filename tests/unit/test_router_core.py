@@ -9,9 +9,10 @@ from hypothesis import strategies as st
 from services.common.liveness import Liveness
 from services.model.config import EOS_ID
 from services.model.sampling import SamplingParams
+from services.common.status import Code
 from services.router.core import (TRANSITIONS, Event, IllegalTransition, InvalidRequestError, NoBackend, Restart,
                                   RouterConfig, RouterCore, SendCancel, State, Subscribe, TableFull, UnknownRequest,
-                                  RouterError, Wake, split_error)
+                                  RouterError, Wake)
 
 P = SamplingParams(max_tokens=8)
 PROMPT = (256, 72, 105)
@@ -110,10 +111,15 @@ def test_pushes_from_a_group_that_is_not_the_current_one_are_strays() -> None:
 def test_master_error_fails_with_the_code_it_names() -> None:
     c = core_with_backends()
     decoding(c)
-    c.on_tokens("r1", 1, (), "error", "INVALID_ARGUMENT: r1: bad sampling", "decode-0", 1.0)
+    c.on_tokens("r1", 1, (), "error", "r1: bad sampling", "decode-0", 1.0, Code.INVALID_ARGUMENT)
     req = c.requests["r1"]
-    assert req.state is State.FAILED and req.error_code == "INVALID_ARGUMENT" and "bad sampling" in req.error
-    assert split_error("boom") == ("INTERNAL", "boom")
+    assert req.state is State.FAILED and req.error_code is Code.INVALID_ARGUMENT
+    assert req.error == "decode-0: r1: bad sampling"
+    # An error pushed without a code is the peer's bug: INTERNAL, not replayed.
+    c2 = core_with_backends()
+    decoding(c2)
+    c2.on_tokens("r1", 1, (), "error", "boom", "decode-0", 1.0)
+    assert c2.requests["r1"].state is State.FAILED and c2.requests["r1"].error_code is Code.INTERNAL
 
 
 def test_master_unavailable_push_is_replayed_not_forwarded_until_restarts_run_out() -> None:
@@ -121,14 +127,16 @@ def test_master_unavailable_push_is_replayed_not_forwarded_until_restarts_run_ou
     decoding(c)
     req = c.requests["r1"]
     c.on_tokens("r1", 1, (11,), "", "", "decode-0", 1.0)
-    eff = c.on_tokens("r1", 2, (), "error", "UNAVAILABLE: attention rank attention-0-0 is dead", "decode-0", 1.5)
-    assert req.state is State.ADMITTED and req.tokens == [10, 11] and req.error_code == ""
+    eff = c.on_tokens("r1", 2, (), "error", "attention rank attention-0-0 is dead", "decode-0", 1.5,
+                      Code.UNAVAILABLE)
+    assert req.state is State.ADMITTED and req.tokens == [10, 11] and req.error_code is Code.OK
     assert any(isinstance(e, Restart) and "attention-0-0" in e.reason for e in eff)
     for _ in range(2):   # replayed twice more, failing the same way
         c.begin_prefill("r1", "prefill-0", 2.0)
         c.prefill_done("r1", 12, 2.0)
         c.assign_decode("r1", "decode-0", 2.0)
-        c.on_tokens("r1", len(req.tokens), (), "error", "UNAVAILABLE: expert-3 has no live replica", "decode-0", 2.5)
+        c.on_tokens("r1", len(req.tokens), (), "error", "expert-3 has no live replica", "decode-0", 2.5,
+                    Code.UNAVAILABLE)
     assert req.state is State.FAILED and req.error_code == "UNAVAILABLE" and "expert-3" in req.error
 
 
