@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.api.xds.v1 import inference_pb2 as pb
 from services.api.xds.v1 import inference_pb2_grpc as pb_grpc
@@ -55,31 +56,28 @@ class ModelInfo:
     pad_token_id: int
 
 
+class _Hung(Exception):
+    """A router stopped answering mid-stream (internal: the request fails over)."""
+
+
 def new_request_id() -> str:
     return f"sdk-{uuid.uuid4().hex}"
 
 
-def keepalive_options(keepalive_s: float) -> list[tuple[str, int]]:
-    """HTTP/2 keepalive for the client's channels: a ping every ``keepalive_s`` on a connection
-    with calls, the connection dropped when no ack comes within twice that. A hung router
-    (SIGSTOP, a wedged loop) keeps its TCP connections open and answers nothing; without
-    pings a stream on it would wait for the request's deadline instead of failing over.
-    Routers accept pings this often (``services.router.main.SERVER_KEEPALIVE_OPTIONS``)."""
-    ms = max(1, int(keepalive_s * 1000))
-    return [("grpc.keepalive_time_ms", ms), ("grpc.keepalive_timeout_ms", 2 * ms),
-            ("grpc.keepalive_permit_without_calls", 0), ("grpc.http2.max_pings_without_data", 0)]
-
-
-
 class InferenceClient:
-    def __init__(self, endpoints: Sequence[str], *, timeout_s: float = 60.0, keepalive_s: float = 1.0) -> None:
+    def __init__(self, endpoints: Sequence[str], *, timeout_s: float = 60.0, stall_s: float = 2.0,
+                 probe_s: float = 1.0) -> None:
+        """``stall_s``: when a stream brings nothing for this long, the router is asked for its
+        health on the same connection; no answer within ``probe_s`` means it is hung (SIGSTOP,
+        a wedged loop: its TCP connections stay open), and the request fails over to the next
+        router, resuming by request id. A busy router answers its health check and is waited for."""
         if not endpoints:
             raise ValueError("InferenceClient needs at least one endpoint (host:port)")
-        if not keepalive_s > 0:
-            raise ValueError(f"keepalive_s must be > 0, got {keepalive_s}")
+        for key, v in (("timeout_s", timeout_s), ("stall_s", stall_s), ("probe_s", probe_s)):
+            if not v > 0:
+                raise ValueError(f"{key} must be > 0, got {v}")
         self.endpoints = list(endpoints)
-        self.timeout_s = timeout_s
-        self._options = keepalive_options(keepalive_s)
+        self.timeout_s, self.stall_s, self.probe_s = timeout_s, stall_s, probe_s
         self._good = 0                          # index of the endpoint that last worked
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._owner: dict[str, str] = {}        # request id -> endpoint streaming it (for cancel)
@@ -95,11 +93,40 @@ class InferenceClient:
             await ch.close()
         self._channels.clear()
 
-    def _stub(self, endpoint: str) -> pb_grpc.InferenceStub:
+    def _channel(self, endpoint: str) -> grpc.aio.Channel:
         ch = self._channels.get(endpoint)
         if ch is None:
-            ch = self._channels[endpoint] = grpc.aio.insecure_channel(endpoint, options=self._options)
-        return pb_grpc.InferenceStub(ch)
+            ch = self._channels[endpoint] = grpc.aio.insecure_channel(endpoint)
+        return ch
+
+    def _stub(self, endpoint: str) -> pb_grpc.InferenceStub:
+        return pb_grpc.InferenceStub(self._channel(endpoint))
+
+    async def _answers(self, endpoint: str) -> bool:
+        """Does the router answer a health check (any status) within ``probe_s``?"""
+        try:
+            await health_pb2_grpc.HealthStub(self._channel(endpoint)).Check(
+                health_pb2.HealthCheckRequest(), timeout=self.probe_s)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+        return True
+
+    async def _messages(self, call: Any, endpoint: str) -> AsyncIterator[Any]:
+        """The stream's messages; raises ``_Hung`` when it stalls and the router does not answer."""
+        while True:
+            read = asyncio.ensure_future(call.read())
+            try:
+                while not (await asyncio.wait({read}, timeout=self.stall_s))[0]:
+                    if not await self._answers(endpoint):
+                        raise _Hung(f"{endpoint}: sent nothing for {self.stall_s:g}s and did not answer a health "
+                                    f"check within {self.probe_s:g}s (hung)")
+            finally:
+                if not read.done():
+                    read.cancel()
+            msg = read.result()
+            if msg is grpc.aio.EOF:
+                return
+            yield msg
 
     def _order(self, first: str | None = None) -> list[str]:
         eps = self.endpoints[self._good:] + self.endpoints[:self._good]
@@ -183,7 +210,7 @@ class InferenceClient:
                 call = self._stub(ep).Generate(req, timeout=left)
                 progressed = False
                 try:
-                    async for d in call:
+                    async for d in self._messages(call, ep):
                         if d.index != received and (d.token_ids or not d.finish_reason):
                             raise Internal(f"{ep} sent index {d.index} for request {rid!r}, expected {received}")
                         received += len(d.token_ids)
@@ -197,6 +224,8 @@ class InferenceClient:
                     if exc.code() != grpc.StatusCode.UNAVAILABLE:
                         raise from_rpc_error(exc) from None
                     failures.append(f"{ep}: {exc.details()}")
+                except _Hung as exc:
+                    failures.append(str(exc))
                 finally:
                     call.cancel()
                 misses = 0 if progressed else misses + 1

@@ -28,11 +28,6 @@ SERVER_STOP_GRACE_S = 1.0
 SERVICE_NAMES = (pb.DESCRIPTOR.services_by_name["Inference"].full_name, health.SERVICE_NAME,
                  reflection.SERVICE_NAME)
 
-# Clients ping every second on a streaming connection (services.client.sdk.keepalive_options)
-# to notice a hung router; allow it instead of answering GOAWAY "too_many_pings".
-SERVER_KEEPALIVE_OPTIONS = [("grpc.http2.min_recv_ping_interval_without_data_ms", 200),
-                            ("grpc.http2.max_ping_strikes", 0)]
-
 
 async def serve(spec: PodSpec, name: str) -> None:
     model_dir = ensure_model(spec.model.dir, spec.model.preset, spec.model.seed, spec.cache_dir)
@@ -42,7 +37,7 @@ async def serve(spec: PodSpec, name: str) -> None:
                                    dead_after_s=spec.heartbeat.dead_after_s))
     async with ServiceRuntime(spec, name, xccl=False, load=core.load) as rt:
         router = Router(name, core, model_cfg, model_dir.name, lambda svc: address(spec, svc, "rpc"))
-        server = grpc.aio.server(options=SERVER_KEEPALIVE_OPTIONS)
+        server = grpc.aio.server()
         pb_grpc.add_InferenceServicer_to_server(router, server)
         # The runtime's health status (NOT_SERVING -> SERVING when ready -> NOT_SERVING while
         # draining), served on the client-facing port too, where load balancers ask.

@@ -28,6 +28,7 @@ from services.model.sampling import SamplingParams
 from services.model.tokenizer import encode
 from services.run import EXIT_STALE
 from tests.integration.test_pod_e2e import Loads
+from tests.faults import hang, resume
 from tests.pods import TestPod
 
 pytestmark = pytest.mark.integration
@@ -245,3 +246,27 @@ async def test_hung_decode_master_is_replayed_and_its_late_pushes_change_nothing
         await asyncio.to_thread(pod.start_service, victim)
         res = await c.complete("after the decode hang", max_tokens=8, request_id="dh-fresh")
     assert res.token_ids == expected(reference, "dh-fresh", "after the decode hang", {"max_tokens": 8})
+
+
+async def test_stream_on_a_hung_router_fails_over_while_it_is_still_stopped(pod, reference) -> None:
+    """A SIGSTOPped router keeps its TCP connections open and answers nothing: the SDK notices
+    (a stalled stream whose router fails a health check) and resumes on the other router."""
+    kw = {"max_tokens": 120}
+    async with InferenceClient(pod.routers, timeout_s=60, stall_s=1.0, probe_s=0.5) as c:
+        tokens: list[int] = []
+        pid = name = None
+        async for d in c.generate("a router that hangs", request_id="rh-1", **kw):
+            assert d.index == len(tokens)
+            tokens += d.token_ids
+            if pid is None and len(tokens) >= 8:
+                name = "router-0" if c._owner["rh-1"] == pod.routers[0] else "router-1"
+                pid = pod.procs[name].pid
+                hang(pid)                                   # verified: stop report + state T
+                t_fault = time.monotonic()
+        took = time.monotonic() - t_fault
+        assert proc_state(pid) == "T", "the stream finished only after the router was continued"
+    assert tuple(tokens) == expected(reference, "rh-1", "a router that hangs", kw)
+    print(f"\nstream on a hung {name} finished {took:.2f}s after the stop")
+    resume(pid)
+    assert await asyncio.to_thread(pod.procs[name].wait, 15) == EXIT_STALE
+    await asyncio.to_thread(pod.start_service, name)
