@@ -22,6 +22,7 @@ from services.api.xds.v1 import fabric_pb2 as pb
 from services.api.xds.v1 import fabric_pb2_grpc as pb_grpc
 from services.common.config import from_mapping
 from services.common.wire import decode
+from tests.waiting import Changed
 from xccl_net.errors import FabricUnavailable, LinkDown
 from xccl_net.fabric_client import FabricClient
 
@@ -56,7 +57,7 @@ async def admin(sim):
 
 @pytest.fixture
 async def client(sim):
-    c = await FabricClient.connect(sim.data_address, name="test", npu=0)
+    c = await FabricClient.connect(sim.data_address, name="test", npu=0, deadline_s=5.0)
     yield c
     await c.close()
 
@@ -82,7 +83,8 @@ async def test_reserve_matches_model_and_wait_is_never_early(client):
 
 
 async def test_concurrent_reservations_contend(sim):
-    async with await FabricClient.connect(sim.data_address, name="burst", npu=3) as c:
+    # A generous deadline: this measures contention, not outage detection, on a loaded host.
+    async with await FabricClient.connect(sim.data_address, name="burst", npu=3, deadline_s=5.0) as c:
         alone = expected(3, 2, MB)
         delays = await asyncio.gather(*(c.reserve(2, MB) for _ in range(4)))
     # Four transfers through npu3.tx: whichever way they were batched, the last ends ~4x later.
@@ -110,7 +112,7 @@ async def test_link_down_refuses_promptly_and_heal_restores(client, admin):
 
 
 async def test_telemetry_counts_bytes_and_metrics_parse(sim, admin):
-    async with await FabricClient.connect(sim.data_address, name="tele", npu=7) as c:
+    async with await FabricClient.connect(sim.data_address, name="tele", npu=7, deadline_s=5.0) as c:
         before = {link.name: link for link in (await admin.GetTelemetry(pb.GetTelemetryRequest(), timeout=5)).links}
         sizes = [MB, 3 * MB, 12345]
         for n in sizes:
@@ -244,29 +246,32 @@ async def test_unreachable_sim_fails_connect_in_time(tmp_path_factory):
 
 async def test_sim_killed_then_restarted_same_client_recovers(own_sim):
     first = own_sim()
-    c = await FabricClient.connect(first.data_address, name="survivor", npu=1)
+    c = await FabricClient.connect(first.data_address, name="survivor", npu=1, deadline_s=0.3)
     try:
         epoch0 = c.epoch
         assert await c.reserve(2, MB) > 0
         first.kill()
+        assert not Path(f"/proc/{first.pid}").exists()
+        # The first reservation waits out its deadline, then goes on unmodelled: no error.
         t0 = time.monotonic()
-        with pytest.raises(FabricUnavailable):
-            await c.reserve(2, MB, timeout_s=0.3)
-        assert time.monotonic() - t0 < 1.0
-        # Still down: concurrent callers all fail within their timeout, nothing hangs.
-        results = await asyncio.gather(*(c.reserve(2, 10, timeout_s=0.2) for _ in range(5)),
-                                       return_exceptions=True)
-        assert all(isinstance(r, FabricUnavailable) for r in results)
+        assert await c.reserve(2, MB) == 0.0
+        assert 0.25 < time.monotonic() - t0 < 1.0 and not c.modelled
+        # From then on no reservation waits for the dead simulator.
+        t0 = time.monotonic()
+        assert await asyncio.gather(*(c.reserve(2, 10) for _ in range(5))) == [0.0] * 5
+        assert time.monotonic() - t0 < 0.1
+        assert c.stats["unmodelled_transfers"] == 6 and c.stats["unavailable"] == 1 and c.stats["outages"] == 1
 
         second = own_sim()
         assert second.data_address == first.data_address and second.pid != first.pid
-        delay = await c.reserve(2, MB, timeout_s=5.0)
+        # The background probe registers with the new process: wait for that event, with a deadline.
+        changed = Changed()
+        c.watchers.append(changed.notify)
+        await changed.until(lambda: c.modelled, timeout_s=5)
+        assert c.epoch not in (None, epoch0) and c.epoch == second.info["epoch"]
+        delay = await c.reserve(2, MB)
         assert delay == pytest.approx(expected(1, 2, MB), rel=1e-9)  # nothing stale was delivered
-        # The new epoch triggered a re-registration; wait for its ack (an event, with a deadline).
-        async with asyncio.timeout(5):
-            while c.epoch == epoch0:
-                await c.reserve(2, 1, timeout_s=5.0)
-        assert c.stats["registrations"] == 2 and c.stats["epoch_changes"] >= 1
-        assert c.stats["unavailable"] == 6
+        unmodelled = c.stats["unmodelled_transfers"]
+        assert await c.reserve(2, 1) > 0 and c.stats["unmodelled_transfers"] == unmodelled
     finally:
         await c.close()
