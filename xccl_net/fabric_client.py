@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from fabric_sim.protocol import (BAD_REQUEST, REPLIES, Failed, FidelityReport, Granted, Refused, Register,
                                  Registered, Reserve)
@@ -83,6 +84,7 @@ class FabricClient:
         self._pending: dict[int, _Pending] = {}
         self._sock: zmq.Socket | None = None
         self._pump: ZmqPump | None = None
+        self._monitor: ZmqPump | None = None
         self._closed = False
         self._reregister_sent_at = -1e9
         self._probe_rid = 0
@@ -92,7 +94,8 @@ class FabricClient:
         self.watchers: list[Callable[[], None]] = []
         self._stats: dict[str, Any] = dict(
             reserves=0, grants=0, refusals=0, failures=0, unavailable=0, last_rtt_s=0.0, rtt_sum_s=0.0,
-            rtt_max_s=0.0, registrations=0, epoch_changes=0, stray_replies=0, bad_replies=0,
+            rtt_max_s=0.0, registrations=0, epoch_changes=0, stray_replies=0, bad_replies=0, disconnects=0,
+            last_outage_reason="",
             waits=0, wait_late_sum_s=0.0, wait_late_max_s=0.0, wait_target_sum_s=0.0)
 
     # ---- lifecycle ----------------------------------------------------------------------
@@ -124,6 +127,12 @@ class FabricClient:
         client._sock = sock
         client._pump = ZmqPump(sock, client._on_batch)
         client._pump.start()
+        # The connection's own events: a killed simulator closes it (its reservations in flight
+        # are released at once instead of at their deadline); a new handshake means one is
+        # listening again (probe now instead of at the next interval).
+        client._monitor = ZmqPump(sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED),
+                                  client._on_monitor)
+        client._monitor.start()
         try:
             rid = next(client._ids)
             await client._request(rid, Register(rid, name, npu), timeout_s, degrade=False)
@@ -148,6 +157,10 @@ class FabricClient:
             self._settle(rid, exc=EndpointClosed(f"fabric client {self.name} closed"))
         if self._pump is not None:
             self._pump.stop()
+        if self._monitor is not None:
+            self._monitor.stop()
+            self._sock.disable_monitor()
+            self._monitor.sock.close(linger=0)
         if self._sock is not None:
             self._sock.close(linger=0)
 
@@ -288,6 +301,19 @@ class FabricClient:
         self._apply(self.link.missed(time.monotonic(), reason))
         self._notify()
 
+    def _on_monitor(self, batch: list[list[bytes]]) -> None:
+        if self._closed:
+            return
+        for frames in batch:
+            event = parse_monitor_message(frames)["event"]
+            if event == zmq.EVENT_DISCONNECTED and self.link.modelled:
+                self._stats["disconnects"] += 1
+                self._apply(self.link.missed(time.monotonic(), "connection to the simulator closed"))
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and not self.link.modelled:
+                if self._probe_timer is not None:
+                    self._probe_timer.cancel()
+                self._probe(time.monotonic() + self.link.probe_interval_s)
+
     def _notify(self) -> None:
         for watcher in self.watchers:
             watcher()
@@ -300,6 +326,7 @@ class FabricClient:
                 for rid in stuck:
                     self.link.settle_unmodelled()
                     self._settle(rid, result=None)
+                self._stats["last_outage_reason"] = e.reason
                 log.warning("fabric.unavailable", name=self.name, npu=self._npu, address=self.address,
                             reason=e.reason, outage=e.outage, released=len(stuck),
                             note="transfers proceed unmodelled until the simulator answers again")
@@ -356,9 +383,11 @@ class FabricClient:
             self._reregister()
         entry = self._pending.get(reply.req_id)
         if entry is None:
-            self._stats["stray_replies"] += 1  # its caller stopped waiting, or a (re-)registration/probe ack
-            if isinstance(reply, Registered):
+            if isinstance(reply, Registered):   # a re-registration or probe ack
                 self._registered(reply, now)
+            else:
+                self._stats["stray_replies"] += 1  # late: its caller stopped waiting
+                self._notify()
             return
         rtt = now - entry.sent_at
         s = self._stats
