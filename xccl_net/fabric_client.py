@@ -310,9 +310,10 @@ class FabricClient:
                 self._stats["disconnects"] += 1
                 self._apply(self.link.missed(time.monotonic(), "connection to the simulator closed"))
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and not self.link.modelled:
-                if self._probe_timer is not None:
+                if self._probe_timer is not None:   # probe now, not at the next interval
                     self._probe_timer.cancel()
-                self._probe(time.monotonic() + self.link.probe_interval_s)
+                    self._probe_timer = None
+                self._apply(self.link.probe(time.monotonic()))
 
     def _notify(self) -> None:
         for watcher in self.watchers:

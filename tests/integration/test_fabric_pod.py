@@ -139,12 +139,15 @@ async def fault_mid_stream(pod, reference, tag: str, inject, recover) -> None:
         await changed.until(lambda: streams.all_have(8), WAIT_S)
         assert len(streams.finished) < len(streams.ids), "streams finished before the fault"
         at_fault = streams.total()
+        t_fault = time.monotonic()
         await inject(changed, streams, beats)
         # Tokens flowed while the simulator was gone, and their transfers were counted unmodelled.
         assert streams.total() > at_fault
         await changed.until(lambda: beats.unmodelled() > 0 and not beats.all_modelled(), WAIT_S)
         await recover()
         await asyncio.wait_for(asyncio.gather(*streams.tasks), WAIT_S)
+        print(f"\nfabric {tag}: last stream finished {time.monotonic() - t_fault:.2f}s after the fault; "
+              f"{int(beats.unmodelled())} transfers unmodelled")
         for i, rid in enumerate(streams.ids):
             assert streams.tokens[rid] == list(expected(reference, rid, PROMPTS[i], sampling_for(i))), rid
 
