@@ -113,6 +113,7 @@ class Streams:
         self.ids = [f"{tag}-{i}" for i in range(len(PROMPTS))]
         self.tokens: dict[str, list[int]] = {rid: [] for rid in self.ids}
         self.finished: set[str] = set()
+        self.last_finish = 0.0
         self.changed = changed
         self.tasks = [asyncio.create_task(self._run(client, rid, PROMPTS[i], sampling_for(i)))
                       for i, rid in enumerate(self.ids)]
@@ -122,6 +123,7 @@ class Streams:
             self.tokens[rid] += d.token_ids
             if d.finish_reason:
                 self.finished.add(rid)
+                self.last_finish = time.monotonic()
             self.changed.notify()
 
     def all_have(self, n: int) -> bool:
@@ -139,15 +141,15 @@ async def fault_mid_stream(pod, reference, tag: str, inject, recover) -> None:
         await changed.until(lambda: streams.all_have(8), WAIT_S)
         assert len(streams.finished) < len(streams.ids), "streams finished before the fault"
         at_fault = streams.total()
-        t_fault = time.monotonic()
+        t_fault, unmodelled0 = time.monotonic(), beats.unmodelled()
         await inject(changed, streams, beats)
         # Tokens flowed while the simulator was gone, and their transfers were counted unmodelled.
         assert streams.total() > at_fault
         await changed.until(lambda: beats.unmodelled() > 0 and not beats.all_modelled(), WAIT_S)
         await recover()
         await asyncio.wait_for(asyncio.gather(*streams.tasks), WAIT_S)
-        print(f"\nfabric {tag}: last stream finished {time.monotonic() - t_fault:.2f}s after the fault; "
-              f"{int(beats.unmodelled())} transfers unmodelled")
+        print(f"\nfabric {tag}: last stream finished {streams.last_finish - t_fault:.2f}s after the fault; "
+              f"{int(beats.unmodelled() - unmodelled0)} transfers unmodelled")
         for i, rid in enumerate(streams.ids):
             assert streams.tokens[rid] == list(expected(reference, rid, PROMPTS[i], sampling_for(i))), rid
 
