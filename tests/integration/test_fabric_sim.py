@@ -307,3 +307,24 @@ async def test_hung_sim_is_noticed_by_the_deadline_and_continued_one_resumes(own
         assert await c.reserve(2, 1) > 0 and c.stats["unmodelled_transfers"] == 4
     finally:
         await c.close()
+
+
+async def test_client_started_while_sim_is_down_comes_up_unmodelled_then_times(tmp_path_factory):
+    d = tmp_path_factory.mktemp("late")
+    address = f"ipc://{d}/f.sock"
+    c = await FabricClient.connect(address, name="early", npu=1, timeout_s=0.3, allow_unreachable=True,
+                                   probe_interval_s=0.05)
+    changed = Changed()
+    c.watchers.append(changed.notify)
+    sim = None
+    try:
+        assert not c.modelled and c.epoch is None
+        assert await c.reserve(2, MB) == 0.0 and c.stats["unmodelled_transfers"] == 1
+        sim = start_sim(d, {**CONFIG, "data_address": address})
+        await changed.until(lambda: c.modelled, timeout_s=5)
+        assert c.epoch == sim.info["epoch"]
+        assert await c.reserve(2, MB) == pytest.approx(expected(1, 2, MB), rel=1e-9)
+    finally:
+        await c.close()
+        if sim is not None:
+            assert sim.stop() == 0
