@@ -53,7 +53,8 @@ def _baseline(address: str, n: int) -> list[float]:
 
 async def _client(address: str, n: int, scale: float) -> dict:
     from xccl_net.fabric_client import FabricClient
-    c = await FabricClient.connect(address, name="bench", npu=0)
+    # A generous deadline: a measurement must not silently go unmodelled on a slow answer.
+    c = await FabricClient.connect(address, name="bench", npu=0, deadline_s=5.0)
     try:
         for _ in range(50):
             await c.reserve(1, 0)

@@ -41,6 +41,9 @@ class FabricConfig:
     data_address: str = "tcp://127.0.0.1:0"
     admin_host: str = "127.0.0.1"
     admin_port: int = 0
+    # gRPC admin + health on a unix socket ("unix:/path") instead of admin_host:admin_port: a
+    # fixed address that a restarted simulator binds again (the pod uses it locally).
+    admin_unix: str = ""
     # Most data-plane requests answered in one batch (one clock reading, fair sharing).
     max_batch: int = 256
 
@@ -63,6 +66,8 @@ class FabricConfig:
                 raise ConfigError(f"{where}.{name}", f"must be >= 0, got {v!r}")
         if not (0 <= self.admin_port <= 65535):
             raise ConfigError(f"{where}.admin_port", f"must be 0..65535, got {self.admin_port}")
+        if self.admin_unix and not self.admin_unix.startswith("unix:"):
+            raise ConfigError(f"{where}.admin_unix", f"must be a unix:/path address or empty, got {self.admin_unix!r}")
         if not self.data_address.startswith(("tcp://", "ipc://", "inproc://")):
             raise ConfigError(f"{where}.data_address", "must be a tcp://, ipc:// or inproc:// address")
 

@@ -97,12 +97,17 @@ class FabricServer:
             pb_grpc.add_FabricServicer_to_server(FabricAdmin(self.service, self.host, self.clock), grpc_server)
             health = health_aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
-            port = grpc_server.add_insecure_port(f"{self.cfg.admin_host}:{self.cfg.admin_port}")
+            if self.cfg.admin_unix:   # gRPC replaces a stale socket file a killed predecessor left
+                grpc_server.add_insecure_port(self.cfg.admin_unix)
+                port, admin_address = 0, self.cfg.admin_unix
+            else:
+                port = grpc_server.add_insecure_port(f"{self.cfg.admin_host}:{self.cfg.admin_port}")
+                admin_address = f"{self.cfg.admin_host}:{port}"
             await grpc_server.start()
             self._pump.start()
             for name in ("", SERVICE_NAME):
                 await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-            self.info = {"data_address": data_address, "admin_address": f"{self.cfg.admin_host}:{port}",
+            self.info = {"data_address": data_address, "admin_address": admin_address,
                          "admin_port": port, "pid": os.getpid(), "epoch": self.epoch}
             announce_ready(self.ready_file, self.info)
             log.info("fabric.ready", **self.info, servers=self.cfg.servers,

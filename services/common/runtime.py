@@ -80,8 +80,11 @@ class ServiceRuntime:
             from xccl_net.endpoint import EndpointConfig, open_endpoint
             from xccl_net.fabric_client import FabricClient
 
+            # A service (re)started while the simulator is down still comes up: its transfers
+            # go unmodelled until the simulator answers a probe (xccl_net/fabric_client.py).
             self.fabric = await FabricClient.connect(address(self.spec, "fabric", "fabric"), name=self.me.name,
-                                                     npu=self.me.npu, timeout_s=FABRIC_CONNECT_TIMEOUT_S)
+                                                     npu=self.me.npu, timeout_s=FABRIC_CONNECT_TIMEOUT_S,
+                                                     allow_unreachable=True)
             self.endpoint = await open_endpoint(EndpointConfig(
                 name=self.me.name, namespace=self.spec.namespace, kind=self.spec.transport, npu=self.me.npu,
                 windows=self._windows, bell_dir=str(self.spec.run_path),
@@ -92,9 +95,14 @@ class ServiceRuntime:
         await self.health.start()  # NOT_SERVING until mark_ready
         self.heartbeat = HeartbeatPublisher(
             bind_address(self.spec, self.me.name, "heartbeat"), service=self.me.name, role=self.me.role,
-            group=self.me.group, interval_s=self.spec.heartbeat.interval_s, load=self._load,
+            group=self.me.group, interval_s=self.spec.heartbeat.interval_s, load=self._beat_load,
             stale_after_s=stale_after(self.spec.heartbeat.interval_s, self.spec.heartbeat.dead_after_s))
         return self
+
+    def _beat_load(self) -> Mapping[str, float]:
+        """The service's load plus its fabric client's (``fabric_unmodelled_transfers``, ...)."""
+        load = self._load()
+        return {**load, **self.fabric.load()} if self.fabric is not None else load
 
     def serve_rpc(self, handler: Callable[[Any, bytes], Awaitable[Any]]) -> RpcServer:
         self.rpc = RpcServer(bind_address(self.spec, self.me.name, "rpc"), handler)

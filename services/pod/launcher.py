@@ -113,8 +113,8 @@ class Pod:
         """Run dir, model files and the resolved spec every service reads (idempotent).
 
         Resolving fixes what must not change when a service restarts: the model files, and
-        under local addressing the routers' ports and the fabric's admin port (picked free
-        once), so a restarted router or simulator comes back where its clients know it."""
+        under local addressing the routers' ports (picked free once), so a restarted router
+        comes back where its clients know it (the fabric's addresses are fixed paths)."""
         if not self.spec_file.exists():
             self.spec.run_path.mkdir(parents=True, exist_ok=True)
             model_dir = ensure_model(self.spec.model.dir, self.spec.model.preset, self.spec.model.seed,
@@ -124,8 +124,6 @@ class Pod:
             if self.spec.addressing == "local":
                 ports = list(self.spec.router_ports) or [0] * self.spec.routers
                 resolved["router_ports"] = [p or free_port() for p in ports]
-                resolved["fabric"] = {**resolved.get("fabric", {}),
-                                      "admin_port": self.spec.fabric.get("admin_port") or free_port()}
             self.spec_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
         self.spec = load_pod(self.spec_file)
 

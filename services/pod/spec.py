@@ -203,11 +203,14 @@ def service(spec: PodSpec, name: str) -> ServiceSpec:
 def address(spec: PodSpec, name: str, plane: Plane) -> str:
     """The one addressing rule. gRPC planes give ``host:port`` (or ``unix:path``); the others
     ZeroMQ endpoints. The fabric's health service is on its admin (gRPC) server."""
+    if name == "fabric" and plane in ("health", "fabric_admin") and spec.addressing != "compose":
+        # Locally the admin (+ health) gRPC server is on a fixed unix socket, so a restarted
+        # simulator comes back on the same address; a pod that pins admin_port keeps TCP.
+        if spec.fabric.get("admin_port"):
+            return f"{spec.fabric.get('admin_host', '127.0.0.1')}:{spec.fabric['admin_port']}"
+        return f"unix:{spec.run_path}/fabric.fabric-admin"
     if name == "fabric" and plane == "health":
-        if spec.addressing == "compose":
-            return f"{name}:{COMPOSE_PORTS['fabric_admin']}"
-        raise ConfigError("address", "locally the fabric's health service is on its admin port, "
-                                     "announced in its ready info (admin_address)")
+        return f"{name}:{COMPOSE_PORTS['fabric_admin']}"
     if spec.addressing == "compose":
         port = COMPOSE_PORTS[plane]
         return f"{name}:{port}" if plane in GRPC_PLANES else f"tcp://{name}:{port}"
@@ -235,6 +238,8 @@ def fabric_config(spec: PodSpec) -> dict[str, Any]:
     cfg["data_address"] = bind_address(spec, "fabric", "fabric")
     if spec.addressing == "compose":
         cfg["admin_host"], cfg["admin_port"] = "0.0.0.0", COMPOSE_PORTS["fabric_admin"]
+    elif not cfg.get("admin_port"):
+        cfg["admin_unix"] = address(spec, "fabric", "fabric_admin")
     return cfg
 
 

@@ -171,7 +171,7 @@ async def test_fabric_delay_holds_completion_and_link_down_propagates(namespace,
     clients, eps = [], []
     try:
         for name, npu in (("a", 0), ("b", 1)):
-            fab = await FabricClient.connect(sim.data_address, name=name, npu=npu)
+            fab = await FabricClient.connect(sim.data_address, name=name, npu=npu, deadline_s=5.0)
             clients.append(fab)
             eps.append(await open_endpoint(EndpointConfig(name=name, namespace=namespace, npu=npu,
                                                           ring_slots=8, slot_bytes=256 * 1024), fabric=fab))
