@@ -18,6 +18,7 @@ import json
 import os
 import selectors
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -195,6 +196,63 @@ def test_sdk_against_the_compose_pod_equals_the_reference(pod: ComposePod, refer
             res = client.complete(prompt, request_id=rid, **kw)
             assert res.token_ids == expected(reference, rid, prompt, kw), f"{prompt!r} differs from the reference"
     pod.timings["requests_s"] = round(time.monotonic() - t, 1)
+
+
+def test_a_crashed_expert_container_is_restarted_and_the_stream_stays_exact(pod: ComposePod,
+                                                                            reference: ReferenceEngine) -> None:
+    """Crash (not stop) an expert container mid-stream: its main process is SIGKILLed, Docker
+    sees the crash and restarts it (restart: unless-stopped); the attention ranks fail over to
+    the replica meanwhile, so the stream completes exact, and the restarted expert is healthy."""
+    t = time.monotonic()
+    victim = pod.container("expert-1")
+    assert victim, "expert-1 has no container"
+    before = json.loads(pod.engine.run("docker", "inspect", victim).stdout)[0]
+    main_pid, restarts = before["State"]["Pid"], before["RestartCount"]
+    assert before["State"]["Running"] and main_pid > 0
+    events = subprocess.Popen(
+        ["docker", "events", "--since", str(int(time.time()) - 1), "--format", "{{json .}}",
+         "--filter", "type=container", "--filter", f"container={victim}"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=pod.engine.env)
+    prompt = "an expert crashes under this stream " * 2
+    kw = {"max_tokens": 64, "temperature": 0.8, "top_p": 0.9, "seed": 11}
+    tokens: list[int] = []
+    try:
+        with SyncInferenceClient(pod.routers, timeout_s=120) as client:
+            for d in client.generate(prompt, request_id="compose-crash", **kw):
+                assert d.index == len(tokens)
+                tokens += d.token_ids
+                if len(tokens) >= 8 and main_pid:
+                    os.kill(main_pid, signal.SIGKILL)            # the container's main process: a crash
+                    assert _gone(main_pid), "the expert's main process survived SIGKILL"
+                    main_pid = 0
+        assert tuple(tokens) == expected(reference, "compose-crash", prompt, kw)
+        wait_healthy(pod, {"expert-1"}, events, HEALTH_TIMEOUT_S)  # Docker restarted it: healthy again
+    finally:
+        events.terminate()
+        events.wait(timeout=10)
+        assert events.stdout is not None
+        events.stdout.close()
+    after = json.loads(pod.engine.run("docker", "inspect", victim).stdout)[0]
+    assert after["RestartCount"] == restarts + 1 and after["State"]["Running"]
+    assert after["State"]["Pid"] != before["State"]["Pid"]
+    with SyncInferenceClient(pod.routers, timeout_s=60) as client:
+        fresh = client.complete(prompt, request_id="compose-crash-fresh", **kw)
+    assert fresh.token_ids == expected(reference, "compose-crash-fresh", prompt, kw)
+    pod.timings["expert_crash_and_restart_s"] = round(time.monotonic() - t, 1)
+
+
+def _gone(pid: int, timeout_s: float = 10.0) -> bool:
+    """The PID disappears (a zombie reaped by containerd's shim counts as gone)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return True
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        time.sleep(0.01)   # no event for another namespace's reaper; a bounded poll
+    return False
 
 
 def test_a_killed_router_container_does_not_stop_the_pod(pod: ComposePod, reference: ReferenceEngine) -> None:

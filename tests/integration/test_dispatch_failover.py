@@ -125,7 +125,7 @@ async def test_no_live_replica_waits_then_fails_naming_the_expert_and_recovers(k
         for r in holders:
             d.silent(r, "test: dead")
         t0 = time.monotonic()
-        with pytest.raises(ExpertUnavailable, match=rf"routed expert \d+ \(held by exp\d, exp\d\)") as info:
+        with pytest.raises(ExpertUnavailable, match=r"routed expert \d+ \(held by exp\d, exp\d\)") as info:
             await d.run_layer(pack_event_id(1, 0), xs[0], ids[0], ws[0])
         assert time.monotonic() - t0 >= FAST.wait_s and info.value.expert_id in set(ids[0].reshape(-1).tolist())
         # One holder comes back while a layer waits: the layer goes on, exact.

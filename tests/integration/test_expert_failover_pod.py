@@ -21,6 +21,7 @@ from services.model.engine import ReferenceEngine
 from services.pod.spec import address
 from services.run import EXIT_STALE
 from tests.integration.test_pod_e2e import PROMPTS, Loads, expected
+from tests.faults import proc_state
 from tests.pods import TestPod
 from tests.waiting import Changed
 
@@ -53,11 +54,6 @@ def params(i: int) -> dict:
     if i % 2:
         kw |= {"temperature": 0.8, "top_p": 0.9, "top_k": 40, "seed": 500 + i}
     return kw
-
-
-def proc_state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 def assert_gone(pod: TestPod, name: str, pid: int) -> None:

@@ -22,6 +22,7 @@ import pytest
 from fabric_sim.launch import SimProcess, start_sim, start_sim_from
 from services.api.xds.v1 import fabric_pb2 as pb
 from services.api.xds.v1 import fabric_pb2_grpc as pb_grpc
+from tests.faults import proc_state
 from tests.waiting import Changed
 from tests.xccl_fixtures import shm_entries
 from xccl_net.endpoint import EndpointConfig, open_endpoint
@@ -33,15 +34,6 @@ pytestmark = pytest.mark.integration
 CONFIG = dict(servers=2, npus_per_server=4, time_scale=1000.0, admin_port=0)
 PAYLOAD = 64 * 1024
 WAIT_S = 20.0   # generous deadlines for a loaded 2-core host; conditions end the waits early
-
-
-def proc_state(pid: int) -> str:
-    """The state letter from /proc/PID/stat ('T' = stopped), '' if the process is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[0]
 
 
 class Traffic:

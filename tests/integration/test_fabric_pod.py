@@ -14,7 +14,6 @@ import asyncio
 import os
 import signal
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -29,6 +28,7 @@ from services.model.engine import GenerationRequest, ReferenceEngine
 from services.model.sampling import SamplingParams
 from services.model.tokenizer import encode
 from services.pod.spec import address, services
+from tests.faults import proc_state
 from tests.pods import TestPod
 from tests.waiting import Changed
 
@@ -47,13 +47,6 @@ def sampling_for(i: int) -> dict:
     if i % 2:
         base |= {"temperature": 0.8, "top_p": 0.9, "top_k": 40, "seed": 500 + i}
     return base
-
-
-def proc_state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return ""
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from services.model.sampling import SamplingParams
 from services.model.tokenizer import encode
 from services.run import EXIT_STALE
 from tests.integration.test_pod_e2e import Loads
-from tests.faults import hang, resume
+from tests.faults import hang, proc_state, resume
 from tests.pods import TestPod
 
 pytestmark = pytest.mark.integration
@@ -63,11 +63,6 @@ def reference(pod) -> ReferenceEngine:
 
 def expected(reference: ReferenceEngine, rid: str, prompt: str, kw: dict) -> tuple[int, ...]:
     return reference.generate([GenerationRequest(rid, tuple(encode(prompt)), SamplingParams(**kw))])[0].token_ids
-
-
-def proc_state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 def pid_gone(pid: int) -> bool:

@@ -19,6 +19,7 @@ from services.model.engine import ReferenceEngine
 from services.pod.spec import address
 from services.run import EXIT_STALE
 from tests.integration.test_pod_e2e import Loads, expected
+from tests.faults import proc_state
 from tests.pods import TestPod
 
 pytestmark = pytest.mark.integration
@@ -49,11 +50,6 @@ def pod():
 @pytest.fixture(scope="module")
 def reference(pod) -> ReferenceEngine:
     return ReferenceEngine.from_dir(pod.model_dir)
-
-
-def proc_state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 async def all_exact(client: InferenceClient, reference: ReferenceEngine, tag: str) -> None:

@@ -20,11 +20,8 @@ from typing_extensions import TypeAliasType
 from services.common.wire import (
     ArrayMismatch,
     FieldError,
-    MalformedFrame,
-    TruncatedFrame,
     UnexpectedMessage,
     UnknownMessageType,
-    WireError,
     decode,
     encode,
     join_frames,
