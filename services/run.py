@@ -17,10 +17,10 @@ import sys
 import uvloop
 
 from services.common.config import ConfigError
+from services.common.heartbeat import EXIT_STALE
 from services.pod.spec import PodSpec, fabric_config, load_pod, pod_from_mapping, service
 
 POD_ENV = "XDS_POD"
-EXIT_STALE = 75  # EX_TEMPFAIL: the process was silent past the dead-after window (StaleIncarnation)
 ROLE_MODULES = {
     "router": "services.router.main",
     "prefill": "services.prefill.main",

@@ -40,6 +40,9 @@ def new_epoch() -> str:
     return uuid.uuid4().hex[:12]
 
 
+EXIT_STALE = 75  # EX_TEMPFAIL: the exit code of a process that ended its stale incarnation
+
+
 class StaleIncarnation(RuntimeError):
     """This process went silent for longer than its peers' dead-after window (it was stopped,
     or its loop was wedged): they may have declared this epoch dead and moved its work, and
@@ -72,11 +75,13 @@ class HeartbeatPublisher:
     def __init__(self, address: str, *, service: str, role: str, group: int = -1,
                  interval_s: float = 0.2, load: Callable[[], Mapping[str, float]] = dict,
                  ctx: zmq.Context | None = None, stale_after_s: float | None = None,
+                 on_stale: Callable[[StaleIncarnation], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if stale_after_s is not None and stale_after_s <= interval_s:
             raise ValueError(f"stale_after_s ({stale_after_s}) must exceed interval_s ({interval_s})")
         self.service, self.role, self.group, self.interval_s = service, role, group, interval_s
         self.stale_after_s, self._clock = stale_after_s, clock
+        self._on_stale = on_stale or (lambda exc: None)
         self.epoch = new_epoch()
         self.status = "serving"
         self._load = load
@@ -106,7 +111,9 @@ class HeartbeatPublisher:
                 if self.stale_after_s is not None and silent > self.stale_after_s:
                     log.error("heartbeat.stale_incarnation", service=self.service, epoch=self.epoch,
                               silent_s=round(silent, 3), dead_after_s=self.stale_after_s)
-                    raise StaleIncarnation(self.service, silent, self.stale_after_s)
+                    exc = StaleIncarnation(self.service, silent, self.stale_after_s)
+                    self._on_stale(exc)
+                    raise exc
         finally:
             self._sock.close(0)
 

@@ -14,17 +14,19 @@ import asyncio
 import json
 import os
 import signal
+import threading
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from services.common.health import HealthServer
-from services.common.heartbeat import HeartbeatPublisher, stale_after
+from services.common.heartbeat import EXIT_STALE, HeartbeatPublisher, StaleIncarnation, stale_after
 from services.common.logging import configure_logging
 from services.common.rpc import RpcServer
 from services.pod.spec import PodSpec, ServiceSpec, address, bind_address, service, services
 
 FABRIC_CONNECT_TIMEOUT_S = 10.0
+STALE_EXIT_GRACE_S = 2.0
 # A launcher passes the write end of a pipe in this variable; the ready JSON goes there too,
 # so the launcher waits on an event (readable pipe, or EOF when the child died) instead of
 # polling files.
@@ -96,13 +98,22 @@ class ServiceRuntime:
         self.heartbeat = HeartbeatPublisher(
             bind_address(self.spec, self.me.name, "heartbeat"), service=self.me.name, role=self.me.role,
             group=self.me.group, interval_s=self.spec.heartbeat.interval_s, load=self._beat_load,
-            stale_after_s=stale_after(self.spec.heartbeat.interval_s, self.spec.heartbeat.dead_after_s))
+            stale_after_s=stale_after(self.spec.heartbeat.interval_s, self.spec.heartbeat.dead_after_s),
+            on_stale=self._end_stale)
         return self
 
     def _beat_load(self) -> Mapping[str, float]:
         """The service's load plus its fabric client's (``fabric_unmodelled_transfers``, ...)."""
         load = self._load()
         return {**load, **self.fabric.load()} if self.fabric is not None else load
+
+    def _end_stale(self, exc: StaleIncarnation) -> None:
+        """The incarnation must end: cleanly (the exception unwinds the service, which closes
+        its sockets and unlinks its segment) if that takes less than ``STALE_EXIT_GRACE_S``,
+        else hard (a task that does not yield to cancellation must not keep a dead epoch alive)."""
+        timer = threading.Timer(STALE_EXIT_GRACE_S, os._exit, args=(EXIT_STALE,))
+        timer.daemon = True
+        timer.start()
 
     def serve_rpc(self, handler: Callable[[Any, bytes], Awaitable[Any]]) -> RpcServer:
         self.rpc = RpcServer(bind_address(self.spec, self.me.name, "rpc"), handler)
