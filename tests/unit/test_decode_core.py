@@ -278,6 +278,10 @@ def test_random_schedules_keep_accounting_and_end_every_request_once(ops) -> Non
         elif op == "cancel" and admitted:
             target = sorted(admitted)[i % len(admitted)]
             if c.state_of(target) is not None:
+                state = c.state_of(target)
+                with pytest.raises(Refused):          # a router that never held it (or lost it)
+                    c.cancel(target, "router-stale")
+                assert c.state_of(target) is state
                 absorb(c.cancel(target))
                 finals[target] = finals.get(target, 0) + 1   # the Cancel's Ok is its end
         elif op == "takeover" and admitted:
