@@ -30,6 +30,10 @@ Rules:
   sees ``Free(id)`` before the new ``Load(id)`` and no step result of the old sequence is
   sampled for the new one. A rank answers in order, so a ``Loaded`` of a load whose sequence
   already ended (and got its ``Free``) is recognised by counting and ignored.
+- A router's ``Cancel`` names the router: it ends only that router's admission of the id. A
+  router that lost the id (it hung, the client resumed on another router, which re-admitted it
+  here) answers the old sequence's late pushes with Cancels; those are refused (NOT_FOUND) and
+  the new owner's sequence runs on.
 - A sequence that fails ends with ``Tokens(finish_reason="error", error=message, code=UNAVAILABLE)``:
   every such failure is the group's (a rank lost it), so the router replays it elsewhere; "cancelled" is pushed only when the master
   itself gives a sequence up (shutdown), which tells the router to replay it elsewhere.
@@ -360,13 +364,23 @@ class DecodeCore:
             return []
         return self._end(s, SeqEvent.FAIL, load_answered=True, error=error)
 
-    def cancel(self, request_id: str) -> list[Effect]:
-        """The router's Cancel: it asked, so no final Tokens is pushed back (its Ok says it)."""
+    def cancel(self, request_id: str, router: str = "") -> list[Effect]:
+        """The router's Cancel: it asked, so no final Tokens is pushed back (its Ok says it).
+        With ``router`` (the sender), only that router's admission of the id is cancelled: a
+        router that lost the id (the client resumed elsewhere, another router took it over)
+        still sends Cancels for it (its strays: late pushes of the old sequence), and those
+        must not end the new owner's sequence."""
         s = self._seqs.get(request_id)
-        if s is None:
-            if self._successors.pop(request_id, None) is not None:
-                return []   # a takeover still waiting for its predecessor's release
+        waiting = self._successors.get(request_id)
+        held = s.req if s is not None else waiting
+        if held is None:
             raise Refused(Code.NOT_FOUND, f"no request {request_id!r} on this decode group")
+        if router and held.router != router:
+            raise Refused(Code.NOT_FOUND, f"request {request_id!r} on this decode group is {held.router}'s "
+                                          f"now, not {router}'s: not cancelled")
+        if s is None:
+            del self._successors[request_id]   # a takeover still waiting for its predecessor's release
+            return []
         return [e for e in self._end(s, SeqEvent.CANCEL) if not isinstance(e, Emit)]
 
     def evict_all(self) -> list[Effect]:

@@ -82,7 +82,7 @@ class Master:
         if isinstance(msg, Admit):
             return self._admit(msg, ident)
         if isinstance(msg, Cancel):
-            self._apply(self.core.cancel(msg.request_id))   # a core Refused goes back as rpc.Failed
+            self._apply(self.core.cancel(msg.request_id, msg.router))   # a core Refused goes back as rpc.Failed
             return Ok()
         if isinstance(msg, Subscribe):
             self.routers[msg.router] = ident

@@ -106,6 +106,9 @@ class Tokens:
 @dataclass(frozen=True, slots=True)
 class Cancel:
     request_id: str
+    # The sender (a router's service name): a decode master cancels only that router's
+    # admission of the id, never another router's that took it over since. "": whoever holds it.
+    router: str = ""
 
 
 @message("inf.Subscribe")

@@ -73,7 +73,7 @@ class Router(pb_grpc.InferenceServicer):
                 if req is None or req.terminal:
                     self._stop_driver(e.request_id)
             elif isinstance(e, SendCancel):
-                self._client(e.service).send(Cancel(e.request_id))
+                self._client(e.service).send(Cancel(e.request_id, self.name))
             elif isinstance(e, SubscribeEffect):
                 self._subscribed.discard(e.service)
             elif isinstance(e, Restart):

@@ -207,7 +207,13 @@ async def test_cancel_and_refusals(group) -> None:
     await router.admit(long)
     # Wait until it streams, then cancel: Ok, no final push (the router asked), blocks back, Free sent.
     await CHANGED.until(lambda: len(router.tokens["c-long"]) >= 4, 20)
-    await router.client.call(Cancel("c-long"), timeout_s=5)
+    # Another router's Cancel (a router that lost the id to this one) leaves it running.
+    with pytest.raises(RemoteError) as e:
+        await router.client.call(Cancel("c-long", "router-9"), timeout_s=5)
+    assert e.value.code == "NOT_FOUND" and "router-0" in e.value.message
+    have = len(router.tokens["c-long"])
+    await CHANGED.until(lambda: len(router.tokens["c-long"]) > have + 1, 20)
+    await router.client.call(Cancel("c-long", "router-0"), timeout_s=5)
     await CHANGED.until(lambda: "c-long" in ranks[0].frees + ranks[1].frees, 10)
     st = await stats(router)
     assert st.free_kv_blocks == KV_BLOCKS and st.running == 0 and st.cancelled >= 1

@@ -278,6 +278,10 @@ def test_random_schedules_keep_accounting_and_end_every_request_once(ops) -> Non
         elif op == "cancel" and admitted:
             target = sorted(admitted)[i % len(admitted)]
             if c.state_of(target) is not None:
+                state = c.state_of(target)
+                with pytest.raises(Refused):          # a router that never held it (or lost it)
+                    c.cancel(target, "router-stale")
+                assert c.state_of(target) is state
                 absorb(c.cancel(target))
                 finals[target] = finals.get(target, 0) + 1   # the Cancel's Ok is its end
         elif op == "takeover" and admitted:
@@ -434,3 +438,78 @@ def test_an_invalid_takeover_is_refused_and_leaves_the_old_sequence() -> None:
     with pytest.raises(Refused):
         c.admit(req("r", router="router-1", generated=0))
     assert c.state_of("r") is SeqState.RUNNING and c.stats.takeovers == 0
+
+
+# -- re-admission of an id whose sequence here ended; stale Cancels of a router that lost it ------
+def finish(c: DecodeCore, rid: str, tok: int = 7) -> list:
+    """Step until ``rid`` ends; every effect."""
+    out: list = []
+    while c.state_of(rid) is SeqState.RUNNING:
+        out += run_step(c, lambda _: tok)
+    return out
+
+
+def test_a_finished_id_readmitted_by_another_router_runs_despite_the_old_routers_cancel() -> None:
+    # The chaos case router-stop: router-0 hangs, its sequence finishes here (its tokens lost),
+    # the client resumes on router-1, which re-admits the id; router-0 wakes up and answers the
+    # old sequence's late pushes with Cancels. They must not end router-1's sequence.
+    c = core()
+    load_all(c, c.admit(req("r", max_tokens=3, router="router-0")))
+    out = finish(c, "r")
+    assert [t.finish_reason for t in emitted(out)][-1] == "length" and frees(out) == ["r"]
+    eff = c.admit(req("r", max_tokens=3, generated=2, next_token=7, router="router-1"))
+    assert loads(eff) == ["r"] and c.stats.takeovers == 0
+    with pytest.raises(Refused) as exc:
+        c.cancel("r", "router-0")                                  # a stray's Cancel
+    assert exc.value.code == Code.NOT_FOUND and "router-1" in exc.value.message
+    assert c.state_of("r") is SeqState.LOADING
+    load_all(c, eff)
+    with pytest.raises(Refused):
+        c.cancel("r", "router-0")
+    out = finish(c, "r", tok=9)
+    assert [(e.router, e.tokens.index, e.tokens.token_ids, e.tokens.finish_reason)
+            for e in out if isinstance(e, Emit)] == [("router-1", 2, (9,), "length")]
+    assert frees(out) == ["r"] and c.free_blocks == 64
+    # The owner's own Cancel (and an anonymous one) still works.
+    load_all(c, c.admit(req("r", max_tokens=3, generated=2, next_token=7, router="router-0")))
+    assert frees(c.cancel("r", "router-0")) == ["r"]
+    load_all(c, c.admit(req("s", router="router-1")))
+    assert frees(c.cancel("s")) == ["s"] and c.free_blocks == 64
+
+
+def test_a_waiting_takeover_survives_the_old_routers_cancel() -> None:
+    c = core()
+    load_all(c, c.admit(req("r", max_tokens=8, router="router-0")))
+    plan = c.plan_step()
+    assert c.admit(req("r", max_tokens=8, router="router-1")) == []   # waits for the old step
+    with pytest.raises(Refused):
+        c.cancel("r", "router-0")
+    out = c.complete_step(plan.step, {"a0": onehot([3])})
+    assert [type(e).__name__ for e in out] == ["SendFree", "SendLoad"] and c.state_of("r") is SeqState.LOADING
+    load_all(c, out)
+    out = run_step(c, lambda _: 4)
+    assert [(e.router, e.tokens.index) for e in out if isinstance(e, Emit)] == [("router-1", 1)]
+    assert c.cancel("r", "router-1") and c.state_of("r") is None and c.free_blocks == 64
+
+
+@pytest.mark.parametrize("end", ["cancel", "load_failed", "takeover"])
+def test_an_id_that_ended_while_its_load_was_in_flight_readmits_and_completes(end: str) -> None:
+    c = core()
+    first = c.admit(req("r", max_tokens=3, router="router-0"))
+    assert loads(first) == ["r"]                                    # Load out, not answered
+    if end == "cancel":
+        assert frees(c.cancel("r", "router-0")) == ["r"]
+    elif end == "load_failed":                                       # the Load never went out
+        assert emitted(c.load_failed("r", "outbox full"))[0].finish_reason == "error"
+    second = c.admit(req("r", max_tokens=3, generated=2, next_token=7, router="router-1"))
+    if end == "takeover":
+        assert [type(e).__name__ for e in second] == ["SendFree", "SendLoad"]
+    else:
+        assert loads(second) == ["r"]
+    if end != "load_failed":   # the rank answers the first Load (then frees it), then the second
+        assert c.loaded("r", "a0") == [] and c.state_of("r") is SeqState.LOADING
+    assert c.loaded("r", "a0") == [] and c.state_of("r") is SeqState.RUNNING
+    out = finish(c, "r", tok=9)
+    assert [(e.router, e.tokens.index, e.tokens.finish_reason) for e in out if isinstance(e, Emit)] == \
+        [("router-1", 2, "length")]
+    assert c.free_blocks == 64 and c.state_of("r") is None
