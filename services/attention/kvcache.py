@@ -69,6 +69,9 @@ class KVCache:
     def __len__(self) -> int:
         return len(self._seqs)
 
+    def request_ids(self) -> list[str]:
+        return list(self._seqs)
+
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._seqs
 

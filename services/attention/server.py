@@ -105,7 +105,9 @@ class AttentionServer:
         self.steps = 0
         self.profile = StepProfile()
         self.stats = {"runs": 0, "run_errors": 0, "loads": 0, "load_errors": 0, "frees": 0,
-                      "bad_messages": 0, "foreign_messages": 0}
+                      "bad_messages": 0, "foreign_messages": 0, "stale_master_messages": 0}
+        self.master_epoch = ""                  # the master incarnation this rank serves
+        self.retired_epochs: set[str] = set()   # incarnations it served before (stale if heard again)
 
     def load(self) -> dict[str, float]:
         """Heartbeat load."""
@@ -154,7 +156,31 @@ class AttentionServer:
             return self._logits_error(-1, f"undecodable message: {type(exc).__name__}: {exc}")
         return await self.handle(msg)
 
+    def _master_incarnation(self, epoch: str) -> bool:
+        """Track the master's incarnation. A new one (the master restarted) owns none of the
+        sequences the old one left here: they are dropped, so its KV budget is whole again.
+        An incarnation already replaced is stale (a hung master continued): False."""
+        if not epoch or epoch == self.master_epoch:
+            return True
+        if epoch in self.retired_epochs:
+            self.stats["stale_master_messages"] += 1
+            return False
+        if self.master_epoch:
+            self.retired_epochs.add(self.master_epoch)
+            held = self.core.cache.request_ids()
+            self.core.cache.free(held)
+            log.info("attention.master_restarted", master=self.master, epoch=epoch, dropped=len(held))
+        self.master_epoch = epoch
+        return True
+
     async def handle(self, msg: object) -> Loaded | Logits | None:
+        if isinstance(msg, (Run, Load, Free)) and not self._master_incarnation(msg.master_epoch):
+            log.warning("attention.stale_master", msg_type=type(msg).__name__, epoch=msg.master_epoch)
+            # Answered (the old incarnation may still be waiting) but never acted on.
+            why = "from a replaced incarnation of the master"
+            if isinstance(msg, Load):
+                return Loaded(request_id=msg.request_id, error=why)
+            return self._logits_error(msg.step, why) if isinstance(msg, Run) else None
         if isinstance(msg, Run):
             return await self._run(msg)
         if isinstance(msg, Load):

@@ -17,6 +17,7 @@ Every wait has a timeout; a peer's garbage is counted and logged, never fatal.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -151,6 +152,12 @@ class Master:
         busy = self.core.queued or self.core.count(SeqState.LOADING) or self.core.has_running
         (self.idle.clear if busy else self.idle.set)()
 
+    def _stamped(self, msg: Any) -> Any:
+        """Load/Run/Free carry this master's incarnation: a rank drops what an earlier
+        incarnation of its master left in its cache, and refuses that incarnation's late words."""
+        assert self.rt is not None and self.rt.heartbeat is not None
+        return dataclasses.replace(msg, master_epoch=self.rt.heartbeat.epoch)
+
     # -- XCCL: senders, receiver -----------------------------------------------------------
     async def sender(self, rank: str) -> None:
         assert self.rt is not None
@@ -158,7 +165,7 @@ class Master:
         while True:
             msg = await q.get()
             try:
-                await ep.send(rank, encode(msg), timeout_s=self.cfg.send_timeout_s)
+                await ep.send(rank, encode(self._stamped(msg)), timeout_s=self.cfg.send_timeout_s)
             except asyncio.CancelledError:
                 raise
             except XcclError as exc:
@@ -266,7 +273,7 @@ class Master:
     async def _one_rank(self, rank: str, run: Run, results: dict[str, Any]) -> None:
         assert self.rt is not None
         try:
-            await self.rt.endpoint.send(rank, encode(run), timeout_s=self.cfg.send_timeout_s)
+            await self.rt.endpoint.send(rank, encode(self._stamped(run)), timeout_s=self.cfg.send_timeout_s)
         except XcclError as exc:
             results[rank] = f"could not send step {run.step} to attention rank {rank}: {exc}"
             return

@@ -22,6 +22,7 @@ class Load:
     request_id: str
     kv: KVRef
     capacity: int                  # positions to reserve (prompt + max new tokens)
+    master_epoch: str = ""         # the sending decode master's incarnation (see attention.server)
 
 
 @message("step.Loaded")
@@ -38,6 +39,7 @@ class Run:
     request_ids: tuple[str, ...]
     tokens: tuple[int, ...]        # the token to feed, per sequence
     positions: tuple[int, ...]     # its position
+    master_epoch: str = ""
 
 
 @message("step.Logits")
@@ -52,3 +54,4 @@ class Logits:
 @dataclass(frozen=True, slots=True)
 class Free:
     request_ids: tuple[str, ...]
+    master_epoch: str = ""

@@ -136,7 +136,8 @@ async def fresh_request_is_exact(pod: TestPod, expected: list[tuple[int, ...]], 
     assert res.token_ids == expected[1], f"{case}: the fresh request differs from the reference"
 
 
-async def run_case(pod: TestPod, expected: list[tuple[int, ...]], case: str, faults: list[tuple[str, str]]) -> float:
+async def run_case(pod: TestPod, expected: list[tuple[int, ...]], case: str, faults: list[tuple[str, str]],
+                   request: pytest.FixtureRequest) -> float:
     """Run the load, inject ``faults`` [(kind, service)] at once mid-stream, check everything;
     the seconds from the faults to the last stream's finish."""
     for name in {n for _, n in faults}:
@@ -183,7 +184,9 @@ async def run_case(pod: TestPod, expected: list[tuple[int, ...]], case: str, fau
         await serving(pod, name)
     await fresh_request_is_exact(pod, expected, case)
     record = {"case": case, "faults": faults, "recovery_s": round(recovery_s, 2), "streams": N_STREAMS}
-    print(f"chaos {json.dumps(record)}")
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled():   # into the CI log, even under -q
+        print(f"\nchaos {json.dumps(record)}")
     if os.environ.get("XDS_CHAOS_RECORD"):
         with open(os.environ["XDS_CHAOS_RECORD"], "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -192,9 +195,9 @@ async def run_case(pod: TestPod, expected: list[tuple[int, ...]], case: str, fau
 
 @pytest.mark.parametrize("fault", ["kill", "stop"])
 @pytest.mark.parametrize("role", list(ROLES))
-async def test_one_fault_mid_stream(pod, expected, role, fault) -> None:
-    await run_case(pod, expected, f"{role}-{fault}", [(fault, ROLES[role])])
+async def test_one_fault_mid_stream(pod, expected, role, fault, request) -> None:
+    await run_case(pod, expected, f"{role}-{fault}", [(fault, ROLES[role])], request)
 
 
-async def test_an_expert_and_a_decode_master_killed_at_once(pod, expected) -> None:
-    await run_case(pod, expected, "expert+decode-kill", [("kill", "expert-2"), ("kill", "decode-1")])
+async def test_an_expert_and_a_decode_master_killed_at_once(pod, expected, request) -> None:
+    await run_case(pod, expected, "expert+decode-kill", [("kill", "expert-2"), ("kill", "decode-1")], request)

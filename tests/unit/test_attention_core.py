@@ -240,3 +240,31 @@ def test_step_refusals_change_nothing():
                                                                        call.h, call.ids)))
     reference_step(seqs)
     assert sample(step.logits[0], GREEDY, rid, n + 1) == seqs[0].output[-1]
+
+
+async def test_a_restarted_master_gets_a_whole_budget_and_the_old_incarnation_is_refused():
+    seqs, kv = prefilled(PROMPTS[:2], "m")
+    by_rid = {s.req.request_id: k for s, k in zip(seqs, kv)}
+
+    async def load_kv(ref: KVRef, owner: str):
+        return by_rid[owner]
+
+    core = attention_core(budget_blocks=3)
+    async with moe_pod() as (attn, _master, dispatchers, _h):
+        srv = AttentionServer(attn[0], core, dispatchers[0], load_kv, master="decode-0")
+        a, b = seqs
+        cap_a = len(a.req.prompt_ids) + GREEDY.max_tokens
+        cap_b = len(b.req.prompt_ids) + GREEDY.max_tokens
+        ref = lambda s: KVRef(num_tokens=s.computed, block_size=16, block_hashes=())  # noqa: E731
+        assert await srv.handle(Load(a.req.request_id, ref(a), cap_a, master_epoch="old")) == Loaded(a.req.request_id)
+        assert len(core.cache) == 1
+        # The master restarted (new epoch): what the old one left is dropped, the budget is whole.
+        got = await srv.handle(Load(b.req.request_id, ref(b), cap_b, master_epoch="new"))
+        assert got == Loaded(b.req.request_id) and core.cache.request_ids() == [b.req.request_id]
+        # The old incarnation, continued after a hang, is answered but changes nothing.
+        late = await srv.handle(Load(a.req.request_id, ref(a), cap_a, master_epoch="old"))
+        assert "replaced incarnation" in late.error and core.cache.request_ids() == [b.req.request_id]
+        run = await srv.handle(Run(0, (b.req.request_id,), (b.output[-1],), (b.computed,), master_epoch="old"))
+        assert "replaced incarnation" in run.error
+        assert await srv.handle(Free((b.req.request_id,), master_epoch="old")) is None
+        assert core.cache.request_ids() == [b.req.request_id] and srv.stats["stale_master_messages"] == 3
