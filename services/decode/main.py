@@ -54,7 +54,11 @@ class MasterConfig:
     drain_idle_s: float = 3.0       # on SIGTERM: let running sequences finish this long, then evict
 
     def rank_timeout_s(self, spec: PodSpec) -> float:
-        return max(self.min_rank_timeout_s, 4 * spec.heartbeat.dead_after_s)
+        # A rank may legitimately wait out experts.failover_wait_s for a live replica (and
+        # an answer timeout either side) before it answers the step with UNAVAILABLE naming
+        # the expert: the master must not give up on the rank first.
+        expert_wait = spec.experts.failover_wait_s + 2 * spec.experts.answer_timeout_s + 1.0
+        return max(self.min_rank_timeout_s, 4 * spec.heartbeat.dead_after_s, expert_wait)
 
 
 class Master:
