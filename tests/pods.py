@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,20 @@ class TestPod(Pod):
             shutil.rmtree(root, ignore_errors=True)
             raise
         return cls(spec, root)
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, prefix: str, settings: dict[str, Any] | None = None, *, timeout_s: float = 90.0,
+                supervise: bool = False) -> Iterator[TestPod]:
+        """A started pod (supervised when asked), stopped on exit: what a test's pod fixture does."""
+        pod = cls.create(prefix, settings)
+        try:
+            pod.start(timeout_s=timeout_s)
+            if supervise:
+                pod.supervise()
+            yield pod
+        finally:
+            pod.stop()
 
     def stop(self, grace_s: float = 5.0) -> dict[str, int]:
         codes = super().stop(grace_s)

@@ -65,13 +65,8 @@ def workload() -> list[tuple[str, dict]]:
 
 @pytest.fixture(scope="module")
 def pod():
-    p = TestPod.create("chaos", {"heartbeat": HEARTBEAT})
-    try:
-        p.start(timeout_s=120)
-        p.supervise()
+    with TestPod.running("chaos", {"heartbeat": HEARTBEAT}, timeout_s=120, supervise=True) as p:
         yield p
-    finally:
-        p.stop()
 
 
 @pytest.fixture(scope="module")

@@ -34,14 +34,10 @@ FAILOVER_WAIT_S = 2.0
 
 @pytest.fixture(scope="module")
 def pod():
-    p = TestPod.create("xf", {
+    with TestPod.running("xf", {
         "heartbeat": {"interval_s": 0.1, "suspect_after_s": 1.0, "dead_after_s": 3.0},
-        "experts": {"instances": 4, "replicas": 2, "answer_timeout_s": 1.0, "failover_wait_s": FAILOVER_WAIT_S}})
-    try:
-        p.start(timeout_s=90)
+        "experts": {"instances": 4, "replicas": 2, "answer_timeout_s": 1.0, "failover_wait_s": FAILOVER_WAIT_S}}) as p:
         yield p
-    finally:
-        p.stop()
 
 
 @pytest.fixture(scope="module")

@@ -51,13 +51,9 @@ def sampling_for(i: int) -> dict:
 
 @pytest.fixture(scope="module")
 def pod():
-    p = TestPod.create("fab", {"routers": 1, "decode": {"groups": 1}, "experts": {"instances": 2},
-                               "heartbeat": {"interval_s": 0.1, "suspect_after_s": 1.0, "dead_after_s": 3.0}})
-    try:
-        p.start(timeout_s=90)
+    with TestPod.running("fab", {"routers": 1, "decode": {"groups": 1}, "experts": {"instances": 2},
+                                 "heartbeat": {"interval_s": 0.1, "suspect_after_s": 1.0, "dead_after_s": 3.0}}) as p:
         yield p
-    finally:
-        p.stop()
 
 
 @pytest.fixture(scope="module")

@@ -47,13 +47,9 @@ def sampling_for(i: int) -> dict:
 
 @pytest.fixture(scope="module")
 def pod():
-    p = TestPod.create("fo", {"heartbeat": {"interval_s": 0.1, "suspect_after_s": 0.6, "dead_after_s": DEAD_AFTER_S},
-                              "decode": {"max_batch": 16}})
-    try:
-        p.start(timeout_s=90)
+    with TestPod.running("fo", {"heartbeat": {"interval_s": 0.1, "suspect_after_s": 0.6, "dead_after_s": DEAD_AFTER_S},
+                                "decode": {"max_batch": 16}}) as p:
         yield p
-    finally:
-        p.stop()
 
 
 @pytest.fixture(scope="module")

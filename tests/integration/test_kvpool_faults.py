@@ -38,13 +38,9 @@ def sampling_for(i: int) -> dict:
 
 @pytest.fixture(scope="module")
 def pod():
-    p = TestPod.create("kvf", {"heartbeat": {"interval_s": 0.1, "suspect_after_s": 1.0, "dead_after_s": 3.0},
-                               "kv_pool": {"lease_s": 2.0, "probe_interval_s": 0.1}})
-    try:
-        p.start(timeout_s=90)
+    with TestPod.running("kvf", {"heartbeat": {"interval_s": 0.1, "suspect_after_s": 1.0, "dead_after_s": 3.0},
+                                 "kv_pool": {"lease_s": 2.0, "probe_interval_s": 0.1}}) as p:
         yield p
-    finally:
-        p.stop()
 
 
 @pytest.fixture(scope="module")

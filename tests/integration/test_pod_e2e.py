@@ -44,12 +44,8 @@ def sampling_for(i: int) -> dict:
 
 @pytest.fixture(scope="module")
 def pod():
-    p = TestPod.create("e2e", {"heartbeat": {"interval_s": 0.1, "suspect_after_s": 1.0, "dead_after_s": 3.0}})
-    try:
-        p.start(timeout_s=90)
+    with TestPod.running("e2e", {"heartbeat": {"interval_s": 0.1, "suspect_after_s": 1.0, "dead_after_s": 3.0}}) as p:
         yield p
-    finally:
-        p.stop()
 
 
 @pytest.fixture(scope="module")

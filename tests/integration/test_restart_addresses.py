@@ -18,12 +18,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def pod():
-    p = TestPod.create("addr", {"decode": {"groups": 1}, "experts": {"instances": 2, "replicas": 2}})
-    try:
-        p.start(timeout_s=90)
+    with TestPod.running("addr", {"decode": {"groups": 1}, "experts": {"instances": 2, "replicas": 2}}) as p:
         yield p
-    finally:
-        p.stop()
 
 
 async def test_router_and_fabric_restart_on_their_ports(pod) -> None:
