@@ -37,8 +37,8 @@ class Pod(TestPod):
     """A pod spec in a short tmp dir; the tests start routers one by one (routers need no fabric)."""
 
     @classmethod
-    def new(cls) -> Pod:
-        pod = cls.create("xr", {"routing": {"backend_wait_s": 1.0}})
+    def new(cls, settings: dict | None = None) -> Pod:
+        pod = cls.create("xr", {"routing": {"backend_wait_s": 1.0}, **(settings or {})})
         pod.prepare()
         return pod
 

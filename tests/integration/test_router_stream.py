@@ -135,7 +135,13 @@ async def backend(pod_step) -> AsyncIterator[Backend]:
 
 @pytest.fixture
 def pod_step(request):
-    pod = Pod.new()
+    # The stand-in never ends a stale incarnation as real services do (nothing would restart
+    # it), so a stall of this loaded machine longer than the default 1.5 s window would leave
+    # it dead for good and the request waiting out its deadline. Liveness is tested elsewhere;
+    # here the window is wide.
+    # One DP group: the stand-in's topology (the router is ready once it heard from both).
+    pod = Pod.new({"heartbeat": {"interval_s": 0.2, "suspect_after_s": 10.0, "dead_after_s": 30.0},
+                   "decode": {"groups": 1}})
     try:
         yield pod, getattr(request, "param", 0.0)
     finally:
