@@ -25,6 +25,16 @@ class Parsed:
     resume_from: int
 
 
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """One step of a request's stream, transport-neutral: tokens from output position
+    ``index``, their text (never a split character), and the finish reason on the last."""
+    index: int
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str
+
+
 def exact_float(v: float) -> float:
     """Proto floats are float32; the user wrote a decimal. Take the shortest decimal that maps
     to the same float32 (0.8f -> 0.8, not 0.800000011920929), so a pod run samples exactly as a

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import grpc
@@ -229,16 +229,26 @@ class Router(pb_grpc.InferenceServicer):
     # ---------------------------------------------------------------- gRPC
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> Any:
-        if self.draining:
-            await context.abort(grpc_code(Code.UNAVAILABLE), f"{self.name} is draining; use another router")
         try:
             p = api.parse_generate(request, self.model_cfg)
-            now = time.monotonic()
-            remaining = context.time_remaining()
-            req, created = self.core.open(p.request_id, p.prompt, p.params, now,
-                                          None if remaining is None else now + remaining)
         except RouterError as exc:
             await context.abort(grpc_code(exc.code), exc.message)
+        remaining = context.time_remaining()
+        try:
+            async for d in self.generate(p, None if remaining is None else time.monotonic() + remaining):
+                yield pb.TokenDelta(request_id=p.request_id, index=d.index, token_ids=d.token_ids, text=d.text,
+                                    finish_reason=d.finish_reason)
+        except RouterError as exc:
+            await context.abort(grpc_code(exc.code), exc.message)
+
+    async def generate(self, p: api.Parsed, deadline_s: float | None) -> AsyncIterator[api.Delta]:
+        """The transport-neutral request path (gRPC here, HTTP beside it): open or attach to the
+        request ``p`` (``deadline_s``: the client's, monotonic, or None) and yield its deltas from
+        ``p.resume_from``. Raises ``RouterError`` when it is refused or fails; a caller that stops
+        iterating (client gone) detaches, and the last stream leaving a live request cancels it."""
+        if self.draining:
+            raise RouterError(f"{self.name} is draining; use another router", Code.UNAVAILABLE)
+        req, created = self.core.open(p.request_id, p.prompt, p.params, time.monotonic(), deadline_s)
         self.core.attach(req.request_id)
         if created:
             self._start_driver(req.request_id)
@@ -248,9 +258,9 @@ class Router(pb_grpc.InferenceServicer):
         finally:
             self.apply(self.core.detach(req.request_id, time.monotonic()))
         if req.state is State.FAILED:
-            await context.abort(grpc_code(req.error_code), req.error)
+            raise RouterError(req.error, req.error_code)
 
-    async def _stream(self, req: Request, resume_from: int) -> Any:
+    async def _stream(self, req: Request, resume_from: int) -> AsyncIterator[api.Delta]:
         """Deltas from ``resume_from`` on; the decoder sees every token from 0 so text never
         splits a character, even across a resume."""
         dec, fed = IncrementalDecoder(), 0
@@ -264,15 +274,13 @@ class Router(pb_grpc.InferenceServicer):
                 ids, text = req.tokens[start:have], dec.feed(req.tokens[start:have])
                 fed = have
                 if ids or (done and req.state is not State.FAILED):
-                    yield pb.TokenDelta(request_id=req.request_id, index=start, token_ids=ids,
-                                        text=text + (dec.flush() if done else ""),
-                                        finish_reason=req.finish_reason if done else "")
+                    yield api.Delta(start, tuple(ids), text + (dec.flush() if done else ""),
+                                    req.finish_reason if done else "")
                     if done:
                         return
             if done:
                 if req.state is not State.FAILED:
-                    yield pb.TokenDelta(request_id=req.request_id, index=max(fed, resume_from),
-                                        text=dec.flush(), finish_reason=req.finish_reason)
+                    yield api.Delta(max(fed, resume_from), (), dec.flush(), req.finish_reason)
                 return
             await self._changed(req.request_id).wait()
 
