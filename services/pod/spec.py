@@ -50,9 +50,21 @@ class HeartbeatSpec:
 
 @dataclass(frozen=True, slots=True)
 class RoutingSpec:
-    # A request with no live backend (prefill or decode group dead, hung or busy) waits this
-    # long for one when the client set no deadline; with a deadline, until that deadline.
+    # A request with no live backend (prefill or decode group dead or hung) waits this long
+    # for one when the client set no deadline; with a deadline, until that deadline. (Busy
+    # backends are not a reason to give up: requests wait in the queue below.)
     backend_wait_s: float = 30.0
+    # Each router's admission queue: requests wait here, first come first served, until a
+    # prefill and a DP group have room. Beyond it a new request is refused (RESOURCE_EXHAUSTED).
+    max_waiting: int = 4096
+    # A finished request is kept this long so a client that lost the tail can read it again.
+    retain_finished_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_waiting < 1:
+            raise ConfigError("PodSpec.routing.max_waiting", f"must be >= 1, got {self.max_waiting}")
+        if self.backend_wait_s < 0 or self.retain_finished_s < 0:
+            raise ConfigError("PodSpec.routing", "backend_wait_s and retain_finished_s must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,7 +43,7 @@ from services.model.weights import load_model
 from services.pod.spec import PodSpec
 from services.prefill.core import InvalidPrefill, Job, PrefillModel, Result, check, take_batch
 from services.prefill.messages import PrefillStats, PrefillStatsQuery
-from services.protocol.inference import KVRef, Prefill, PrefillDone
+from services.protocol.inference import Cancel, KVRef, Prefill, PrefillDone
 from services.protocol.kvpool import StageRelease
 
 STAGE_WINDOW = "kv_stage"
@@ -84,10 +84,16 @@ class PrefillServer:
         self.idle.set()
         self.staging: StagingArea | None = None
         self.stage_freed = asyncio.Event()
+        # request id -> one flag per Prefill of it running here: set when its router cancels it
+        self.active: dict[str, list[asyncio.Event]] = {}
+        self.cancelled = 0
 
     def load(self) -> dict[str, float]:
         st = self.staging
+        # capacity: what routers may have out here at once (two passes' worth: one computing,
+        # one batching); more would only wait in this queue instead of the routers' FCFS ones.
         return {"running": self.inflight, "queued": len(self.waiting), "requests": self.n.requests,
+                "capacity": 2 * self.cfg.batch_max_requests, "cancelled": self.cancelled,
                 "cached_tokens": self.n.cached_tokens, "computed_tokens": self.n.computed_tokens,
                 "pool_skipped": self.n.pool_skipped, "pool_down": float(bool(self.pool and self.pool.down_nodes())),
                 "cached_in_pool": self.n.cached_in_pool, "cache_skipped": self.n.cache_skipped,
@@ -108,6 +114,10 @@ class PrefillServer:
                     and self.staging.release(msg.stage_id, msg.owner):
                 self.stage_freed.set()
             return None
+        if isinstance(msg, Cancel):   # one-way, from the router: its client went away or its deadline passed
+            if isinstance(msg.request_id, str) and msg.request_id in self.active:
+                self._cancel(msg.request_id)
+            return None
         if not isinstance(msg, Prefill):
             raise Refused(Code.INVALID_ARGUMENT, f"prefill does not handle {type(msg).__name__}")
         assert self.rt is not None
@@ -120,17 +130,42 @@ class PrefillServer:
             raise Refused(Code.INVALID_ARGUMENT, str(exc)) from None
         self.inflight += 1
         self.idle.clear()
+        flag = asyncio.Event()
+        flags = self.active.setdefault(msg.request_id, [])
+        flags.append(flag)
         try:
-            return await self._prefill(msg, params)
+            return await self._prefill(msg, params, flag)
         except Refused:
             self.n.failed += 1
             raise
         finally:
+            flags.remove(flag)
+            if not flags:
+                del self.active[msg.request_id]
             self.inflight -= 1
             if not self.inflight:
                 self.idle.set()
 
-    async def _prefill(self, msg: Prefill, params: Any) -> PrefillDone:
+    def _cancel(self, rid: str) -> None:
+        """Drop ``rid``: out of the batch queue if it waits there; else its result is not
+        staged (or its stage released) when the pass ends."""
+        for flag in self.active[rid]:
+            flag.set()
+        self.cancelled += 1
+        for i, (job, fut) in enumerate(self.waiting):
+            if job.request_id == rid:
+                del self.waiting[i]
+                if not fut.done():
+                    fut.set_exception(Refused(Code.CANCELLED, f"{rid}: cancelled by its router"))
+                break
+
+    def _check_cancelled(self, rid: str, flag: asyncio.Event, stage_id: int | None = None) -> None:
+        if flag.is_set():
+            if stage_id is not None and self.staging is not None and self.staging.release(stage_id, rid):
+                self.stage_freed.set()
+            raise Refused(Code.CANCELLED, f"{rid}: cancelled by its router")
+
+    async def _prefill(self, msg: Prefill, params: Any, flag: asyncio.Event) -> PrefillDone:
         assert self.rt is not None and self.pool is not None
         rid, tokens = msg.request_id, tuple(msg.token_ids)
         n_cached, cached = 0, []
@@ -156,8 +191,11 @@ class PrefillServer:
                 from None
         self.n.cached_tokens += n_cached
         self.n.computed_tokens += job.to_compute
+        self._check_cancelled(rid, flag)
         ref = await self._stage(rid, tokens, result.kv)
+        self._check_cancelled(rid, flag, ref.stage_id)
         await self._cache(rid, tokens, result.kv)
+        self._check_cancelled(rid, flag, ref.stage_id)
         self.n.requests += 1
         self.rt.log.info("prefill.done", request_id=rid, tokens=len(tokens), cached=n_cached,
                          next_token=result.next_token)

@@ -28,6 +28,13 @@ Rules (the invariants the servicer and the tests rely on):
   epoch's death final, so the core watches such a peer's silence itself (``dead_after_s``).
   A decode master stays dead for its epoch (its sequences were replayed; its late pushes are
   strays, answered with a Cancel).
+- Admission: a new request waits in the router's bounded FCFS queue (``max_waiting``; full:
+  RESOURCE_EXHAUSTED naming ``routing.max_waiting``) until a prefill and a DP group have room
+  for it (``services.router.admission``); a replay (its backend was lost) goes ahead of new
+  requests. ``dispatch`` says which leave the queue now; the servicer starts their drivers.
+- Deadlines: a request whose client deadline passes (less ``deadline_margin_s``) fails with
+  DEADLINE_EXCEEDED wherever it is (``expire``): queued, prefilling (the prefill is told to
+  drop it), prefilled (its staged KV is released) or decoding (the group is told to stop).
 - Waiting for a backend: with no live prefill or decode group (dead, hung, busy, or not
   heard from yet), a request waits for one instead of failing, until its deadline (the
   client's, less ``deadline_margin_s`` so the router's own error reaches it: DEADLINE_EXCEEDED
@@ -46,8 +53,10 @@ from typing import Any
 
 from services.common.liveness import Liveness
 from services.common.status import Code, retry_elsewhere, retryable
-from services.router.effects import (Call, CallAdmit, CallPrefill, Effect, InvalidRequestError, NoBackend, Restart,
-                                     RouterError, SendCancel, Subscribe, TableFull, UnknownRequest, WaitBackend, Wake)
+from services.router import admission
+from services.router.effects import (Call, CallAdmit, CallPrefill, Effect, InvalidRequestError, NoBackend,
+                                     ReleaseStage, Restart, RouterError, SendCancel, Subscribe, TableFull,
+                                     UnknownRequest, WaitBackend, Wake)
 from services.model.sampling import SamplingParams
 
 
@@ -98,7 +107,10 @@ class IllegalTransition(RouterError):
 class RouterConfig:
     max_batch: int = 16                 # decode.max_batch of the pod
     kv_block_size: int = 16             # kv_pool.block_size of the pod
-    max_requests: int = 4096            # live + retained entries
+    max_waiting: int = 4096             # the admission queue (routing.max_waiting); full: RESOURCE_EXHAUSTED
+    decode_slack: int = 8               # requests a DP group may queue beyond its batch (prefill overlaps decode)
+    max_requests: int = 16384           # live + retained entries
+    name: str = "router"                # this router's service name (for messages)
     retain_finished_s: float = 30.0
     max_restarts: int = 3               # replays of one request before it fails
     token_timeout_s: float = 30.0       # decoding with no token for this long -> replay
@@ -134,6 +146,9 @@ class Request:
     tried: set[str] = field(default_factory=set)   # this round of the driver's current phase
     last_error: str = ""         # the driver's last backend failure (for the eventual error)
     last_code: Code | None = None
+    prefill_sent_s: float = 0.0  # when the current Prefill went out
+    admitted_s: float | None = None   # when the current DP group answered the Admit
+    wait_why: str = ""           # why it waits for a backend (while waiting_since_s is set)
 
     @property
     def terminal(self) -> bool:
@@ -166,6 +181,10 @@ class RouterCore:
         self.peers: dict[str, Peer] = {}
         self.stray_pushes = 0        # token pushes for requests we do not (or no longer) drive
         self.revived = 0             # hung prefills taken back into service
+        self.waiting: dict[str, None] = {}   # the admission queue, FCFS (an ordered set)
+        self.replays: dict[str, None] = {}   # requests sent back by a lost backend: ahead of new ones
+        self.dispatch_due = False    # something changed that may let queued requests go
+        self.expired = 0             # requests failed at their deadline
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -176,6 +195,7 @@ class RouterCore:
         req.state = new
         if new in TERMINAL:
             req.ended_s = now
+            self.dispatch_due = True
 
     def get(self, request_id: str) -> Request:
         req = self.requests.get(request_id)
@@ -202,13 +222,105 @@ class RouterCore:
             if old.streams:
                 raise InvalidRequestError(f"request id {request_id!r} is still being streamed to another client")
             del self.requests[request_id]
+        queued = len(self.waiting) + len(self.replays)
+        if queued >= self.cfg.max_waiting:
+            raise TableFull(f"{self.cfg.name}'s waiting queue is full: {queued} requests wait for a backend with room "
+                            f"(routing.max_waiting = {self.cfg.max_waiting}); retry later or raise it")
         if len(self.requests) >= self.cfg.max_requests:
             self._evict_oldest_terminal()
             if len(self.requests) >= self.cfg.max_requests:
-                raise TableFull(f"router has {len(self.requests)} requests in flight (limit {self.cfg.max_requests})")
+                raise TableFull(f"{self.cfg.name} has {len(self.requests)} requests in its table "
+                                f"(limit {self.cfg.max_requests})")
         req = Request(request_id, prompt, params, now, last_progress_s=now, deadline_s=deadline_s)
         self.requests[request_id] = req
+        self.waiting[request_id] = None
+        self.dispatch_due = True
         return req, True
+
+    # ---------------------------------------------------------------- admission
+
+    def queued(self, request_id: str) -> bool:
+        return request_id in self.waiting or request_id in self.replays
+
+    def _dequeue(self, request_id: str) -> None:
+        self.waiting.pop(request_id, None)
+        self.replays.pop(request_id, None)
+
+    def dispatch(self, now: float) -> list[str]:
+        """The queued requests that may go now (their drivers start): as many of the queue's
+        head as there is room for downstream (``services.router.admission``). With no usable
+        backend of a role at all (none alive, none heard from), every queued request goes to
+        its driver, which waits for one as long as its deadline or ``backend_wait_s`` allows."""
+        self.dispatch_due = False
+        queue = [*self.replays, *self.waiting]
+        if not queue:
+            return []
+        rooms = admission.rooms(self.peers, self._inflight(), max_batch=self.cfg.max_batch,
+                                decode_slack=self.cfg.decode_slack)
+        if not rooms.prefill or not rooms.decode:
+            n = len(queue)
+        else:
+            others = sum(1 for p in self.peers.values()
+                         if p.role == "router" and p.usable and p.load.get("queued", 0.0) > 0)
+            bs = self.cfg.kv_block_size
+            n = admission.admit_count(rooms, (self.requests[rid].kv_blocks_needed(bs) for rid in queue),
+                                      routers_waiting=others)
+        out = queue[:n]
+        for rid in out:
+            self._dequeue(rid)
+            self.requests[rid].waiting_since_s = None
+        return out
+
+    def _inflight(self) -> list[admission.InFlight]:
+        bs = self.cfg.kv_block_size
+        out = []
+        for rid, r in self.requests.items():
+            if r.terminal or rid in self.waiting or rid in self.replays:
+                continue
+            if r.state is State.DECODING and r.decode:
+                out.append(admission.InFlight(decode=r.decode, admitted_s=r.admitted_s,
+                                              kv_blocks=r.kv_blocks_needed(bs)))
+            elif r.state is State.PREFILLING:
+                out.append(admission.InFlight(prefill=r.prefill, prefill_sent_s=r.prefill_sent_s))
+            else:
+                out.append(admission.InFlight())
+        return out
+
+    def expire(self, request_id: str, now: float) -> list[Effect]:
+        """The client's deadline passed: fail it with DEADLINE_EXCEEDED, saying where it was."""
+        req = self.requests.get(request_id)
+        if req is None or req.terminal:
+            return []
+        self.expired += 1
+        if self.queued(request_id):
+            queue = [*self.replays, *self.waiting]
+            where = (f"waited {now - req.created_s:.1f}s in {self.cfg.name}'s queue ({queue.index(request_id)} "
+                     f"ahead of it) for a prefill and a DP group with room")
+        elif req.state is State.PREFILLING:
+            where = f"was prefilling on {req.prefill}"
+        elif req.state is State.DECODING and req.decode:
+            where = f"was decoding on {req.decode} after {len(req.tokens)} tokens"
+        elif req.waiting_since_s is not None:
+            return self.fail(request_id, Code.DEADLINE_EXCEEDED,
+                             f"request {request_id!r} waited {now - req.waiting_since_s:.1f}s for a backend "
+                             f"until its deadline: {req.wait_why}", now)
+        else:
+            where = f"was between backends ({req.last_error or 'no error'})"
+        return self.fail(request_id, Code.DEADLINE_EXCEEDED,
+                         f"request {request_id!r} reached its deadline: it {where}", now)
+
+    def _abandon(self, req: Request) -> list[Effect]:
+        """Tell the backends holding a request we give up (cancel, failure, replay) to let go."""
+        effects: list[Effect] = []
+        self._dequeue(req.request_id)
+        if req.decode:
+            effects.append(SendCancel(req.decode, req.request_id))
+        elif req.state is State.PREFILLING and req.prefill:
+            effects.append(SendCancel(req.prefill, req.request_id))   # drops it from its queue
+        kv = req.kv
+        if kv is not None and not req.decode and getattr(kv, "source", ""):
+            effects.append(ReleaseStage(kv.source, req.request_id, kv.stage_id))
+        return effects
 
     def _evict_oldest_terminal(self) -> None:
         done = [r for r in self.requests.values() if r.terminal and not r.streams]
@@ -237,7 +349,7 @@ class RouterCore:
         req = self.get(request_id)
         self._fire(req, Event.PREFILL, now)
         req.prefill, req.decode = prefill, ""
-        req.last_progress_s = now
+        req.last_progress_s = req.prefill_sent_s = now
         req.waiting_since_s = None
 
     def retry_prefill(self, request_id: str, now: float) -> None:
@@ -269,6 +381,7 @@ class RouterCore:
         if req.state is not State.DECODING:
             raise IllegalTransition(req.request_id, req.state, Event.TOKENS)
         req.decode = decode
+        req.admitted_s = None
         req.last_progress_s = now
         req.waiting_since_s = None
 
@@ -348,6 +461,7 @@ class RouterCore:
         req = self.get(request_id)
         if req.waiting_since_s is None:
             req.waiting_since_s = now
+        req.wait_why = why
         if req.deadline_s is not None:
             left = req.deadline_s - self.cfg.deadline_margin_s - now
             if left <= 0:
@@ -409,11 +523,13 @@ class RouterCore:
             self._new_phase(req, kv)
         return effects
 
-    def admit_answered(self, request_id: str) -> None:
+    def admit_answered(self, request_id: str, now: float) -> None:
         """The DP group took it: its tokens come as pushes from now on."""
         req = self.requests.get(request_id)
         if req is not None:
             req.kv = None
+            req.admitted_s = now
+            self.dispatch_due = True
 
     def call_failed(self, request_id: str, call: CallPrefill | CallAdmit, code: Code, message: str,
                     now: float, *, answered: bool = True) -> list[Effect]:
@@ -438,7 +554,7 @@ class RouterCore:
         req = self.get(request_id)
         if req.terminal:
             return []
-        effects: list[Effect] = [SendCancel(req.decode, request_id)] if req.decode else []
+        effects = self._abandon(req)
         req.finish_reason = "cancelled"
         self._fire(req, Event.CANCEL, now)
         if req.streams == 0:
@@ -449,11 +565,12 @@ class RouterCore:
         req = self.requests.get(request_id)
         if req is None or req.terminal:
             return []
+        effects = self._abandon(req)
         req.error_code, req.error = code, message
         self._fire(req, Event.FAIL, now)
         if req.streams == 0:
             self.requests.pop(request_id, None)
-        return [Wake(request_id)]
+        return [*effects, Wake(request_id)]
 
     def restart(self, request_id: str, reason: str, now: float) -> list[Effect]:
         """Send a live request back to be replayed elsewhere, at most ``max_restarts`` times."""
@@ -463,14 +580,15 @@ class RouterCore:
         if req.restarts >= self.cfg.max_restarts:
             return self.fail(request_id, Code.UNAVAILABLE,
                              f"gave up after {req.restarts} restarts; last: {reason}", now)
-        effects: list[Effect] = []
-        if req.decode and self.peers.get(req.decode, Peer("decode")).liveness is not Liveness.DEAD:
-            effects.append(SendCancel(req.decode, request_id))
+        effects = [e for e in self._abandon(req)
+                   if self.peers.get(getattr(e, "service", ""), Peer("")).liveness is not Liveness.DEAD]
         self._fire(req, Event.RESTART, now)
         req.restarts += 1
         req.prefill, req.decode = "", ""
         self._new_phase(req)
         req.last_progress_s = now
+        self.replays[request_id] = None
+        self.dispatch_due = True
         return [*effects, Restart(request_id, reason), Wake(request_id)]
 
     def tick(self, now: float) -> list[Effect]:
@@ -484,6 +602,8 @@ class RouterCore:
             if req.terminal:
                 if not req.streams and now - (req.ended_s or now) >= self.cfg.retain_finished_s:
                     del self.requests[rid]
+            elif req.deadline_s is not None and now >= req.deadline_s - self.cfg.deadline_margin_s:
+                effects += self.expire(rid, now)   # a backstop: the client's stream expires it on time
             elif req.state is State.DECODING and req.decode and \
                     now - req.last_progress_s >= self.cfg.token_timeout_s:
                 effects += self.restart(rid, f"no token from {req.decode} for {self.cfg.token_timeout_s:g}s", now)
@@ -512,6 +632,7 @@ class RouterCore:
             self.revived += 1
         peer.status, peer.load, peer.group = status, dict(load), group
         peer.last_beat_s = now
+        self.dispatch_due = True
         return effects
 
     def liveness_changed(self, service: str, new: Liveness, now: float) -> list[Effect]:
@@ -521,6 +642,7 @@ class RouterCore:
         if new is Liveness.ALIVE:
             peer.woke = False   # the detector speaks for it again (a new epoch)
         peer.liveness = new
+        self.dispatch_due = True
         return self._backend_lost(service, f"{service} is dead", now) if new is Liveness.DEAD else []
 
     def _backend_lost(self, service: str, reason: str, now: float) -> list[Effect]:
@@ -575,4 +697,6 @@ class RouterCore:
 
     def load(self) -> dict[str, Any]:
         live = sum(1 for r in self.requests.values() if not r.terminal)
-        return {"running": live, "queued": 0, "table": len(self.requests)}
+        queued = len(self.waiting) + len(self.replays)
+        return {"running": live - queued, "queued": queued, "table": len(self.requests), "expired": self.expired,
+                "max_waiting": self.cfg.max_waiting}

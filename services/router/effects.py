@@ -47,6 +47,15 @@ class SendCancel:
 
 
 @dataclass(frozen=True, slots=True)
+class ReleaseStage:
+    """Tell prefill ``service`` that the KV it staged for ``owner`` (``stage_id``) will not be
+    loaded: the request ended before a DP group took it."""
+    service: str
+    owner: str
+    stage_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class Subscribe:
     """(Re-)announce this router to a decode master: it is new or restarted."""
     service: str
@@ -66,7 +75,7 @@ class Restart:
     reason: str
 
 
-Effect = SendCancel | Subscribe | Wake | Restart
+Effect = SendCancel | ReleaseStage | Subscribe | Wake | Restart
 
 
 @dataclass(frozen=True, slots=True)

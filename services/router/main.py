@@ -34,7 +34,9 @@ async def serve(spec: PodSpec, name: str) -> None:
     model_cfg = ModelConfig.load(model_dir)
     core = RouterCore(RouterConfig(max_batch=spec.decode.max_batch, kv_block_size=spec.kv_pool.block_size,
                                    vocab_size=model_cfg.vocab_size, backend_wait_s=spec.routing.backend_wait_s,
-                                   dead_after_s=spec.heartbeat.dead_after_s))
+                                   dead_after_s=spec.heartbeat.dead_after_s, max_waiting=spec.routing.max_waiting,
+                                   retain_finished_s=spec.routing.retain_finished_s,
+                                   max_requests=2 * spec.routing.max_waiting + 4096, name=name))
     async with ServiceRuntime(spec, name, xccl=False, load=core.load) as rt:
         router = Router(name, core, model_cfg, model_dir.name, lambda svc: address(spec, svc, "rpc"))
         server = grpc.aio.server()

@@ -24,8 +24,10 @@ from services.common.status import Code
 from services.model.config import ModelConfig
 from services.model.tokenizer import IncrementalDecoder
 from services.protocol.inference import Admit, Cancel, Prefill, PrefillDone, Sampling, Subscribe, Tokens
+from services.protocol.kvpool import StageRelease
 from services.router import api
-from services.router.core import (CallAdmit, CallPrefill, Effect, Request, Restart, RouterCore, RouterError, SendCancel,
+from services.router.core import (CallAdmit, CallPrefill, Effect, ReleaseStage, Request, Restart, RouterCore,
+                                  RouterError, SendCancel,
                                   State, Subscribe as SubscribeEffect, WaitBackend, Wake)
 
 log = get_logger()
@@ -76,10 +78,14 @@ class Router(pb_grpc.InferenceServicer):
                 self._client(e.service).send(Cancel(e.request_id, self.name))
             elif isinstance(e, SubscribeEffect):
                 self._subscribed.discard(e.service)
-            elif isinstance(e, Restart):
+            elif isinstance(e, ReleaseStage):
+                self._client(e.service).send(StageRelease(e.owner, e.stage_id))
+            elif isinstance(e, Restart):   # back in the queue (ahead of new requests): dispatch restarts it
                 log.warning("request.restart", request_id=e.request_id, reason=e.reason)
                 self._stop_driver(e.request_id)
-                self._start_driver(e.request_id)
+        if self.core.dispatch_due and self._tg is not None:
+            for rid in self.core.dispatch(time.monotonic()):
+                self._start_driver(rid)
         if self.draining and not any(not r.terminal for r in self.core.requests.values()):
             self._idle.set()
 
@@ -212,7 +218,8 @@ class Router(pb_grpc.InferenceServicer):
         except RemoteError as exc:
             self._failed(call, exc.code, exc.message)
         else:
-            self.core.admit_answered(rid)
+            self.core.admit_answered(rid, time.monotonic())
+            self.apply(())
 
     def _failed(self, call: CallPrefill | CallAdmit, code: Code, message: str, *, answered: bool = True) -> None:
         self.apply(self.core.call_failed(call.request_id, call, code, message, time.monotonic(), answered=answered))
@@ -248,11 +255,10 @@ class Router(pb_grpc.InferenceServicer):
         iterating (client gone) detaches, and the last stream leaving a live request cancels it."""
         if self.draining:
             raise RouterError(f"{self.name} is draining; use another router", Code.UNAVAILABLE)
-        req, created = self.core.open(p.request_id, p.prompt, p.params, time.monotonic(), deadline_s)
+        req, _ = self.core.open(p.request_id, p.prompt, p.params, time.monotonic(), deadline_s)
         self.core.attach(req.request_id)
-        if created:
-            self._start_driver(req.request_id)
         try:
+            self.apply(())   # a new request may leave the queue at once
             async for delta in self._stream(req, p.resume_from):
                 yield delta
         finally:
@@ -282,7 +288,23 @@ class Router(pb_grpc.InferenceServicer):
                 if req.state is not State.FAILED:
                     yield api.Delta(max(fed, resume_from), (), dec.flush(), req.finish_reason)
                 return
-            await self._changed(req.request_id).wait()
+            await self._until_changed(req)
+
+    async def _until_changed(self, req: Request) -> None:
+        """Until the request changes, or its deadline (less the margin) passes: then it fails
+        with DEADLINE_EXCEEDED where it is (queued, prefilling, decoding), on time for the
+        router's own error to reach the client."""
+        ev = self._changed(req.request_id)
+        if req.deadline_s is None:
+            await ev.wait()
+            return
+        left = req.deadline_s - self.core.cfg.deadline_margin_s - time.monotonic()
+        try:
+            if left <= 0:
+                raise TimeoutError
+            await asyncio.wait_for(ev.wait(), left)
+        except TimeoutError:
+            self.apply(self.core.expire(req.request_id, time.monotonic()))
 
     async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
         try:

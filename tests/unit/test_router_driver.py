@@ -38,7 +38,7 @@ def test_happy_path_prefill_then_admit_then_nothing_left() -> None:
     c.prefill_answered("r1", 10, KV, 0.2)
     call = c.next_call("r1", 0.2)
     assert call == CallAdmit("r1", "decode-0", KV) and c.requests["r1"].decode == "decode-0"
-    c.admit_answered("r1")
+    c.admit_answered("r1", 0.3)
     assert c.next_call("r1", 0.3) is None
 
 
@@ -108,7 +108,7 @@ def test_a_replay_starts_the_driver_afresh() -> None:
     c.next_call("r1", 0.1)                               # prefill-1
     c.prefill_answered("r1", 10, KV, 0.2)
     c.next_call("r1", 0.2)                               # Admit to decode-0 ...
-    c.admit_answered("r1")
+    c.admit_answered("r1", 0.3)
     c.restart("r1", "decode-0 is dead", 1.0)             # ... which then died
     req = c.requests["r1"]
     assert req.state is State.ADMITTED and not req.tried and req.last_error == "" and req.kv is None
