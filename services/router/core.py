@@ -521,6 +521,8 @@ class RouterCore:
         req = self.requests.get(request_id)
         if req is not None and not req.terminal:
             self._new_phase(req, kv)
+        elif getattr(kv, "source", ""):   # it ended at its first token: nobody will load the staged KV
+            effects.append(ReleaseStage(kv.source, request_id, kv.stage_id))
         return effects
 
     def admit_answered(self, request_id: str, now: float) -> None:

@@ -39,7 +39,10 @@ async def serve(spec: PodSpec, name: str) -> None:
                                    max_requests=2 * spec.routing.max_waiting + 4096, name=name))
     async with ServiceRuntime(spec, name, xccl=False, load=core.load) as rt:
         router = Router(name, core, model_cfg, model_dir.name, lambda svc: address(spec, svc, "rpc"))
-        server = grpc.aio.server()
+        # Every client stream must reach the router, where it waits in the admission queue (FCFS,
+        # with its deadline): HTTP/2's default of 100 concurrent streams per connection would
+        # hold the rest in the client's transport, unseen, and a health probe behind them.
+        server = grpc.aio.server(options=[("grpc.max_concurrent_streams", spec.routing.max_waiting + 1024)])
         pb_grpc.add_InferenceServicer_to_server(router, server)
         # The runtime's health status (NOT_SERVING -> SERVING when ready -> NOT_SERVING while
         # draining), served on the client-facing port too, where load balancers ask.
