@@ -213,6 +213,8 @@ class InferenceClient:
                     async for d in self._messages(call, ep):
                         if d.index != received and (d.token_ids or not d.finish_reason):
                             raise Internal(f"{ep} sent index {d.index} for request {rid!r}, expected {received}")
+                        if not d.token_ids and not d.finish_reason and not d.text:
+                            continue   # the router's keep-alive: the request waits (queued), it is not hung
                         received += len(d.token_ids)
                         progressed = progressed or bool(d.token_ids)
                         self._remember(ep)

@@ -149,6 +149,7 @@ class Request:
     prefill_sent_s: float = 0.0  # when the current Prefill went out
     admitted_s: float | None = None   # when the current DP group answered the Admit
     wait_why: str = ""           # why it waits for a backend (while waiting_since_s is set)
+    staged: Any = None           # the KVRef staged at a prefill, until the DP group's first token shows it loaded
 
     @property
     def terminal(self) -> bool:
@@ -317,9 +318,11 @@ class RouterCore:
             effects.append(SendCancel(req.decode, req.request_id))
         elif req.state is State.PREFILLING and req.prefill:
             effects.append(SendCancel(req.prefill, req.request_id))   # drops it from its queue
-        kv = req.kv
-        if kv is not None and not req.decode and getattr(kv, "source", ""):
-            effects.append(ReleaseStage(kv.source, req.request_id, kv.stage_id))
+        # Its staged KV, unless the group's first token showed a rank loaded it (and released
+        # it). A rank still about to load it reads a reclaimed stage: the digest catches that.
+        if req.staged is not None:
+            effects.append(ReleaseStage(req.staged.source, req.request_id, req.staged.stage_id))
+            req.staged = None
         return effects
 
     def _evict_oldest_terminal(self) -> None:
@@ -433,6 +436,7 @@ class RouterCore:
             reason = self._finish_reason(req)
             if reason:
                 break
+        req.staged = None   # the group produced a token: a rank loaded (and released) the staged KV
         if len(token_ids) > overlap:
             req.last_progress_s = now
             self._fire(req, Event.TOKENS, now)
@@ -521,6 +525,7 @@ class RouterCore:
         req = self.requests.get(request_id)
         if req is not None and not req.terminal:
             self._new_phase(req, kv)
+            req.staged = kv if getattr(kv, "source", "") else None
         elif getattr(kv, "source", ""):   # it ended at its first token: nobody will load the staged KV
             effects.append(ReleaseStage(kv.source, request_id, kv.stage_id))
         return effects

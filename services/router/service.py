@@ -32,6 +32,8 @@ from services.router.core import (CallAdmit, CallPrefill, Effect, ReleaseStage, 
 
 log = get_logger()
 
+KEEPALIVE_S = 1.0   # a stream with nothing new for this long gets an empty delta (the SDK's stall watch sees it)
+
 
 def grpc_code(code: Code) -> grpc.StatusCode:
     """The one mapping from the pod's status codes to the client's gRPC status (same names)."""
@@ -288,23 +290,30 @@ class Router(pb_grpc.InferenceServicer):
                 if req.state is not State.FAILED:
                     yield api.Delta(max(fed, resume_from), (), dec.flush(), req.finish_reason)
                 return
-            await self._until_changed(req)
+            if not await self._until_changed(req):
+                yield api.Delta(max(fed, resume_from), (), "", "")   # keep-alive: queued, not hung
 
-    async def _until_changed(self, req: Request) -> None:
-        """Until the request changes, or its deadline (less the margin) passes: then it fails
-        with DEADLINE_EXCEEDED where it is (queued, prefilling, decoding), on time for the
-        router's own error to reach the client."""
+    async def _until_changed(self, req: Request) -> bool:
+        """Until the request changes (True), or ``KEEPALIVE_S`` passes without a change (False:
+        the stream sends an empty delta so the client knows a queued request is alive), or its
+        deadline (less the margin) passes: then it fails with DEADLINE_EXCEEDED where it is
+        (queued, prefilling, decoding), on time for the router's own error to reach the client."""
         ev = self._changed(req.request_id)
-        if req.deadline_s is None:
-            await ev.wait()
-            return
-        left = req.deadline_s - self.core.cfg.deadline_margin_s - time.monotonic()
-        try:
+        wait_s = KEEPALIVE_S
+        if req.deadline_s is not None:
+            left = req.deadline_s - self.core.cfg.deadline_margin_s - time.monotonic()
             if left <= 0:
-                raise TimeoutError
-            await asyncio.wait_for(ev.wait(), left)
+                self.apply(self.core.expire(req.request_id, time.monotonic()))
+                return True
+            wait_s = min(wait_s, left)
+        try:
+            await asyncio.wait_for(ev.wait(), wait_s)
+            return True
         except TimeoutError:
-            self.apply(self.core.expire(req.request_id, time.monotonic()))
+            if req.deadline_s is not None and time.monotonic() >= req.deadline_s - self.core.cfg.deadline_margin_s:
+                self.apply(self.core.expire(req.request_id, time.monotonic()))
+                return True
+            return False
 
     async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
         try:
