@@ -226,8 +226,8 @@ async def test_a_client_that_disconnects_mid_stream_cancels_its_request(pod: Tes
     routers = [s.name for s in services(pod.spec) if s.role == "router"]
     async with Loads(pod) as loads:
         def idle() -> bool:
-            return all(loads.load(f"decode-{g}").get("running", 1) == 0 for g in groups) and \
-                all(loads.load(r).get("running", 1) == 0 for r in routers)
+            return all(loads.load(f"decode-{g}").get("running", 1) == 0 and "steps" in loads.load(f"attention-{g}-0")
+                       for g in groups) and all(loads.load(r).get("running", 1) == 0 for r in routers)
         await loads.until(idle, 20)
         steps0 = sum(loads.load(f"attention-{g}-0")["steps"] for g in groups)
         async with openai.AsyncOpenAI(base_url=f"{pod.http[0]}/v1", api_key="none", max_retries=0) as client:
