@@ -9,6 +9,7 @@ from services.cli import add_lazy_subcommands
 # kind -> (module with add_arguments(parser) and run(args) -> int, one-line help).
 KINDS: dict[str, tuple[str, str]] = {
     "fabric": ("fabric_sim.bench", "fabric simulator: reserve round trip vs raw zmq, pipelining, fidelity"),
+    "http": ("services.bench.http", "OpenAI HTTP vs gRPC on the same router: added latency per streamed token"),
     "kvpool": ("services.kvpool.bench", "KV pool store/load/fetch vs a same-run pack+memcpy baseline"),
     "reference": ("services.bench.reference", "reference-engine prefill/decode throughput"),
     "serve": ("services.bench.serve", "load a running pod: throughput, TTFT, TPOT, ITL; --compare-reference"),

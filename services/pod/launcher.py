@@ -122,8 +122,9 @@ class Pod:
             resolved = to_mapping(self.spec)
             resolved["model"]["dir"] = str(model_dir)  # every service loads these very files
             if self.spec.addressing == "local":
-                ports = list(self.spec.router_ports) or [0] * self.spec.routers
-                resolved["router_ports"] = [p or free_port() for p in ports]
+                for key in ("router_ports", "router_http_ports"):
+                    ports = list(getattr(self.spec, key)) or [0] * self.spec.routers
+                    resolved[key] = [p or free_port() for p in ports]
             self.spec_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
         self.spec = load_pod(self.spec_file)
 
@@ -223,6 +224,11 @@ class Pod:
         return [self.child(n).info["grpc"] for n in self.procs if n.startswith("router-")]
 
     @property
+    def http(self) -> list[str]:
+        """The routers' OpenAI-compatible base URLs (``http://127.0.0.1:PORT``), one per router."""
+        return [self.child(n).info["http"] for n in self.procs if n.startswith("router-")]
+
+    @property
     def fabric_admin(self) -> str:
         return self.child("fabric").info.get("admin_address", "") if "fabric" in self.procs else ""
 
@@ -243,7 +249,7 @@ class Pod:
         return self.procs[name].poll() is None
 
     def ready_info(self) -> dict[str, Any]:
-        return {"pod": self.spec.name, "routers": self.routers, "fabric_admin": self.fabric_admin,
+        return {"pod": self.spec.name, "routers": self.routers, "http": self.http, "fabric_admin": self.fabric_admin,
                 "run_dir": str(self.spec.run_path), "pids": self.pids(), "restarts": dict(self.restarts)}
 
     # -- stop ------------------------------------------------------------------------------
@@ -554,7 +560,7 @@ def up(spec: PodSpec, ready_file: str | None) -> int:
                 return 0
             info = pod.ready_info()
             report()
-            print(f"pod {spec.name} is up: routers {' '.join(info['routers'])} (logs in {spec.run_path})", flush=True)
+            print(f"pod {spec.name} is up: routers {' '.join(info['routers'])}, OpenAI HTTP {' '.join(info['http'])} (logs in {spec.run_path})", flush=True)
             pod.run_supervision(lambda: stop_requested, report)
         except PodStartError as exc:
             print(f"xds up: {exc}", file=sys.stderr, flush=True)

@@ -17,11 +17,13 @@ from typing import Any, Literal
 from services.common.config import ConfigError, from_mapping, load_yaml
 
 Role = Literal["fabric", "router", "prefill", "kvpool", "decode", "attention", "expert"]
-Plane = Literal["rpc", "heartbeat", "grpc", "health", "fabric", "fabric_admin"]
+Plane = Literal["rpc", "heartbeat", "grpc", "health", "fabric", "fabric_admin", "http"]
 GRPC_PLANES = ("grpc", "health")   # gRPC targets (host:port / unix:path); the rest are ZeroMQ
+HOST_PORT_PLANES = (*GRPC_PLANES, "http")   # host:port; http is the routers' OpenAI-compatible API
 
 # Fixed container ports under compose (each service is its own host there).
-COMPOSE_PORTS = {"rpc": 5100, "heartbeat": 5101, "health": 5102, "grpc": 50051, "fabric": 5200, "fabric_admin": 5201}
+COMPOSE_PORTS = {"rpc": 5100, "heartbeat": 5101, "health": 5102, "grpc": 50051, "fabric": 5200, "fabric_admin": 5201,
+                 "http": 8000}
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +123,7 @@ class PodSpec:
     model: ModelSpec = field(default_factory=ModelSpec)
     routers: int = 2
     router_ports: tuple[int, ...] = ()   # local addressing; empty or 0 entries = pick free ports
+    router_http_ports: tuple[int, ...] = ()   # the routers' OpenAI-compatible HTTP, the same way
     routing: RoutingSpec = field(default_factory=RoutingSpec)
     prefill: int = 1
     decode: DecodeSpec = field(default_factory=DecodeSpec)
@@ -168,6 +171,8 @@ class PodSpec:
             raise ConfigError("PodSpec.experts.replicas", "must be in 1..experts.instances")
         if self.router_ports and len(self.router_ports) != self.routers:
             raise ConfigError("PodSpec.router_ports", f"needs {self.routers} entries (one per router)")
+        if self.router_http_ports and len(self.router_http_ports) != self.routers:
+            raise ConfigError("PodSpec.router_http_ports", f"needs {self.routers} entries (one per router)")
         if not self.name.replace("-", "").isalnum() or len(self.name) > 24:
             raise ConfigError("PodSpec.name", "letters, digits and '-' only, at most 24 characters")
 
@@ -213,8 +218,8 @@ def service(spec: PodSpec, name: str) -> ServiceSpec:
 
 
 def address(spec: PodSpec, name: str, plane: Plane) -> str:
-    """The one addressing rule. gRPC planes give ``host:port`` (or ``unix:path``); the others
-    ZeroMQ endpoints. The fabric's health service is on its admin (gRPC) server."""
+    """The one addressing rule. gRPC planes and http give ``host:port`` (or ``unix:path``); the
+    others ZeroMQ endpoints. The fabric's health service is on its admin (gRPC) server."""
     if name == "fabric" and plane in ("health", "fabric_admin") and spec.addressing != "compose":
         # Locally the admin (+ health) gRPC server is on a fixed unix socket, so a restarted
         # simulator comes back on the same address; a pod that pins admin_port keeps TCP.
@@ -225,11 +230,11 @@ def address(spec: PodSpec, name: str, plane: Plane) -> str:
         return f"{name}:{COMPOSE_PORTS['fabric_admin']}"
     if spec.addressing == "compose":
         port = COMPOSE_PORTS[plane]
-        return f"{name}:{port}" if plane in GRPC_PLANES else f"tcp://{name}:{port}"
-    if plane == "grpc":
+        return f"{name}:{port}" if plane in HOST_PORT_PLANES else f"tcp://{name}:{port}"
+    if plane in ("grpc", "http"):
         i = service(spec, name).rank
-        port = spec.router_ports[i] if spec.router_ports else 0
-        return f"127.0.0.1:{port}"
+        ports = spec.router_ports if plane == "grpc" else spec.router_http_ports
+        return f"127.0.0.1:{ports[i] if ports else 0}"
     if plane == "health":
         return f"unix:{spec.run_path}/{name}.health"
     suffix = {"rpc": "rpc", "heartbeat": "hb", "fabric": "fabric", "fabric_admin": "fabric-admin"}[plane]

@@ -1,12 +1,15 @@
 """Router process: ``python -m services.run --pod FILE --name router-0``.
 
 Serves ``xds.v1.Inference``, ``grpc.health.v1`` (SERVING once ready, NOT_SERVING while
-draining) and server reflection on the pod's grpc address; with port 0 the real port is in
-the ready file (``grpc`` key). Liveness and load of every backend come from heartbeats only.
+draining) and server reflection on the pod's grpc address, and the OpenAI-compatible HTTP API
+(``services/router/http.py``: same loop, same ``Router.generate``) on its http address; with
+port 0 the real ports are in the ready file (``grpc`` and ``http`` keys). Liveness and load
+of every backend come from heartbeats only.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -22,6 +25,7 @@ from services.model.cache import ensure_model
 from services.model.config import ModelConfig
 from services.pod.spec import PodSpec, address, bind_address, services
 from services.router.core import RouterConfig, RouterCore
+from services.router.http import HttpFront
 from services.router.service import Router
 
 SERVER_STOP_GRACE_S = 1.0
@@ -53,6 +57,11 @@ async def serve(spec: PodSpec, name: str) -> None:
         if port == 0:
             raise RuntimeError(f"{name}: cannot bind gRPC on {bind}")
         await server.start()
+        # The OpenAI-compatible HTTP front, on this same loop, over the same Router.generate.
+        ready = asyncio.Event()
+        front = HttpFront(router, ready=lambda: ready.is_set() and not rt.draining)
+        http_bind_host, http_bind_port = bind_address(spec, name, "http").rsplit(":", 1)
+        http_port = await front.start(http_bind_host, int(http_bind_port))
         subscriber = HeartbeatSubscriber(
             [address(spec, s.name, "heartbeat") for s in services(spec) if s.name != name and s.role != "fabric"],
             detector=FailureDetector(DetectorConfig(spec.heartbeat.suspect_after_s, spec.heartbeat.dead_after_s)),
@@ -67,9 +76,12 @@ async def serve(spec: PodSpec, name: str) -> None:
             if missing:
                 rt.log.warning("router.ready_without", missing=sorted(missing))
             host = address(spec, name, "grpc").rsplit(":", 1)[0]
-            await rt.mark_ready(grpc=f"{host}:{port}", started_s=time.time())
+            http_host = address(spec, name, "http").rsplit(":", 1)[0]
+            await rt.mark_ready(grpc=f"{host}:{port}", http=f"http://{http_host}:{http_port}", started_s=time.time())
+            ready.set()
 
         try:
             await rt.run_until_stopped(subscriber.run(), router.run(), ready_when_started(), drain=router.drain)
         finally:
+            await front.stop()
             await server.stop(SERVER_STOP_GRACE_S)

@@ -21,7 +21,7 @@ from services.model.sampling import SamplingParams
 from services.model.tokenizer import encode
 from services.pod.spec import address
 from services.prefill.messages import PrefillStats, PrefillStatsQuery
-from services.protocol.inference import Cancel, Prefill, PrefillDone, Sampling
+from services.protocol.inference import Prefill, PrefillDone, Sampling, Subscribe
 from tests.pods import TestPod, test_endpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,7 +116,7 @@ async def test_invalid_input_is_refused_and_the_service_keeps_serving(pod, engin
         good = Sampling.of(SamplingParams(max_tokens=4))
         bad_msgs = [Prefill("bad-1", (), good), Prefill("bad-2", (256, 9999), good),
                     Prefill("bad-3", (256, 65), Sampling(-1.0, 1.0, 0, None, 4, ())),
-                    Prefill("bad-4", (256, 65), good, position_offset=7), Cancel("x")]
+                    Prefill("bad-4", (256, 65), good, position_offset=7), Subscribe("x")]
         for m in bad_msgs:
             with pytest.raises(RemoteError) as e:
                 await client.call(m, timeout_s=5)

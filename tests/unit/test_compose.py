@@ -47,7 +47,8 @@ def test_every_pod_service_is_a_compose_service_with_health_and_ordered_dependen
             assert deps["fabric"] == {"condition": "service_healthy"}
         if s.role == "router":
             assert {n for n, d in deps.items() if d["condition"] == "service_healthy"} >= {"prefill-0", "decode-0", "decode-1"}
-            assert c["ports"] == [f"127.0.0.1:${{XDS_ROUTER_{s.rank}_PORT:-{50051 + s.rank}}}:50051"]
+            assert c["ports"] == [f"127.0.0.1:${{XDS_ROUTER_{s.rank}_PORT:-{50051 + s.rank}}}:50051",
+                                  f"127.0.0.1:${{XDS_ROUTER_{s.rank}_HTTP_PORT:-{8000 + s.rank}}}:8000"]
         else:
             assert "ports" not in c   # only the routers are published, on 127.0.0.1
 

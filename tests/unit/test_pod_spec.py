@@ -20,20 +20,26 @@ def test_default_pod_has_every_role_with_unique_names_and_npus() -> None:
 
 
 def test_one_addressing_rule_for_local_and_compose(tmp_path) -> None:
-    local = pod_from_mapping({"run_dir": str(tmp_path), "router_ports": [7001, 7002]})
+    local = pod_from_mapping({"run_dir": str(tmp_path), "router_ports": [7001, 7002],
+                              "router_http_ports": [8101, 8102]})
     assert address(local, "decode-0", "rpc") == f"ipc://{tmp_path}/decode-0.rpc"
     assert bind_address(local, "decode-0", "rpc") == address(local, "decode-0", "rpc")
     assert address(local, "router-1", "grpc") == "127.0.0.1:7002"
+    assert address(local, "router-1", "http") == "127.0.0.1:8102"
+    assert address(pod_from_mapping({"run_dir": str(tmp_path)}), "router-0", "http") == "127.0.0.1:0"
     compose = pod_from_mapping({"addressing": "compose"})
     assert address(compose, "decode-0", "rpc") == "tcp://decode-0:5100"
     assert bind_address(compose, "decode-0", "rpc") == "tcp://*:5100"
     assert address(compose, "router-0", "grpc") == "router-0:50051"
+    assert address(compose, "router-1", "http") == "router-1:8000"
+    assert bind_address(compose, "router-1", "http") == "0.0.0.0:8000"
     assert local.namespace != pod_from_mapping({"run_dir": str(tmp_path / "other")}).namespace
 
 
 @pytest.mark.parametrize("data, key", [
     ({"routers": 0}, "routers"), ({"experts": {"instances": 2, "replicas": 3}}, "experts.replicas"),
-    ({"router_ports": [1]}, "router_ports"), ({"decode": {"grups": 2}}, "decode.grups"),
+    ({"router_ports": [1]}, "router_ports"), ({"router_http_ports": [1]}, "router_http_ports"),
+    ({"decode": {"grups": 2}}, "decode.grups"),
     ({"name": "bad name!"}, "name"), ({"transport": "rdma"}, "transport"),
     ({"heartbeat": {"interval_s": 0.5, "suspect_after_s": 0.4}}, "heartbeat"),
     ({"heartbeat": {"interval_s": 0.4, "suspect_after_s": 0.6, "dead_after_s": 1.0}}, "heartbeat.dead_after_s"),
