@@ -9,6 +9,8 @@ FAIL; a text block lists recovery per fault, errors by code, exactness and the f
 from __future__ import annotations
 
 import json
+import math
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +31,7 @@ def build(exp: Experiment) -> dict[str, Any]:
     streams = sorted(exp.streams, key=lambda s: s.index)
     t_end = max(exp.t_end, max((e.t for e in exp.watch.events), default=0.0))
     recs = exp.records
-    rcv = [recovery(r, streams, exp.watch.events) for r in recs]
+    rcv = [recovery(r, streams, exp.watch.events, stall_s=sc.stall_s, now=math.inf) for r in recs]
     tps = []
     faults = []
     for p, r, rv in zip(exp.plan.faults, recs, rcv):
@@ -158,4 +160,4 @@ def draw(report: dict[str, Any], path: Path) -> None:
 
 
 def _wrap(line: str, width: int = 150) -> str:
-    return "\n    ".join(line[i:i + width] for i in range(0, len(line), width))
+    return textwrap.fill(line, width, subsequent_indent="        ", break_on_hyphens=False)

@@ -286,7 +286,7 @@ class Experiment:
         streams' progress), or ``settle_timeout_s`` after the injection."""
         deadline = time.monotonic() + self.scenario.settle_timeout_s
         while time.monotonic() < deadline:
-            r = recovery(rec, self.streams, self.watch.events)
+            r = recovery(rec, self.streams, self.watch.events, stall_s=self.scenario.stall_s, now=self.now())
             if r.recovery_s is not None:
                 return
             if self.load_done.is_set() and (r.progress_s is None or not r.back_applies):

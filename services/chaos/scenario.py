@@ -185,6 +185,7 @@ class Scenario:
     faults: tuple[Fault, ...] = ()
     checks: Checks = field(default_factory=Checks)
     settle_timeout_s: float = 60.0     # after the load: wait this long for faulted services to be back
+    stall_s: float = 1.0               # a gap between two tokens of a stream longer than this is a stall
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -195,6 +196,8 @@ class Scenario:
             if f.after_tokens is not None and not self.load.streams:
                 raise ConfigError(f"Scenario.faults[{i}].after_tokens", "needs a closed load (streams): in an "
                                   "open load new streams keep starting at 0 tokens; use at_s")
+        if not self.stall_s > 0:
+            raise ConfigError("Scenario.stall_s", "must be > 0")
         if not self.settle_timeout_s > 0:
             raise ConfigError("Scenario.settle_timeout_s", "must be > 0")
 

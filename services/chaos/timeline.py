@@ -5,8 +5,12 @@ load started, measured by the runner.
 Recovery of a fault, precisely (``recovery``):
 
 - ``progress_s``: from the injection until every stream that was in flight at the injection
-  has received a token after it (or finished). A stream that failed without one never
-  recovers (None). No stream in flight: 0.
+  makes progress again. A stream's recovery point is the later of its first token after the
+  injection and the end of every *stall* -- a gap between two consecutive tokens longer than
+  the scenario's ``stall_s`` -- that began before the fault ended (its revert; for a process
+  fault, the service being back; else the injection). So a step already in flight that
+  delivers one more token does not hide the stall that follows it. A stream that failed
+  without recovering never recovers (None). No stream in flight: 0.
 - ``back_s`` (process faults): from the injection until the routers' view (heartbeats through
   the pod's own failure detector) shows the service alive again: in a new epoch for
   kill / stop / restart; for a hang, alive at or after the SIGCONT (a hang longer than the
@@ -81,17 +85,35 @@ class Recovery:
                 "recovery_s": r(self.recovery_s)}
 
 
-def progress_s(streams: Sequence[StreamRecord], t: float) -> float | None:
+def progress_s(streams: Sequence[StreamRecord], t: float, t_fault_end: float, stall_s: float,
+               now: float) -> float | None:
+    """See the module docstring; None while that cannot be told yet at ``now`` (a stall may
+    still be open), or never (a stream failed stalled)."""
+    if now < t_fault_end + stall_s:
+        return None
     worst = 0.0
     for s in streams:
         if s.t_start > t or (s.t_end is not None and s.t_end <= t):
             continue
-        nxt = next((a for a, _ in s.arrivals if a > t), None)
-        if nxt is None and s.finish and s.t_end is not None:
-            nxt = s.t_end
-        if nxt is None:
-            return None
-        worst = max(worst, nxt - t)
+        times = [a for a, _ in s.arrivals]
+        if s.finish and s.t_end is not None:
+            times.append(s.t_end)
+        before = [a for a in times if a <= t]
+        after = [a for a in times if a > t]
+        ended = s.t_end is not None
+        last = after[-1] if after else (before[-1] if before else s.t_start)
+        if not ended and now - last > stall_s and last < t_fault_end:
+            return None                      # stalled right now
+        if not after:
+            return None                      # no token since the fault (yet, or ever: it failed)
+        point = after[0]
+        seq = ([before[-1]] if before else [s.t_start]) + after
+        for a, b in zip(seq, seq[1:]):
+            if b - a > stall_s and a < t_fault_end:
+                point = max(point, b)
+        if ended and not s.finish and seq[-1] < t_fault_end:
+            return None                      # failed inside the fault
+        worst = max(worst, point - t)
     return worst
 
 
@@ -116,16 +138,18 @@ def back_s(events: Sequence[LivenessEvent], service: str, kind: str, t_inject: f
     return None if up is None else up.t - t_inject
 
 
-def recovery(rec: FaultRecord, streams: Sequence[StreamRecord], events: Sequence[LivenessEvent]) -> Recovery:
+def recovery(rec: FaultRecord, streams: Sequence[StreamRecord], events: Sequence[LivenessEvent], *,
+             stall_s: float, now: float) -> Recovery:
     if rec.t_inject is None or rec.error:
         return Recovery(None, None, None, False)
-    prog = progress_s(streams, rec.t_inject)
     applies = rec.kind in ("kill", "hang", "stop", "restart")
     back = None
     if applies:
         backs = [back_s(events, s, rec.kind, rec.t_inject, rec.old_epochs.get(s, ""), rec.t_revert)
                  for s in rec.services]
         back = None if any(b is None for b in backs) else max(backs, default=0.0)
+    fault_end = rec.t_revert if rec.t_revert is not None else rec.t_inject + (back or 0.0)
+    prog = progress_s(streams, rec.t_inject, fault_end, stall_s, now)
     total = None if prog is None or (applies and back is None) else max(prog, back or 0.0)
     return Recovery(prog, back, total, applies)
 

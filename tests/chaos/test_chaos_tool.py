@@ -52,6 +52,8 @@ async def run(pod: TestPod, scenario) -> tuple[Experiment, dict]:
 
 
 def assert_pass(report: dict) -> None:
+    print(json.dumps({"scenario": report["scenario"], "load": report["load"],
+                      "faults": [[f["label"], f["t_inject"], f["recovery"]] for f in report["faults"]]}))
     assert report["verdict"] == "PASS", json.dumps({k: report[k] for k in ("failed_checks", "faults", "errors")},
                                                    indent=1)
     assert report["exactness"]["mismatched"] == [] and report["exactness"]["checked"] == report["load"]["requests"]

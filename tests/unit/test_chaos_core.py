@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -147,9 +148,23 @@ def test_progress_is_the_worst_in_flight_stream_first_token_after_the_fault():
     streams = [stream(0, 0, [0.5, 1.0, 4.0, 4.5]), stream(1, 0, [0.5, 2.5, 3.0]),
                stream(2, 0, [0.5, 0.9], end=0.9),        # finished before the fault: not in flight
                stream(3, 3.0, [3.5])]                     # started after the fault
-    assert progress_s(streams, 2.0) == pytest.approx(2.0)
+    assert progress_s(streams, 2.0, 2.0, 1.0, math.inf) == pytest.approx(2.0)
     failed = stream(4, 0, [0.5], finish="", end=3.0, code="UNAVAILABLE")
-    assert progress_s(streams + [failed], 2.0) is None
+    assert progress_s(streams + [failed], 2.0, 2.0, 1.0, math.inf) is None
+
+
+def test_one_more_token_from_a_step_in_flight_does_not_hide_the_stall_after_it():
+    # Fault at 2.0 active until 4.0; a token at 2.05 (a step already in flight), then nothing until 5.1.
+    s = [stream(0, 0, [1.8, 1.9, 2.05, 5.1, 5.2])]
+    assert progress_s(s, 2.0, 4.0, 1.0, math.inf) == pytest.approx(3.1)
+    # Seen live at 3.5: stalled now, so not recovered; at 4.5 still stalled; never judged before
+    # the fault's end + one stall window.
+    live = [StreamRecord(0, "r", 0, [(1.9, 1), (2.05, 1)], [0, 0])]
+    assert progress_s(live, 2.0, 4.0, 1.0, 3.5) is None
+    assert progress_s(live, 2.0, 4.0, 1.0, 5.5) is None
+    # A gap that began after the fault ended is not the fault's.
+    late = [stream(0, 0, [1.9, 2.1, 2.2, 4.5, 7.0])]
+    assert progress_s(late, 2.0, 4.0, 1.0, math.inf) == pytest.approx(2.5)
 
 
 def test_back_needs_a_new_epoch_after_a_kill_and_alive_after_sigcont_for_a_hang():
@@ -169,10 +184,10 @@ def test_recovery_is_the_later_of_progress_and_back():
     streams = [stream(0, 0, [0.5, 1.0, 2.6, 3.0])]
     ev = [LivenessEvent(0, "decode-0", "alive", "a"), LivenessEvent(5.0, "decode-0", "alive", "b")]
     rec = FaultRecord(0, "#0 kill decode-0", "kill", ("decode-0",), t_inject=2.0, old_epochs={"decode-0": "a"})
-    r = recovery(rec, streams, ev)
+    r = recovery(rec, streams, ev, stall_s=1.0, now=math.inf)
     assert (r.progress_s, r.back_s, r.recovery_s) == (pytest.approx(0.6), pytest.approx(3.0), pytest.approx(3.0))
     link = FaultRecord(1, "#1 link_down", "link_down", ("a", "b"), t_inject=2.0, t_revert=2.2)
-    r2 = recovery(link, streams, ev)
+    r2 = recovery(link, streams, ev, stall_s=1.0, now=math.inf)
     assert r2.recovery_s == pytest.approx(0.6) and not r2.back_applies
     assert degraded_window(link, r2, 10.0) == (2.0, 3.0)   # at least one second
 
@@ -180,7 +195,7 @@ def test_recovery_is_the_later_of_progress_and_back():
 def test_verdict_names_every_failed_check():
     rec = [FaultRecord(0, "#0 kill x", "kill", ("x",), t_inject=1.0),
            FaultRecord(1, "#1 hang y", "hang", ("y",), error="pid 5 not stopped")]
-    rcv = [recovery(rec[0], [], []), recovery(rec[1], [], [])]
+    rcv = [recovery(r, [], [], stall_s=1.0, now=math.inf) for r in rec]
     failed = verdict(Checks(max_errors=0, max_recovery_s=5, min_degraded_tokens_per_s=10), rec, rcv, [3.0, None],
                      {"UNAVAILABLE": 2}, {"checked": 3, "exact": 2, "mismatched": [1]})
     text = "\n".join(failed)
