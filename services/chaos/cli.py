@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     import uvloop
 
     from services.chaos import faults
-    from services.chaos.report import write
+    from services.chaos.report import NoPicture, write
     from services.chaos.runner import Experiment, PodHandle, PodNotReady
     from services.chaos.scenario import load_scenario
     from services.common.config import ConfigError
@@ -48,8 +48,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     report = exp.result()
     if args.report:
-        j, png = write(report, Path(args.report))
-        print(f"xds chaos: report in {j} and {png}", file=sys.stderr)
+        try:
+            j, png = write(report, Path(args.report))
+            print(f"xds chaos: report in {j} and {png}", file=sys.stderr)
+        except NoPicture as exc:
+            print(f"xds chaos: {exc}", file=sys.stderr)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

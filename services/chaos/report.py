@@ -76,8 +76,16 @@ def write(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
     j = d / "report.json"
     j.write_text(json.dumps(report, indent=2) + "\n")
     png = d / "timeline.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise NoPicture(f"wrote {j}, but timeline.png needs matplotlib: pip install 'xdeepserve[chaos]'") from None
     draw(report, png)
     return j, png
+
+
+class NoPicture(RuntimeError):
+    """matplotlib is not installed (the ``chaos`` extra)."""
 
 
 def draw(report: dict[str, Any], path: Path) -> None:
