@@ -65,6 +65,13 @@ def check_identity(pid: int, service: str) -> None:
         raise FaultNotInjected(f"{service}: pid {pid} is not that service ({b' '.join(argv).decode(errors='replace')!r})")
 
 
+def _signal(service: str, pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        raise FaultNotInjected(f"{service}: pid {pid} vanished before {sig.name}") from None
+
+
 async def _until(cond, timeout_s: float) -> float | None:
     """Seconds until ``cond()`` held, or None at the deadline."""
     t0 = time.monotonic()
@@ -78,7 +85,7 @@ async def _until(cond, timeout_s: float) -> float | None:
 
 async def kill(service: str, pid: int, timeout_s: float = 10.0) -> str:
     check_identity(pid, service)
-    os.kill(pid, signal.SIGKILL)
+    _signal(service, pid, signal.SIGKILL)
     took = await _until(lambda: gone(pid), timeout_s)
     if took is None:
         raise FaultNotInjected(f"{service}: pid {pid} still exists {timeout_s:g}s after SIGKILL (state {proc_state(pid)!r})")
@@ -87,7 +94,7 @@ async def kill(service: str, pid: int, timeout_s: float = 10.0) -> str:
 
 async def terminate(service: str, pid: int, timeout_s: float = 15.0) -> str:
     check_identity(pid, service)
-    os.kill(pid, signal.SIGTERM)
+    _signal(service, pid, signal.SIGTERM)
     took = await _until(lambda: gone(pid), timeout_s)
     if took is None:
         raise FaultNotInjected(f"{service}: pid {pid} did not exit {timeout_s:g}s after SIGTERM (state {proc_state(pid)!r})")
@@ -96,7 +103,7 @@ async def terminate(service: str, pid: int, timeout_s: float = 15.0) -> str:
 
 async def stop(service: str, pid: int, timeout_s: float = 5.0) -> str:
     check_identity(pid, service)
-    os.kill(pid, signal.SIGSTOP)
+    _signal(service, pid, signal.SIGSTOP)
     took = await _until(lambda: proc_state(pid) in ("T", "t"), timeout_s)
     if took is None:
         raise FaultNotInjected(f"{service}: pid {pid} not stopped {timeout_s:g}s after SIGSTOP (state {proc_state(pid)!r})")
@@ -107,7 +114,7 @@ async def cont(service: str, pid: int, timeout_s: float = 5.0) -> str:
     state = proc_state(pid)
     if state not in ("T", "t"):
         raise FaultNotInjected(f"{service}: pid {pid} did not stay stopped (state {state!r} before SIGCONT)")
-    os.kill(pid, signal.SIGCONT)
+    _signal(service, pid, signal.SIGCONT)
     took = await _until(lambda: proc_state(pid) not in ("T", "t"), timeout_s)
     if took is None:
         raise FaultNotInjected(f"{service}: pid {pid} still stopped {timeout_s:g}s after SIGCONT")
@@ -154,7 +161,10 @@ class Fabric:
         await self._channel.close()
 
     async def telemetry(self) -> pb.Telemetry:
-        return await self.stub.GetTelemetry(pb.GetTelemetryRequest(), timeout=5)
+        try:
+            return await self.stub.GetTelemetry(pb.GetTelemetryRequest(), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            raise FaultNotInjected(f"cannot read the fabric's state back: {exc.code().name}: {exc.details()}") from None
 
     async def _apply(self, f: LinkFault) -> None:
         if f.is_partition:
