@@ -122,7 +122,12 @@ async def cont(service: str, pid: int, timeout_s: float = 5.0) -> str:
 
 
 def straggler_call():
-    """The experts' straggler admin call, or ``FaultNotSupported`` when this pod has none yet."""
+    """The experts' straggler admin call, or ``FaultNotSupported`` when this pod has none yet.
+
+    Contract the tool relies on: ``async set_straggler(spec, service, delay_ms, per) -> str``
+    sets (``delay_ms`` 0: clears) the slowdown of expert instance ``service`` per ``per``
+    ("step" | "block"), reads it back from the service and returns that read-back as the
+    proof, raising when the service does not confirm it."""
     mod_name, fn_name = STRAGGLER_HOOK
     try:
         fn = getattr(importlib.import_module(mod_name), fn_name)

@@ -255,8 +255,13 @@ class Experiment:
             await self._hold(p)
             rec.evidence.append("healed: " + await self.fabric.revert(p.index))
             rec.t_revert = self.now()
-        else:
-            raise F.FaultNotSupported(f"{kind}: not supported by this pod yet")
+        else:   # straggler, through the experts' admin call (preflight made sure there is one)
+            call, name, f = F.straggler_call(), p.services[0], p.fault
+            rec.t_inject = self.now()
+            rec.evidence.append(await call(self.pod.spec, name, f.delay_ms, f.per))
+            await self._hold(p)
+            rec.evidence.append("cleared: " + await call(self.pod.spec, name, 0.0, f.per))
+            rec.t_revert = self.now()
 
     async def _restarted(self, name: str, old_pid: int) -> str:
         deadline = time.monotonic() + self.pod.spec.supervision.ready_timeout_s + self.pod.spec.supervision.backoff_max_s
