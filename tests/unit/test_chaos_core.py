@@ -219,3 +219,12 @@ def test_series_and_lanes():
           LivenessEvent(2.0, "a", "dead", "1"), LivenessEvent(3.0, "a", "alive", "2")]
     assert lanes(ev, ["a", "b"], 4.0) == {"a": [(0.0, 1.0, "alive"), (1.0, 2.0, "suspect"), (2.0, 3.0, "dead"),
                                                 (3.0, 4.0, "alive")], "b": [(0.0, 4.0, "unknown")]}
+
+
+def test_the_readme_example_is_a_valid_scenario():
+    import yaml
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Chaos experiments"):]
+    block = section[section.index("```yaml\n") + 8:]
+    s = scenario_from_mapping(yaml.safe_load(block[:block.index("```")]))
+    assert plan(s, POD, 1.5).faults[1].services == ("decode-1",)
