@@ -7,7 +7,6 @@ Exit codes: 0 PASS, 1 FAIL (the report says which checks), 2 the experiment coul
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys

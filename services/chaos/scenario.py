@@ -79,8 +79,9 @@ class Fault:
     delay_ms: float = 0.0                        # straggler
     per: Literal["step", "block"] = "step"       # straggler
 
-    def __post_init__(self) -> None:
-        where = f"Fault({self.kind})"
+    def validate(self, where: str) -> None:
+        """Rules across fields; the scenario calls this with the fault's place in the file."""
+        where = f"{where}({self.kind})"
         triggers = [self.at_s is not None, self.after_tokens is not None, self.after_previous]
         if sum(triggers) != 1:
             raise ConfigError(f"{where}", "needs exactly one trigger: at_s, after_tokens or after_previous")
@@ -190,6 +191,8 @@ class Scenario:
     def __post_init__(self) -> None:
         if not self.name:
             raise ConfigError("Scenario.name", "required")
+        for i, f in enumerate(self.faults):
+            f.validate(f"Scenario.faults[{i}]")
         if self.faults and self.faults[0].after_previous:
             raise ConfigError("Scenario.faults[0].after_previous", "the first fault has no previous one")
         for i, f in enumerate(self.faults):
