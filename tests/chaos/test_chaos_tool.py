@@ -118,7 +118,7 @@ def test_two_faults_at_once_through_the_cli(pod, tmp_path) -> None:
     """The product entry point: `xds chaos run ... --report DIR --json`, exit 0 on PASS."""
     sc_file = tmp_path / "two.yaml"
     text = (EXAMPLES / "two-faults-at-once.yaml").read_text()
-    sc_file.write_text(text.replace("streams: 16", "streams: 8").replace("max_tokens: [48, 80]", "max_tokens: [40, 56]"))
+    sc_file.write_text(text.replace("streams: 16", "streams: 8").replace("max_tokens: [48, 80]", "max_tokens: [24, 32]"))
     out = subprocess.run([sys.executable, "-m", "services.cli", "chaos", "run", str(sc_file), "--ready-file",
                           str(pod.root / "ready.json"), "--report", str(tmp_path / "rep"), "--json"],
                          capture_output=True, text=True, timeout=120)
