@@ -15,6 +15,7 @@ from collections.abc import Mapping
 # name -> (module, one-line help). Keep sorted; one line per command.
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("services.bench.cli", "run a benchmark and print its results (JSON with --json)"),
+    "chaos": ("services.chaos.cli", "run a chaos experiment (scenario file) against a running pod"),
     "compose": ("services.pod.compose", "print the pod's Docker Compose file, generated from its spec"),
     "fabric-sim": ("fabric_sim.cli", "run the fabric simulator process"),
     "generate": ("services.model.cli_generate", "generate text with the reference engine or a running pod"),

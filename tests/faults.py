@@ -14,18 +14,11 @@ import signal
 import subprocess
 import threading
 
+from services.chaos.faults import proc_state  # one /proc reader for the tests and the chaos tool
+
 
 class FaultNotInjected(AssertionError):
     """The fault did not take effect: a test must not go on to judge a recovery."""
-
-
-def proc_state(pid: int) -> str:
-    """The one-letter state from /proc/PID/stat ("" once the PID is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return ""
 
 
 def _wait_report(pid: int, flag: int, timeout_s: float) -> bool:

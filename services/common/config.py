@@ -67,7 +67,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
         if args and len(args) != len(value):
             raise ConfigError(path, f"expected {len(args)} items, got {len(value)}")
-        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin in (dict, Mapping) or tp is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(path, f"expected a mapping, got {type(value).__name__}")

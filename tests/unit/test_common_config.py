@@ -54,3 +54,16 @@ def test_yaml_loading(tmp_path) -> None:
     f.write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_yaml(Svc, f)
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    span: tuple[int, str] = (0, "")
+
+
+def test_fixed_length_tuples_coerce_each_item_by_its_own_type() -> None:
+    assert from_mapping(Pair, {"span": [3, "x"]}).span == (3, "x")
+    with pytest.raises(ConfigError, match=r"Pair.span\[1\]: expected a string"):
+        from_mapping(Pair, {"span": [3, 4]})
+    with pytest.raises(ConfigError, match="expected 2 items"):
+        from_mapping(Pair, {"span": [3]})

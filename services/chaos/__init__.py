@@ -1,0 +1,1 @@
+"""`xds chaos`: chaos experiments against a running pod (scenario file -> faults -> verdict)."""

@@ -1,0 +1,247 @@
+"""Fault injection against a running pod, each fault proving it took effect.
+
+Process faults work on any process this user may signal (``xds up`` runs the pod in another
+process, so nothing here relies on being the parent): the proof is read from
+``/proc/PID/stat`` -- the PID gone (or a zombie awaiting its reaper) after kill -9 or SIGTERM,
+state ``T`` after SIGSTOP, not ``T`` after SIGCONT. Before signalling, ``/proc/PID/cmdline``
+must name the service (``services.run ... --name NAME``): a stale PID never hits a stranger.
+
+Fabric faults go through the simulator's admin API (``xds.v1.Fabric``) and are read back with
+``GetTelemetry``: each link's state / added latency / bandwidth factor, each partition's NPU
+sets. The simulator has no call that lifts one partition, so healing one clears all faults
+and re-applies the others still active (and reads them back too).
+
+Polling /proc is the only way to observe a non-child's state; it runs with a deadline, every
+few milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from services.api.xds.v1 import fabric_pb2 as pb
+from services.api.xds.v1 import fabric_pb2_grpc as pb_grpc
+
+POLL_S = 0.002
+# The straggler admin call the experts will offer (module:function); see ``straggler_call``.
+STRAGGLER_HOOK = ("services.expert.admin", "set_straggler")
+
+
+class FaultNotInjected(RuntimeError):
+    """The fault did not take effect (or could not be proven to): the experiment fails."""
+
+
+class FaultNotSupported(RuntimeError):
+    """The pod offers no way to inject this fault kind."""
+
+
+def proc_state(pid: int) -> str:
+    """The one-letter state from /proc/PID/stat ("" once the PID is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return ""
+
+
+def gone(pid: int) -> bool:
+    return proc_state(pid) in ("", "Z", "X")
+
+
+def check_identity(pid: int, service: str) -> None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError):
+        raise FaultNotInjected(f"{service}: pid {pid} does not exist (the service is not running)") from None
+    if b"--name" not in argv or argv[argv.index(b"--name") + 1:argv.index(b"--name") + 2] != [service.encode()]:
+        raise FaultNotInjected(f"{service}: pid {pid} is not that service ({b' '.join(argv).decode(errors='replace')!r})")
+
+
+def _signal(service: str, pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        raise FaultNotInjected(f"{service}: pid {pid} vanished before {sig.name}") from None
+
+
+async def _until(cond, timeout_s: float) -> float | None:
+    """Seconds until ``cond()`` held, or None at the deadline."""
+    t0 = time.monotonic()
+    while True:
+        if cond():
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout_s:
+            return None
+        await asyncio.sleep(POLL_S)
+
+
+async def kill(service: str, pid: int, timeout_s: float = 10.0) -> str:
+    check_identity(pid, service)
+    _signal(service, pid, signal.SIGKILL)
+    took = await _until(lambda: gone(pid), timeout_s)
+    if took is None:
+        raise FaultNotInjected(f"{service}: pid {pid} still exists {timeout_s:g}s after SIGKILL (state {proc_state(pid)!r})")
+    return f"SIGKILL pid {pid}: gone from /proc after {took * 1000:.1f} ms"
+
+
+async def terminate(service: str, pid: int, timeout_s: float = 15.0) -> str:
+    check_identity(pid, service)
+    _signal(service, pid, signal.SIGTERM)
+    took = await _until(lambda: gone(pid), timeout_s)
+    if took is None:
+        raise FaultNotInjected(f"{service}: pid {pid} did not exit {timeout_s:g}s after SIGTERM (state {proc_state(pid)!r})")
+    return f"SIGTERM pid {pid}: exited after {took:.2f} s"
+
+
+async def stop(service: str, pid: int, timeout_s: float = 5.0) -> str:
+    check_identity(pid, service)
+    _signal(service, pid, signal.SIGSTOP)
+    took = await _until(lambda: proc_state(pid) in ("T", "t"), timeout_s)
+    if took is None:
+        raise FaultNotInjected(f"{service}: pid {pid} not stopped {timeout_s:g}s after SIGSTOP (state {proc_state(pid)!r})")
+    return f"SIGSTOP pid {pid}: /proc state T after {took * 1000:.1f} ms"
+
+
+async def cont(service: str, pid: int, timeout_s: float = 5.0) -> str:
+    state = proc_state(pid)
+    if state not in ("T", "t"):
+        raise FaultNotInjected(f"{service}: pid {pid} did not stay stopped (state {state!r} before SIGCONT)")
+    _signal(service, pid, signal.SIGCONT)
+    took = await _until(lambda: proc_state(pid) not in ("T", "t"), timeout_s)
+    if took is None:
+        raise FaultNotInjected(f"{service}: pid {pid} still stopped {timeout_s:g}s after SIGCONT")
+    return f"held in state T until SIGCONT; running again (state {proc_state(pid)!r}) after {took * 1000:.1f} ms"
+
+
+def straggler_call():
+    """The experts' straggler admin call, or ``FaultNotSupported`` when this pod has none yet.
+
+    Contract the tool relies on: ``async set_straggler(spec, service, delay_ms, per) -> str``
+    sets (``delay_ms`` 0: clears) the slowdown of expert instance ``service`` per ``per``
+    ("step" | "block"), reads it back from the service and returns that read-back as the
+    proof, raising when the service does not confirm it."""
+    mod_name, fn_name = STRAGGLER_HOOK
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError):
+        raise FaultNotSupported(
+            f"straggler: not supported by this pod yet (no admin call {mod_name}.{fn_name} to slow an expert "
+            "instance; it comes with the pod side of issue 15)") from None
+    return fn
+
+
+@dataclass(frozen=True, slots=True)
+class LinkFault:
+    """What one fabric fault sets: links (state/latency/factor) or one partition."""
+    links: tuple[str, ...] = ()
+    up: bool = True
+    added_latency_us: float = 0.0
+    bandwidth_factor: float = 1.0
+    npus_a: tuple[int, ...] = ()
+    npus_b: tuple[int, ...] = ()
+
+    @property
+    def is_partition(self) -> bool:
+        return bool(self.npus_a)
+
+
+class Fabric:
+    """The simulator's admin API, with read-back. One instance per experiment, one loop."""
+
+    def __init__(self, admin_address: str) -> None:
+        self.address = admin_address
+        self._channel = grpc.aio.insecure_channel(admin_address)
+        self.stub = pb_grpc.FabricStub(self._channel)
+        self.active: dict[int, LinkFault] = {}      # fault index -> what it set
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def telemetry(self) -> pb.Telemetry:
+        try:
+            return await self.stub.GetTelemetry(pb.GetTelemetryRequest(), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            raise FaultNotInjected(f"cannot read the fabric's state back: {exc.code().name}: {exc.details()}") from None
+
+    async def _apply(self, f: LinkFault) -> None:
+        if f.is_partition:
+            await self.stub.Partition(pb.PartitionRequest(npus_a=list(f.npus_a), npus_b=list(f.npus_b)), timeout=5)
+            return
+        for link in f.links:
+            if not f.up:
+                await self.stub.SetLinkState(pb.SetLinkStateRequest(link=link, up=False), timeout=5)
+            if f.added_latency_us:
+                await self.stub.SetLinkLatency(pb.SetLinkLatencyRequest(link=link, added_latency_us=f.added_latency_us),
+                                               timeout=5)
+            if f.bandwidth_factor != 1.0:
+                await self.stub.SetLinkBandwidth(pb.SetLinkBandwidthRequest(link=link, factor=f.bandwidth_factor),
+                                                 timeout=5)
+
+    async def inject(self, index: int, f: LinkFault) -> str:
+        try:
+            await self._apply(f)
+        except grpc.aio.AioRpcError as exc:
+            raise FaultNotInjected(f"fabric admin refused: {exc.code().name}: {exc.details()}") from None
+        self.active[index] = f
+        return await self.verify(f, present=True)
+
+    async def revert(self, index: int) -> str:
+        f = self.active.pop(index)
+        try:
+            if f.is_partition:   # no per-partition heal: clear all, re-apply the others
+                await self.stub.ClearFaults(pb.ClearFaultsRequest(), timeout=5)
+                for other in self.active.values():
+                    await self._apply(other)
+            else:
+                for link in f.links:
+                    await self.stub.SetLinkState(pb.SetLinkStateRequest(link=link, up=True), timeout=5)
+                    await self.stub.SetLinkLatency(pb.SetLinkLatencyRequest(link=link, added_latency_us=0), timeout=5)
+                    await self.stub.SetLinkBandwidth(pb.SetLinkBandwidthRequest(link=link, factor=1.0), timeout=5)
+                # Another active fault may share a link: put its settings back.
+                for other in self.active.values():
+                    if not other.is_partition and set(other.links) & set(f.links):
+                        await self._apply(other)
+        except grpc.aio.AioRpcError as exc:
+            raise FaultNotInjected(f"fabric admin refused the heal: {exc.code().name}: {exc.details()}") from None
+        evidence = await self.verify(f, present=False)
+        for other in self.active.values():
+            await self.verify(other, present=True)
+        return evidence
+
+    async def verify(self, f: LinkFault, *, present: bool) -> str:
+        t = await self.telemetry()
+        if f.is_partition:
+            want = (tuple(sorted(f.npus_a)), tuple(sorted(f.npus_b)))
+            found = [p.id for p in t.partitions if (tuple(p.npus_a), tuple(p.npus_b)) == want]
+            if bool(found) != present:
+                raise FaultNotInjected(f"partition {list(want[0])} | {list(want[1])} "
+                                       f"{'missing from' if present else 'still in'} the simulator's telemetry")
+            return (f"simulator reports {found[0]} between NPUs {list(want[0])} and {list(want[1])}" if present
+                    else f"simulator reports no partition between NPUs {list(want[0])} and {list(want[1])}")
+        rows = {r.name: r for r in t.links}
+        seen = []
+        for link in f.links:
+            r = rows.get(link)
+            if present:
+                ok = r is not None and (f.up or not r.up) and (not f.added_latency_us or
+                                                               abs(r.added_latency_us - f.added_latency_us) < 1e-6) \
+                    and (f.bandwidth_factor == 1.0 or abs(r.bandwidth_factor - f.bandwidth_factor) < 1e-9)
+            else:
+                ok = r is None or (r.up and r.added_latency_us == 0 and r.bandwidth_factor == 1.0)
+            if not ok:
+                raise FaultNotInjected(f"link {link}: simulator reads back "
+                                       f"{'nothing' if r is None else f'up={r.up} +{r.added_latency_us}us x{r.bandwidth_factor}'}"
+                                       f" {'after' if present else 'after healing'} the fault")
+            if r is not None:
+                seen.append(f"{link} up={r.up} +{r.added_latency_us:g}us x{r.bandwidth_factor:g}")
+            else:
+                seen.append(f"{link} nominal")
+        return "simulator reads back " + "; ".join(seen)
