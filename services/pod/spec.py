@@ -17,11 +17,13 @@ from typing import Any, Literal
 from services.common.config import ConfigError, from_mapping, load_yaml
 
 Role = Literal["fabric", "router", "prefill", "kvpool", "decode", "attention", "expert"]
-Plane = Literal["rpc", "heartbeat", "grpc", "health", "fabric", "fabric_admin"]
-GRPC_PLANES = ("grpc", "health")   # gRPC targets (host:port / unix:path); the rest are ZeroMQ
+Plane = Literal["rpc", "heartbeat", "grpc", "health", "fabric", "fabric_admin", "metrics"]
+GRPC_PLANES = ("grpc", "health")   # gRPC targets (host:port / unix:path)
+HOST_PORT_PLANES = (*GRPC_PLANES, "metrics")  # host:port (metrics: HTTP /metrics); the rest are ZeroMQ
 
 # Fixed container ports under compose (each service is its own host there).
-COMPOSE_PORTS = {"rpc": 5100, "heartbeat": 5101, "health": 5102, "grpc": 50051, "fabric": 5200, "fabric_admin": 5201}
+COMPOSE_PORTS = {"rpc": 5100, "heartbeat": 5101, "health": 5102, "grpc": 50051, "fabric": 5200, "fabric_admin": 5201,
+                 "metrics": 5103}
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,8 +203,8 @@ def service(spec: PodSpec, name: str) -> ServiceSpec:
 
 
 def address(spec: PodSpec, name: str, plane: Plane) -> str:
-    """The one addressing rule. gRPC planes give ``host:port`` (or ``unix:path``); the others
-    ZeroMQ endpoints. The fabric's health service is on its admin (gRPC) server."""
+    """The one addressing rule. gRPC planes give ``host:port`` (or ``unix:path``), ``metrics``
+    the ``host:port`` of the HTTP /metrics server; the others ZeroMQ endpoints. The fabric's health service is on its admin (gRPC) server."""
     if name == "fabric" and plane in ("health", "fabric_admin") and spec.addressing != "compose":
         # Locally the admin (+ health) gRPC server is on a fixed unix socket, so a restarted
         # simulator comes back on the same address; a pod that pins admin_port keeps TCP.
@@ -213,7 +215,9 @@ def address(spec: PodSpec, name: str, plane: Plane) -> str:
         return f"{name}:{COMPOSE_PORTS['fabric_admin']}"
     if spec.addressing == "compose":
         port = COMPOSE_PORTS[plane]
-        return f"{name}:{port}" if plane in GRPC_PLANES else f"tcp://{name}:{port}"
+        return f"{name}:{port}" if plane in HOST_PORT_PLANES else f"tcp://{name}:{port}"
+    if plane == "metrics":
+        return "127.0.0.1:0"   # any free port; the service reports its real URL when ready
     if plane == "grpc":
         i = service(spec, name).rank
         port = spec.router_ports[i] if spec.router_ports else 0
@@ -236,6 +240,8 @@ def fabric_config(spec: PodSpec) -> dict[str, Any]:
     """The simulator's config: the pod's fabric settings + addresses from the pod's rule."""
     cfg = dict(spec.fabric)
     cfg["data_address"] = bind_address(spec, "fabric", "fabric")
+    cfg["metrics_address"] = bind_address(spec, "fabric", "metrics")
+    cfg["metrics_host"] = address(spec, "fabric", "metrics").rsplit(":", 1)[0]
     if spec.addressing == "compose":
         cfg["admin_host"], cfg["admin_port"] = "0.0.0.0", COMPOSE_PORTS["fabric_admin"]
     elif not cfg.get("admin_port"):

@@ -25,6 +25,7 @@ from services.model.config import ModelConfig
 from services.model.tokenizer import IncrementalDecoder
 from services.protocol.inference import Admit, Cancel, Prefill, PrefillDone, Sampling, Subscribe, Tokens
 from services.router import api
+from services.router.metrics import RouterMetrics
 from services.router.core import (CallAdmit, CallPrefill, Effect, Request, Restart, RouterCore, RouterError, SendCancel,
                                   State, Subscribe as SubscribeEffect, WaitBackend, Wake)
 
@@ -53,6 +54,7 @@ class Router(pb_grpc.InferenceServicer):
         self._tg: asyncio.TaskGroup | None = None
         self.started = asyncio.Event()
         self.draining = False
+        self.metrics = RouterMetrics(core)
 
     # ---------------------------------------------------------------- plumbing
 
@@ -64,6 +66,8 @@ class Router(pb_grpc.InferenceServicer):
         return c
 
     def apply(self, effects: Iterable[Effect]) -> None:
+        effects = list(effects)
+        self.metrics.effects(effects)
         for e in effects:
             if isinstance(e, Wake):
                 ev = self._events.pop(e.request_id, None)
@@ -232,6 +236,7 @@ class Router(pb_grpc.InferenceServicer):
         try:
             p = api.parse_generate(request, self.model_cfg)
         except RouterError as exc:
+            self.metrics.error(exc.code)
             await context.abort(grpc_code(exc.code), exc.message)
         remaining = context.time_remaining()
         try:
@@ -239,6 +244,7 @@ class Router(pb_grpc.InferenceServicer):
                 yield pb.TokenDelta(request_id=p.request_id, index=d.index, token_ids=d.token_ids, text=d.text,
                                     finish_reason=d.finish_reason)
         except RouterError as exc:
+            self.metrics.error(exc.code)
             await context.abort(grpc_code(exc.code), exc.message)
 
     async def generate(self, p: api.Parsed, deadline_s: float | None) -> AsyncIterator[api.Delta]:
