@@ -53,7 +53,7 @@ def check_name(name: str, kind: str) -> None:
         raise MetricNameError(f"counter {name!r}: declare it without '_total' (prometheus_client appends it)")
     if kind != "counter" and name.endswith("_total"):
         raise MetricNameError(f"{kind} {name!r}: only counters end in '_total'")
-    if any(w in name for w in ("_ms", "_us", "_millis", "_micro")):
+    if set(name[len(PREFIX):].split("_")) & {"ms", "us", "ns", "millis", "milliseconds", "microseconds", "minutes"}:
         raise MetricNameError(f"metric {name!r}: durations are in seconds ('_seconds')")
 
 

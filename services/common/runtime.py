@@ -23,7 +23,7 @@ from typing import Any
 from services.common.health import HealthServer
 from services.common.heartbeat import EXIT_STALE, HeartbeatPublisher, StaleIncarnation, stale_after
 from services.common.logging import configure_logging
-from services.common.metrics import MetricsServer
+from services.common.metrics import MetricsServer, sampled
 from services.common.rpc import RpcServer
 from services.pod.spec import PodSpec, ServiceSpec, address, bind_address, service, services
 
@@ -108,6 +108,9 @@ class ServiceRuntime:
         self.health = HealthServer(bind_address(self.spec, self.me.name, "health"))
         await self.health.start()  # NOT_SERVING until mark_ready
         self.metrics = await start_metrics(self.spec, self.me.name)
+        sampled("xds:service_load", "The service's heartbeat load figures (what its peers see), by key.",
+                lambda: {(k,): float(v) for k, v in self._beat_load().items() if isinstance(v, (int, float))},
+                ("key",))
         self.heartbeat = HeartbeatPublisher(
             bind_address(self.spec, self.me.name, "heartbeat"), service=self.me.name, role=self.me.role,
             group=self.me.group, interval_s=self.spec.heartbeat.interval_s, load=self._beat_load,

@@ -343,7 +343,7 @@ async def serve(spec: PodSpec, name: str, cfg: MasterConfig = MasterConfig()) ->
     metrics.sampled("xds:decode_queue_depth", "Admitted sequences waiting to join the batch.", lambda: core.queued)
     metrics.sampled("xds:decode_kv_blocks_used", "KV blocks reserved on the live ranks.",
                     lambda: core.total_blocks - core.free_blocks)
-    metrics.sampled("xds:decode_kv_blocks_total", "KV blocks of the live ranks.", lambda: core.total_blocks)
+    metrics.sampled("xds:decode_kv_capacity_blocks", "KV blocks of the live ranks.", lambda: core.total_blocks)
     async with ServiceRuntime(spec, name, load=lambda: {**core.load(), **master.profile}) as rt:
         master.rt = rt
         rt.serve_rpc(master.on_rpc)

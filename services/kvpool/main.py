@@ -37,7 +37,7 @@ def _pool_stat(handler: PoolHandler, key: str) -> float:
     s = handler.core.stats()
     if key == "blocks_used":
         return s.capacity - s.free
-    return s.capacity if key == "blocks_total" else getattr(s, key)
+    return s.capacity if key == "capacity_blocks" else getattr(s, key)
 
 
 async def serve(spec: PodSpec, name: str) -> None:
@@ -50,7 +50,7 @@ async def serve(spec: PodSpec, name: str) -> None:
                            ("misses", "counter", "Prefix lookups' blocks not found."),
                            ("evictions", "counter", "Ready blocks evicted to make room."),
                            ("blocks_used", "gauge", "Blocks ready, pinned or being written."),
-                           ("blocks_total", "gauge", "Capacity in blocks.")):
+                           ("capacity_blocks", "gauge", "Capacity in blocks.")):
         metrics.sampled(f"xds:kvpool_{key}", doc, partial(_pool_stat, handler, key), kind=kind)
     async with ServiceRuntime(spec, name, windows={"kv": window_bytes}, load=handler.load) as rt:
 
