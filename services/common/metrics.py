@@ -25,6 +25,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
+from services.common.logging import get_logger
+
 PREFIX = "xds:"
 # vLLM's bucket boundaries (vllm/v1/metrics/loggers.py), so dashboards built for vLLM read ours.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -39,6 +41,7 @@ HOP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)   # process_cpu_seconds_total, process_resident_memory_bytes, ...
 _made: dict[str, Any] = {}
+log = get_logger()
 
 
 class MetricNameError(ValueError):
@@ -172,7 +175,13 @@ class MetricsServer:
                 status, ctype, body = "404 Not Found", "text/plain", b"try /metrics\n"
             else:
                 self.scrapes += 1
-                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, exposition()
+                try:
+                    status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, exposition()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:   # a collector's bug: the scrape fails, saying why; the service stays up
+                    log.exception("metrics.collect_failed")
+                    status, ctype, body = "500 Internal Server Error", "text/plain", f"{exc!r}\n".encode()
             writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
                          f"Connection: close\r\n\r\n".encode() + (b"" if method == "HEAD" else body))
             await writer.drain()

@@ -55,7 +55,7 @@ async def serve(spec: PodSpec, name: str) -> None:
     hosted = geo.placement.hosted(me.rank)
     inst = ExpertInstance(cfg, weights, hosted)
     metrics.sampled("xds:expert_tokens", "Token rows computed by each hosted routed expert (all MoE layers): "
-                    "the load that expert balancing needs.", lambda: {(str(e), ): n for e, n in inst.tokens.items()},
+                    "the load that expert balancing needs.", lambda: {(str(e),): n for e, n in inst.tokens.items()},
                     ("expert",), kind="counter")
     del weights  # keep only the hosted experts alive
     windows = DispatchWindows()

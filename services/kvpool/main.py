@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-
 from functools import partial
 
 from services.common import metrics

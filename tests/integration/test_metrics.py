@@ -7,6 +7,7 @@ One pod for the module (tiny preset, short heartbeats)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -189,3 +190,36 @@ def _until(check, what: str, timeout_s: float = 30.0):
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout_s:g}s (last: {got!r})")
         time.sleep(0.2)
+
+
+async def _http(port: int, request: bytes) -> tuple[str, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    writer.write_eof()   # a request cut short ends here, not at the server's read timeout
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head.split(b"\r\n", 1)[0].decode(), body
+
+
+async def test_metrics_server_answers_bad_requests_and_a_failing_collector_with_a_status():
+    from services.common import metrics as m
+    server = m.MetricsServer("127.0.0.1:0")
+    await server.start()
+    port = int(server.url.rsplit(":", 1)[1].split("/")[0])
+    try:
+        status, body = await _http(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == "HTTP/1.1 200 OK" and b"process_cpu_seconds_total" in body
+        assert (await _http(port, b"GET /other HTTP/1.1\r\n\r\n"))[0] == "HTTP/1.1 404 Not Found"
+        assert (await _http(port, b"POST /metrics HTTP/1.1\r\n\r\n"))[0] == "HTTP/1.1 405 Method Not Allowed"
+        assert await _http(port, b"garbage without an end") == ("", b"")   # closed, nothing answered
+        m.sampled("xds:unit_broken", "a collector that fails", lambda: 1 / 0)
+        try:
+            status, body = await _http(port, b"GET /metrics HTTP/1.0\r\n\r\n")
+            assert status == "HTTP/1.1 500 Internal Server Error" and b"ZeroDivisionError" in body
+        finally:
+            del m._SAMPLED.families["xds:unit_broken"]
+        assert (await _http(port, b"GET /metrics HTTP/1.1\r\n\r\n"))[0] == "HTTP/1.1 200 OK"   # still serving
+    finally:
+        await server.stop()
