@@ -19,6 +19,7 @@ from fabric_sim.service import FabricService
 from services.api.xds.v1 import fabric_pb2 as pb
 from services.api.xds.v1 import fabric_pb2_grpc as pb_grpc
 from services.common.logging import get_logger
+from services.common.metrics import exposition
 
 log = get_logger()
 
@@ -94,22 +95,15 @@ class FabricAdmin(pb_grpc.FabricServicer):
                 client_waits=h.client_waits, client_late_mean_s=h.client_late_mean_s,
                 client_late_max_s=h.client_late_max_s, note=h.note))
 
-    async def GetMetrics(self, request: pb.GetMetricsRequest, context) -> pb.Metrics:
+    def collect(self) -> list:
+        """The simulator's metric families (a prometheus_client collector: the /metrics server
+        and GetMetrics both read it at request time)."""
         now = self.clock()
-        c = self.service.counters
-        h = self.host_snapshot()
-        scalars = {
-            "xds_fabric_uptime_seconds": ("gauge", "Seconds since the simulator started.", self.model.uptime(now)),
-            "xds_fabric_time_scale": ("gauge", "Wall seconds per model second.", self.model.scale),
-            "xds_fabric_requests_total": ("counter", "Data-plane messages received.", c.requests),
-            "xds_fabric_grants_total": ("counter", "Reservations granted.", c.grants),
-            "xds_fabric_refusals_total": ("counter", "Reservations refused by a fault.", c.refusals),
-            "xds_fabric_bad_messages_total": ("counter", "Undecodable data-plane messages.", c.bad_messages),
-            "xds_fabric_bad_requests_total": ("counter", "Impossible data-plane requests.", c.bad_requests),
-            "xds_fabric_registered_clients": ("gauge", "Clients registered.", len(self.service.clients)),
-            "xds_fabric_active_faults": ("gauge", "Faulted links plus partitions.", self.model.active_faults),
-            "xds_fabric_host_keeps_up": ("gauge", "1 if the host keeps the emulated timing.", int(h.keeps_up)),
-            "xds_fabric_service_seconds_max": ("gauge", "Worst time to answer a batch.", h.service_max_s),
-            "xds_fabric_loop_lag_seconds_max": ("gauge", "Worst event-loop lag.", h.loop_lag_max_s),
-        }
-        return pb.Metrics(text=metrics.render(links=self.model.link_telemetry(now), scalars=scalars))
+        return metrics.families(links=self.model.link_telemetry(now), counters=self.service.counters,
+                                host=self.host_snapshot(), uptime_s=self.model.uptime(now),
+                                time_scale=self.model.scale, clients=len(self.service.clients),
+                                active_faults=self.model.active_faults)
+
+    async def GetMetrics(self, request: pb.GetMetricsRequest, context) -> pb.Metrics:
+        """The process's /metrics text (Prometheus format 0.0.4), over the admin gRPC too."""
+        return pb.Metrics(text=exposition().decode())

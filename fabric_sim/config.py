@@ -44,6 +44,10 @@ class FabricConfig:
     # gRPC admin + health on a unix socket ("unix:/path") instead of admin_host:admin_port: a
     # fixed address that a restarted simulator binds again (the pod uses it locally).
     admin_unix: str = ""
+    # Prometheus /metrics over HTTP on "host:port" (port 0: any free port); empty: none. The URL
+    # reported in the ready info names metrics_host (the name others reach it by) if set.
+    metrics_address: str = ""
+    metrics_host: str = ""
     # Most data-plane requests answered in one batch (one clock reading, fair sharing).
     max_batch: int = 256
 

@@ -24,6 +24,7 @@ from fabric_sim.config import FabricConfig
 from fabric_sim.host import HostMonitor
 from fabric_sim.model import FabricModel
 from fabric_sim.service import FabricService
+from services.common.metrics import REGISTRY, MetricsServer
 from services.common.runtime import announce_ready
 from services.common.zmqio import ZmqPump
 from services.api.xds.v1 import fabric_pb2_grpc as pb_grpc
@@ -90,11 +91,14 @@ class FabricServer:
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
         grpc_server = grpc.aio.server()
+        metrics_server: MetricsServer | None = None
+        admin = FabricAdmin(self.service, self.host, self.clock)
+        REGISTRY.register(admin)
         try:
             sock.bind(self.cfg.data_address)
             data_address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             self._pump = ZmqPump(sock, self._on_batch, max_batch=self.cfg.max_batch)
-            pb_grpc.add_FabricServicer_to_server(FabricAdmin(self.service, self.host, self.clock), grpc_server)
+            pb_grpc.add_FabricServicer_to_server(admin, grpc_server)
             health = health_aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
             if self.cfg.admin_unix:   # gRPC replaces a stale socket file a killed predecessor left
@@ -104,11 +108,15 @@ class FabricServer:
                 port = grpc_server.add_insecure_port(f"{self.cfg.admin_host}:{self.cfg.admin_port}")
                 admin_address = f"{self.cfg.admin_host}:{port}"
             await grpc_server.start()
+            if self.cfg.metrics_address:
+                metrics_server = MetricsServer(self.cfg.metrics_address, advertise_host=self.cfg.metrics_host or None)
+                await metrics_server.start()
             self._pump.start()
             for name in ("", SERVICE_NAME):
                 await health.set(name, health_pb2.HealthCheckResponse.SERVING)
             self.info = {"data_address": data_address, "admin_address": admin_address,
-                         "admin_port": port, "pid": os.getpid(), "epoch": self.epoch}
+                         "admin_port": port, "pid": os.getpid(), "epoch": self.epoch,
+                         **({"metrics": metrics_server.url} if metrics_server else {})}
             announce_ready(self.ready_file, self.info)
             log.info("fabric.ready", **self.info, servers=self.cfg.servers,
                      npus_per_server=self.cfg.npus_per_server, time_scale=self.cfg.time_scale)
@@ -124,6 +132,9 @@ class FabricServer:
                 self._pump.stop()
             sock.close(linger=0)
             await grpc_server.stop(STOP_GRACE_S)
+            if metrics_server is not None:
+                await metrics_server.stop()
+            REGISTRY.unregister(admin)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             log.info("shutdown.done")

@@ -22,6 +22,7 @@ import numpy as np
 
 from services.attention.core import AttentionCore, StepError
 from services.attention.kvcache import BadKV, KVCacheError
+from services.attention.metrics import AttentionMetrics
 from services.common.logging import get_logger
 from services.common.wire import WireError, decode, encode
 from services.protocol.inference import KVRef
@@ -55,6 +56,7 @@ class StepProfile:
     local_s: float = 0.0
     dispatch_s: float = 0.0
     wait_s: float = 0.0
+    metrics: AttentionMetrics | None = None   # per-layer A2E/E2A histograms (the pod's ranks)
 
     def as_load(self) -> dict[str, float]:
         return {"prof_steps": self.steps, "prof_local_ms": self.local_s * 1e3,
@@ -86,6 +88,8 @@ async def run_step(core: AttentionCore, dispatcher: A2EDispatcher, step_no: int,
         p.local_s += (t1 - t) + (t3 - t2)
         p.dispatch_s += t2 - t1
         p.wait_s += t4 - t3
+        if p.metrics is not None:
+            p.metrics.layer(call.layer, t2 - t1, t4 - t3)
         t = t4
     p.local_s += clock() - t
     p.steps += 1
@@ -103,7 +107,7 @@ class AttentionServer:
         self.master = master
         self.layer_timeout_s = layer_timeout_s
         self.steps = 0
-        self.profile = StepProfile()
+        self.profile = StepProfile(metrics=AttentionMetrics(dispatcher))
         self.stats = {"runs": 0, "run_errors": 0, "loads": 0, "load_errors": 0, "frees": 0,
                       "bad_messages": 0, "foreign_messages": 0, "stale_master_messages": 0}
         self.master_epoch = ""                  # the master incarnation this rank serves

@@ -18,6 +18,7 @@ import zmq
 
 from services.common.zmqio import ZmqPump
 from services.common.liveness import Change, DetectorConfig, FailureDetector
+from services.common import metrics
 from services.common.logging import get_logger
 from services.common.wire import WireError, decode, encode, message
 
@@ -144,6 +145,7 @@ class HeartbeatSubscriber:
     def _emit(self, changes: list[Change]) -> None:
         for c in changes:
             log.info("liveness.change", peer=c.peer, old=c.old and c.old.value, new=c.new.value, epoch=c.epoch)
+            metrics.peer_state(c.peer, c.new.value)
             self._on_change(c)
 
     def _on_batch(self, batch: list[list[bytes]]) -> None:

@@ -3,7 +3,8 @@
 ``ServiceRuntime`` is entered once per process. It configures logging for the service's role
 and rank, connects the fabric client and opens the service's XCCL endpoint (not for routers),
 publishes heartbeats from the service's own event loop, serves its RPC socket and the gRPC
-health service (NOT_SERVING -> SERVING once ready -> NOT_SERVING while draining), writes the
+health service (NOT_SERVING -> SERVING once ready -> NOT_SERVING while draining) and its
+Prometheus ``/metrics`` (``services.common.metrics``; the URL in the ready info), writes the
 ready file (``<run_dir>/<name>.ready``, JSON, atomic) once the service says it is ready, and
 turns SIGTERM/SIGINT into a stop event: stop accepting -> drain with a deadline -> exit.
 """
@@ -22,6 +23,7 @@ from typing import Any
 from services.common.health import HealthServer
 from services.common.heartbeat import EXIT_STALE, HeartbeatPublisher, StaleIncarnation, stale_after
 from services.common.logging import configure_logging
+from services.common.metrics import MetricsServer, sampled
 from services.common.rpc import RpcServer
 from services.pod.spec import PodSpec, ServiceSpec, address, bind_address, service, services
 
@@ -56,6 +58,15 @@ def announce_ready(path: Path | None, info: Mapping[str, Any]) -> None:
             pass  # the launcher is gone; the ready file still tells
 
 
+async def start_metrics(spec: PodSpec, name: str) -> MetricsServer:
+    """The service's /metrics server on the pod's address for it (the URL it reports when ready:
+    the address others reach it on, with the port it really got)."""
+    server = MetricsServer(bind_address(spec, name, "metrics"),
+                           advertise_host=address(spec, name, "metrics").rsplit(":", 1)[0])
+    await server.start()
+    return server
+
+
 class ServiceRuntime:
     def __init__(self, spec: PodSpec, name: str, *, windows: Mapping[str, int] | None = None,
                  load: Callable[[], Mapping[str, float]] = dict, xccl: bool = True) -> None:
@@ -70,6 +81,7 @@ class ServiceRuntime:
         self.heartbeat: HeartbeatPublisher | None = None
         self.rpc: RpcServer | None = None
         self.health: HealthServer | None = None
+        self.metrics: MetricsServer | None = None
         self.stopping = asyncio.Event()
         self.draining = False
 
@@ -95,6 +107,10 @@ class ServiceRuntime:
                 max_peers=len(services(self.spec)) + 8), fabric=self.fabric)
         self.health = HealthServer(bind_address(self.spec, self.me.name, "health"))
         await self.health.start()  # NOT_SERVING until mark_ready
+        self.metrics = await start_metrics(self.spec, self.me.name)
+        sampled("xds:service_load", "The service's heartbeat load figures (what its peers see), by key.",
+                lambda: {(k,): float(v) for k, v in self._beat_load().items() if isinstance(v, (int, float))},
+                ("key",))
         self.heartbeat = HeartbeatPublisher(
             bind_address(self.spec, self.me.name, "heartbeat"), service=self.me.name, role=self.me.role,
             group=self.me.group, interval_s=self.spec.heartbeat.interval_s, load=self._beat_load,
@@ -126,7 +142,8 @@ class ServiceRuntime:
             await self.health.set(True)
         announce_ready(ready_path(self.spec, self.me.name),
                        {"name": self.me.name, "role": self.me.role, "pid": os.getpid(),
-                        "epoch": self.heartbeat.epoch if self.heartbeat else "", **info})
+                        "epoch": self.heartbeat.epoch if self.heartbeat else "",
+                        **({"metrics": self.metrics.url} if self.metrics else {}), **info})
         self.log.info("service.ready", **info)
 
     async def run_until_stopped(self, *workers: Awaitable[Any], drain: Callable[[], Awaitable[None]] | None = None,
@@ -152,6 +169,8 @@ class ServiceRuntime:
     async def __aexit__(self, *exc: Any) -> None:
         if self.health is not None:
             await self.health.stop()
+        if self.metrics is not None:
+            await self.metrics.stop()
         if self.rpc is not None:
             await self.rpc.close()
         if self.endpoint is not None:

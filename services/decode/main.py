@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from services.common import metrics
 from services.common.rpc import Ok
 from services.common.status import Code, Refused
 from services.common.runtime import ServiceRuntime
@@ -337,6 +338,12 @@ async def serve(spec: PodSpec, name: str, cfg: MasterConfig = MasterConfig()) ->
                                  max_batch=spec.decode.max_batch, ranks=ranks, max_queue=cfg.max_queue,
                                  max_positions=model_cfg.max_position_embeddings))
     master = Master(spec, name, core, cfg)
+    metrics.sampled("xds:decode_batch_size", "Sequences loading or running in the DP group's batch.",
+                    lambda: core.count(SeqState.RUNNING) + core.count(SeqState.LOADING))
+    metrics.sampled("xds:decode_queue_depth", "Admitted sequences waiting to join the batch.", lambda: core.queued)
+    metrics.sampled("xds:decode_kv_blocks_used", "KV blocks reserved on the live ranks.",
+                    lambda: core.total_blocks - core.free_blocks)
+    metrics.sampled("xds:decode_kv_capacity_blocks", "KV blocks of the live ranks.", lambda: core.total_blocks)
     async with ServiceRuntime(spec, name, load=lambda: {**core.load(), **master.profile}) as rt:
         master.rt = rt
         rt.serve_rpc(master.on_rpc)

@@ -25,6 +25,7 @@ class ExpertInstance:
         self.cfg = cfg
         self.hosted = frozenset(hosted)
         self.compute_s = 0.0  # time in expert FFNs (the step profile's "expert compute")
+        self.tokens: dict[int, int] = dict.fromkeys(sorted(self.hosted), 0)  # rows computed, by expert id
         # layer -> expert id -> weights; only hosted experts of MoE layers are kept.
         self.experts: dict[int, dict[int, FFNWeights]] = {
             li: {e: lw.experts[e] for e in sorted(self.hosted)}
@@ -42,6 +43,7 @@ class ExpertInstance:
             t0 = time.perf_counter()
             out = L.ffn(table[e], rows)
             self.compute_s += time.perf_counter() - t0
+            self.tokens[e] += len(rows)
             return out
 
         return expert_fn

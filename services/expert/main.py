@@ -11,6 +11,7 @@ Heartbeat load: ``events_served``, ``rows_served``. RPC: ``ExpertStatsQuery`` ->
 from __future__ import annotations
 
 
+from services.common import metrics
 from services.common.status import Code, Refused
 from services.common.runtime import ServiceRuntime
 from services.expert.core import ExpertInstance
@@ -53,6 +54,9 @@ async def serve(spec: PodSpec, name: str) -> None:
     geo = pod_dispatch(spec, cfg)
     hosted = geo.placement.hosted(me.rank)
     inst = ExpertInstance(cfg, weights, hosted)
+    metrics.sampled("xds:expert_tokens", "Token rows computed by each hosted routed expert (all MoE layers): "
+                    "the load that expert balancing needs.", lambda: {(str(e),): n for e, n in inst.tokens.items()},
+                    ("expert",), kind="counter")
     del weights  # keep only the hosted experts alive
     windows = DispatchWindows()
     handler: E2AHandler | None = None

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
 
+from services.common import metrics
 from services.common.status import Code, Refused
 from services.common.runtime import ServiceRuntime
 from services.kvpool.core import KVPoolCore
@@ -30,12 +32,25 @@ async def _expire_leases(core: KVPoolCore) -> None:
         core.expire(time.monotonic())
 
 
+def _pool_stat(handler: PoolHandler, key: str) -> float:
+    s = handler.core.stats()
+    if key == "blocks_used":
+        return s.capacity - s.free
+    return s.capacity if key == "capacity_blocks" else getattr(s, key)
+
+
 async def serve(spec: PodSpec, name: str) -> None:
     model_dir = ensure_model(spec.model.dir, spec.model.preset, spec.model.seed, spec.cache_dir)
     layout = BlockLayout.of(ModelConfig.load(model_dir), spec.kv_pool.block_size)
     core = KVPoolCore(spec.kv_pool.capacity_blocks, lease_s=spec.kv_pool.lease_s)
     handler = PoolHandler(core, layout.block_bytes)
     window_bytes = spec.kv_pool.capacity_blocks * layout.block_bytes
+    for key, kind, doc in (("hits", "counter", "Prefix lookups' blocks found."),
+                           ("misses", "counter", "Prefix lookups' blocks not found."),
+                           ("evictions", "counter", "Ready blocks evicted to make room."),
+                           ("blocks_used", "gauge", "Blocks ready, pinned or being written."),
+                           ("capacity_blocks", "gauge", "Capacity in blocks.")):
+        metrics.sampled(f"xds:kvpool_{key}", doc, partial(_pool_stat, handler, key), kind=kind)
     async with ServiceRuntime(spec, name, windows={"kv": window_bytes}, load=handler.load) as rt:
 
         async def on_rpc(msg: object, _peer: bytes) -> object:

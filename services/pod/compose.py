@@ -14,6 +14,9 @@ names and fixed container ports, by ``spec.address``). Layout of the generated f
 - model weights made once, at image build (``MODEL_PRESET``/``MODEL_SEED`` build args), read-only
   in the image; a spec with ``model.dir`` mounts that directory read-only instead.
 - ``run``, a volume on ``/run/xds`` shared by all: doorbell sockets and ready files.
+- profile ``observability``: ``prometheus`` (image built from Debian's package, docker/prometheus)
+  scraping every service's ``/metrics`` (port ``COMPOSE_PORTS["metrics"]``) with the scrape
+  config of ``services/pod/prometheus.py``; its UI/API on 127.0.0.1:9090 (``XDS_PROMETHEUS_PORT``).
 
 Only what both Compose v2 and Debian's Compose 1.29.2 accept (see ../shared/DOCKER.md): no
 top-level ``name``, short-form ports, no ``start_interval``. The output is deterministic, and a
@@ -32,6 +35,7 @@ from typing import Any
 import yaml
 
 from services.common.config import to_mapping
+from services.pod.prometheus import compose_targets, scrape_config
 from services.pod.spec import COMPOSE_PORTS, PodSpec, load_pod, services
 
 IMAGE = "xdeepserve:local"
@@ -39,6 +43,9 @@ RUN_DIR = "/run/xds"                 # the shared volume (doorbells, ready files
 MODELS_DIR = "/opt/xds/models"       # weights made at build; Dockerfile writes the same path
 HEALTH_SCRIPT = "/app/services/common/health.py"
 HOLDER = "pod"
+PROMETHEUS_IMAGE = "xdeepserve-prometheus:local"
+PROMETHEUS_PORT = 9090
+SCRAPE_INTERVAL_S = 2.0
 # XCCL's default ring geometry (EndpointConfig): the segment of each endpoint holds one ring
 # per possible peer. tmpfs charges only pages that are touched, so shm_size is a ceiling
 # (no SIGBUS however busy the rings get), not memory set aside.
@@ -135,8 +142,24 @@ def generate(spec: PodSpec) -> str:
     ]
     for name, svc in out.items():
         parts.append(f"  {name}:\n    <<: *xds\n" + block(svc, 4))
+    parts.append("  prometheus:\n" + block(prometheus_service(inner), 4))
     parts.append("volumes:\n  run: {}\n")
     return "".join(parts)
+
+
+def prometheus_service(inner: PodSpec) -> dict[str, Any]:
+    """Profile ``observability``: Prometheus scraping every service (compose addressing)."""
+    config = scrape_config(compose_targets(inner), interval_s=SCRAPE_INTERVAL_S).replace("$", "$$")
+    return {
+        "image": PROMETHEUS_IMAGE, "build": {"context": "docker/prometheus"}, "profiles": ["observability"],
+        "environment": {"PROMETHEUS_CONFIG": config},
+        # The config comes from the environment (generated, never a hand-kept file in the image).
+        "command": ["sh", "-c", 'printf "%s" "$$PROMETHEUS_CONFIG" > /prometheus/prometheus.yml && exec prometheus '
+                    "--config.file=/prometheus/prometheus.yml --storage.tsdb.path=/prometheus/data "
+                    f"--web.listen-address=0.0.0.0:{PROMETHEUS_PORT}"],
+        "ports": [f"127.0.0.1:${{XDS_PROMETHEUS_PORT:-{PROMETHEUS_PORT}}}:{PROMETHEUS_PORT}"],
+        "restart": "unless-stopped", "stop_grace_period": "5s",
+    }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

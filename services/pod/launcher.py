@@ -233,6 +233,11 @@ class Pod:
         return self.child("fabric").info.get("admin_address", "") if "fabric" in self.procs else ""
 
     @property
+    def metrics(self) -> dict[str, str]:
+        """Every service's /metrics URL (a restart binds a new port: the latest process's)."""
+        return {n: self.child(n).info["metrics"] for n in self.procs if self.child(n).info.get("metrics")}
+
+    @property
     def procs(self) -> dict[str, subprocess.Popen]:
         """The latest process of every service started so far."""
         with self._changed:
@@ -250,7 +255,8 @@ class Pod:
 
     def ready_info(self) -> dict[str, Any]:
         return {"pod": self.spec.name, "routers": self.routers, "http": self.http, "fabric_admin": self.fabric_admin,
-                "run_dir": str(self.spec.run_path), "pids": self.pids(), "restarts": dict(self.restarts)}
+                "metrics": self.metrics, "run_dir": str(self.spec.run_path), "pids": self.pids(),
+                "restarts": dict(self.restarts)}
 
     # -- stop ------------------------------------------------------------------------------
     def kill(self, name: str) -> int:

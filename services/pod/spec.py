@@ -17,13 +17,14 @@ from typing import Any, Literal
 from services.common.config import ConfigError, from_mapping, load_yaml
 
 Role = Literal["fabric", "router", "prefill", "kvpool", "decode", "attention", "expert"]
-Plane = Literal["rpc", "heartbeat", "grpc", "health", "fabric", "fabric_admin", "http"]
+Plane = Literal["rpc", "heartbeat", "grpc", "health", "fabric", "fabric_admin", "http", "metrics"]
 GRPC_PLANES = ("grpc", "health")   # gRPC targets (host:port / unix:path); the rest are ZeroMQ
-HOST_PORT_PLANES = (*GRPC_PLANES, "http")   # host:port; http is the routers' OpenAI-compatible API
+# host:port; http is the routers' OpenAI-compatible API, metrics every service's HTTP /metrics
+HOST_PORT_PLANES = (*GRPC_PLANES, "http", "metrics")
 
 # Fixed container ports under compose (each service is its own host there).
 COMPOSE_PORTS = {"rpc": 5100, "heartbeat": 5101, "health": 5102, "grpc": 50051, "fabric": 5200, "fabric_admin": 5201,
-                 "http": 8000}
+                 "http": 8000, "metrics": 5103}
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,8 +219,9 @@ def service(spec: PodSpec, name: str) -> ServiceSpec:
 
 
 def address(spec: PodSpec, name: str, plane: Plane) -> str:
-    """The one addressing rule. gRPC planes and http give ``host:port`` (or ``unix:path``); the
-    others ZeroMQ endpoints. The fabric's health service is on its admin (gRPC) server."""
+    """The one addressing rule. gRPC planes, http and metrics give ``host:port`` (or
+    ``unix:path``); the others ZeroMQ endpoints. The fabric's health service is on its admin
+    (gRPC) server."""
     if name == "fabric" and plane in ("health", "fabric_admin") and spec.addressing != "compose":
         # Locally the admin (+ health) gRPC server is on a fixed unix socket, so a restarted
         # simulator comes back on the same address; a pod that pins admin_port keeps TCP.
@@ -231,6 +233,8 @@ def address(spec: PodSpec, name: str, plane: Plane) -> str:
     if spec.addressing == "compose":
         port = COMPOSE_PORTS[plane]
         return f"{name}:{port}" if plane in HOST_PORT_PLANES else f"tcp://{name}:{port}"
+    if plane == "metrics":
+        return "127.0.0.1:0"   # any free port; the service reports its real URL when ready
     if plane in ("grpc", "http"):
         i = service(spec, name).rank
         ports = spec.router_ports if plane == "grpc" else spec.router_http_ports
@@ -253,6 +257,8 @@ def fabric_config(spec: PodSpec) -> dict[str, Any]:
     """The simulator's config: the pod's fabric settings + addresses from the pod's rule."""
     cfg = dict(spec.fabric)
     cfg["data_address"] = bind_address(spec, "fabric", "fabric")
+    cfg["metrics_address"] = bind_address(spec, "fabric", "metrics")
+    cfg["metrics_host"] = address(spec, "fabric", "metrics").rsplit(":", 1)[0]
     if spec.addressing == "compose":
         cfg["admin_host"], cfg["admin_port"] = "0.0.0.0", COMPOSE_PORTS["fabric_admin"]
     elif not cfg.get("admin_port"):

@@ -26,6 +26,7 @@ from services.model.tokenizer import IncrementalDecoder
 from services.protocol.inference import Admit, Cancel, Prefill, PrefillDone, Sampling, Subscribe, Tokens
 from services.protocol.kvpool import StageRelease
 from services.router import api
+from services.router.metrics import RouterMetrics
 from services.router.core import (CallAdmit, CallPrefill, Effect, ReleaseStage, Request, Restart, RouterCore,
                                   RouterError, SendCancel,
                                   State, Subscribe as SubscribeEffect, WaitBackend, Wake)
@@ -57,6 +58,7 @@ class Router(pb_grpc.InferenceServicer):
         self._tg: asyncio.TaskGroup | None = None
         self.started = asyncio.Event()
         self.draining = False
+        self.metrics = RouterMetrics(core)
 
     # ---------------------------------------------------------------- plumbing
 
@@ -68,6 +70,8 @@ class Router(pb_grpc.InferenceServicer):
         return c
 
     def apply(self, effects: Iterable[Effect]) -> None:
+        effects = list(effects)
+        self.metrics.effects(effects)
         for e in effects:
             if isinstance(e, Wake):
                 ev = self._events.pop(e.request_id, None)
@@ -241,13 +245,14 @@ class Router(pb_grpc.InferenceServicer):
         try:
             p = api.parse_generate(request, self.model_cfg)
         except RouterError as exc:
+            self.metrics.error(exc.code)
             await context.abort(grpc_code(exc.code), exc.message)
         remaining = context.time_remaining()
         try:
             async for d in self.generate(p, None if remaining is None else time.monotonic() + remaining):
                 yield pb.TokenDelta(request_id=p.request_id, index=d.index, token_ids=d.token_ids, text=d.text,
                                     finish_reason=d.finish_reason)
-        except RouterError as exc:
+        except RouterError as exc:   # counted by generate()
             await context.abort(grpc_code(exc.code), exc.message)
 
     async def generate(self, p: api.Parsed, deadline_s: float | None) -> AsyncIterator[api.Delta]:
@@ -255,9 +260,13 @@ class Router(pb_grpc.InferenceServicer):
         request ``p`` (``deadline_s``: the client's, monotonic, or None) and yield its deltas from
         ``p.resume_from``. Raises ``RouterError`` when it is refused or fails; a caller that stops
         iterating (client gone) detaches, and the last stream leaving a live request cancels it."""
-        if self.draining:
-            raise RouterError(f"{self.name} is draining; use another router", Code.UNAVAILABLE)
-        req, _ = self.core.open(p.request_id, p.prompt, p.params, time.monotonic(), deadline_s)
+        try:
+            if self.draining:
+                raise RouterError(f"{self.name} is draining; use another router", Code.UNAVAILABLE)
+            req, _ = self.core.open(p.request_id, p.prompt, p.params, time.monotonic(), deadline_s)
+        except RouterError as exc:
+            self.metrics.error(exc.code)   # errors by code, whichever front the client used
+            raise
         self.core.attach(req.request_id)
         try:
             self.apply(())   # a new request may leave the queue at once
@@ -266,6 +275,7 @@ class Router(pb_grpc.InferenceServicer):
         finally:
             self.apply(self.core.detach(req.request_id, time.monotonic()))
         if req.state is State.FAILED:
+            self.metrics.error(req.error_code)
             raise RouterError(req.error, req.error_code)
 
     async def _stream(self, req: Request, resume_from: int) -> AsyncIterator[api.Delta]:

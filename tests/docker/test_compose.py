@@ -4,8 +4,10 @@ Starts a Docker engine if none is running (tests/docker_engine.py, as ../shared/
 describes), builds the base images (docker/base/build.sh: no registry needed) and the project
 image, brings the committed compose.yaml up under a private project name and free router
 ports, waits for every container's healthcheck (docker's own health_status events), checks the
-SDK's tokens against the reference engine, kills a router container and checks a new request
-still succeeds through the other, then ``down -v`` and stops the engine it started. Nothing may
+SDK's tokens against the reference engine, checks that the profile ``observability``'s
+Prometheus scrapes every service (all targets ``up``, a PromQL query on the TTFT histogram
+counts the SDK's requests), kills a router container and checks a new request still succeeds
+through the other, then ``down -v`` and stops the engine it started. Nothing may
 be left: no container, network or volume of the project, no daemon.
 
 Skipped (with the reason) only where no engine can be had; ``XDS_REQUIRE_DOCKER=1`` (CI) turns
@@ -22,6 +24,8 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -56,6 +60,7 @@ class ComposePod:
     compose: list[str]
     env: dict[str, str]
     routers: list[str]
+    prometheus: str = ""
     timings: dict[str, float] = field(default_factory=dict)
 
     def run(self, *args: str, timeout_s: float = 300, check: bool = True) -> subprocess.CompletedProcess:
@@ -129,15 +134,19 @@ def pod(request) -> Iterator[ComposePod]:
         pytest.skip(f"no Docker engine can be had here: {exc}")
     lap("engine_start_s")
     project = f"xdstest{uuid.uuid4().hex[:6]}"
-    ports = [free_port(), free_port()]
-    env = {"COMPOSE_PROJECT_NAME": project, "XDS_ROUTER_0_PORT": str(ports[0]), "XDS_ROUTER_1_PORT": str(ports[1])}
-    p = ComposePod(engine, project, compose, env, [f"127.0.0.1:{x}" for x in ports], timings)
+    ports = [free_port(), free_port(), free_port()]
+    env = {"COMPOSE_PROJECT_NAME": project, "XDS_ROUTER_0_PORT": str(ports[0]), "XDS_ROUTER_1_PORT": str(ports[1]),
+           "XDS_PROMETHEUS_PORT": str(ports[2])}
+    p = ComposePod(engine, project, [*compose, "--profile", "observability"], env,
+                   [f"127.0.0.1:{x}" for x in ports[:2]], f"http://127.0.0.1:{ports[2]}", timings)
     events = None
     try:
         engine.run("bash", str(ROOT / "docker/base/build.sh"), timeout_s=600)
         lap("base_images_s")
         p.run("build", "pod", timeout_s=900)   # the one image every service runs
         lap("project_image_s")
+        p.run("build", "prometheus", timeout_s=600)   # Debian's prometheus package (profile observability)
+        lap("prometheus_image_s")
         since = str(int(time.time()) - 1)   # replayed from here: no health event can be missed
         events = subprocess.Popen(
             ["docker", "events", "--since", since, "--format", "{{json .}}", "--filter", "type=container",
@@ -196,6 +205,45 @@ def test_sdk_against_the_compose_pod_equals_the_reference(pod: ComposePod, refer
             res = client.complete(prompt, request_id=rid, **kw)
             assert res.token_ids == expected(reference, rid, prompt, kw), f"{prompt!r} differs from the reference"
     pod.timings["requests_s"] = round(time.monotonic() - t, 1)
+
+
+def _prometheus(pod: ComposePod, path: str) -> dict:
+    with urllib.request.urlopen(pod.prometheus + path, timeout=10) as r:
+        body = json.load(r)
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def _until(check, what: str, timeout_s: float = 60.0):
+    """Poll Prometheus's HTTP API (it scrapes on its own 2 s clock) until ``check`` holds."""
+    deadline = time.monotonic() + timeout_s
+    while not (got := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s:g}s")
+        time.sleep(0.5)
+    return got
+
+
+def test_prometheus_of_the_observability_profile_scrapes_every_service(pod: ComposePod) -> None:
+    t = time.monotonic()
+    with SyncInferenceClient(pod.routers, timeout_s=60) as client:
+        client.complete("scrape me", request_id="compose-prom", max_tokens=4)
+    names = {s.name for s in services(load_pod(None))}
+
+    def all_up():
+        try:
+            targets = _prometheus(pod, "/api/v1/targets")["activeTargets"]
+        except OSError:
+            return None   # Prometheus still starting
+        got = {x["labels"]["service"]: x["health"] for x in targets}
+        return got if got == dict.fromkeys(names, "up") else None
+
+    _until(all_up, "every service's /metrics target up in Prometheus")
+    query = urllib.parse.urlencode({"query": "sum(xds:time_to_first_token_seconds_count)"})
+    result = _until(lambda: [r for r in _prometheus(pod, "/api/v1/query?" + query)["result"]
+                             if float(r["value"][1]) >= 1], "TTFT histogram count in Prometheus")
+    assert float(result[0]["value"][1]) >= 1
+    pod.timings["prometheus_s"] = round(time.monotonic() - t, 1)
 
 
 def test_a_crashed_expert_container_is_restarted_and_the_stream_stays_exact(pod: ComposePod,

@@ -138,8 +138,8 @@ async def test_telemetry_counts_bytes_and_metrics_parse(sim, admin):
 
     text = (await admin.GetMetrics(pb.GetMetricsRequest(), timeout=5)).text
     samples = parse_prometheus(text)
-    assert samples[("xds_fabric_link_bytes_total", (("link", "npu7.tx"), ("plane", "ub")))] == links["npu7.tx"].bytes
-    assert samples[("xds_fabric_time_scale", ())] == 1000.0
+    assert samples[("xds:fabric_link_bytes_total", (("link", "npu7.tx"), ("plane", "ub")))] == links["npu7.tx"].bytes
+    assert samples[("xds:fabric_time_scale", ())] == 1000.0
 
 
 _SAMPLE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)')

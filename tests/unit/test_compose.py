@@ -30,7 +30,7 @@ def test_every_pod_service_is_a_compose_service_with_health_and_ordered_dependen
     spec = load_pod(None)
     doc = _load(generate(spec))
     svcs = doc["services"]
-    assert set(svcs) == {HOLDER} | {s.name for s in services(spec)}
+    assert set(svcs) == {HOLDER, "prometheus"} | {s.name for s in services(spec)}
     assert svcs[HOLDER]["ipc"] == "shareable" and svcs[HOLDER]["shm_size"].endswith("gb")
     for s in services(spec):
         c = svcs[s.name]
@@ -61,7 +61,7 @@ def test_the_containers_spec_is_the_pods_spec_with_compose_addressing():
     assert inner.model.dir == "/opt/xds/models/tiny-seed0"
     # The one addressing rule names compose services: every address points at a service we emit.
     for s in services(inner):
-        for plane in ("rpc", "heartbeat", "health"):
+        for plane in ("rpc", "heartbeat", "health", "metrics"):
             host = address(inner, s.name, plane).removeprefix("tcp://").rsplit(":", 1)[0]
             assert host in doc["services"]
     assert set(doc["services"]) >= {"decode-2", "attention-2-0"} and "expert-2" not in doc["services"]
@@ -100,3 +100,17 @@ def test_the_holder_exits_at_once_on_sigterm():
             proc.kill()
             proc.wait(5)
         proc.stdout.close()
+
+
+def test_observability_profile_scrapes_every_service_by_its_compose_metrics_address():
+    spec = pod_from_mapping({"name": "p", "decode": {"groups": 3}})
+    doc = _load(generate(spec))
+    prom = doc["services"]["prometheus"]
+    assert prom["profiles"] == ["observability"] and prom["build"] == {"context": "docker/prometheus"}
+    assert prom["ports"] == ["127.0.0.1:${XDS_PROMETHEUS_PORT:-9090}:9090"]
+    cfg = yaml.safe_load(prom["environment"]["PROMETHEUS_CONFIG"])
+    (job,) = cfg["scrape_configs"]
+    got = {c["labels"]["service"]: c["targets"] for c in job["static_configs"]}
+    assert got == {s.name: [f"{s.name}:{COMPOSE_PORTS['metrics']}"] for s in services(spec)}
+    assert "$$PROMETHEUS_CONFIG" in prom["command"][2]   # compose's escape: the shell sees $PROMETHEUS_CONFIG
+    assert (ROOT / "docker/prometheus/Dockerfile").is_file()
