@@ -298,7 +298,7 @@ class RouterCore:
             where = (f"waited {now - req.created_s:.1f}s in {self.cfg.name}'s queue ({queue.index(request_id)} "
                      f"ahead of it) for a prefill and a DP group with room")
         elif req.state is State.PREFILLING:
-            where = f"was prefilling on {req.prefill}"
+            where = f"was prefilling on {req.prefill}" + (f" (before: {req.last_error})" if req.last_error else "")
         elif req.state is State.DECODING and req.decode:
             where = f"was decoding on {req.decode} after {len(req.tokens)} tokens"
         elif req.waiting_since_s is not None:
