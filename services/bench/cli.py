@@ -12,6 +12,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "http": ("services.bench.http", "OpenAI HTTP vs gRPC on the same router: added latency per streamed token"),
     "kvpool": ("services.kvpool.bench", "KV pool store/load/fetch vs a same-run pack+memcpy baseline"),
     "reference": ("services.bench.reference", "reference-engine prefill/decode throughput"),
+    "soak": ("services.bench.soak", "constant load for --duration against xds up: errors, exactness, RSS/fd/shm growth"),
     "serve": ("services.bench.serve", "load a running pod: throughput, TTFT, TPOT, ITL; --compare-reference"),
     "xccl": ("services.bench.xccl", "XCCL p2p, dispatch/combine and fabric fidelity vs raw baselines"),
 }
