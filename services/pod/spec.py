@@ -119,6 +119,20 @@ class SupervisionSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class PrefillBatchSpec:
+    """One forward pass of a prefill service: waiting prompts are batched, first come first
+    served, up to ``max_requests`` and ``max_tokens`` positions; a prompt that does not fit the
+    token budget is computed in chunks over several passes (chunked prefill)."""
+    max_requests: int = 8
+    max_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        if self.max_requests < 1 or self.max_tokens < 1:
+            raise ConfigError("PodSpec.prefill_batch", f"max_requests and max_tokens must be >= 1, got "
+                              f"{self.max_requests}, {self.max_tokens}")
+
+
+@dataclass(frozen=True, slots=True)
 class PodSpec:
     name: str = "xds"
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -127,6 +141,7 @@ class PodSpec:
     router_http_ports: tuple[int, ...] = ()   # the routers' OpenAI-compatible HTTP, the same way
     routing: RoutingSpec = field(default_factory=RoutingSpec)
     prefill: int = 1
+    prefill_batch: PrefillBatchSpec = field(default_factory=PrefillBatchSpec)
     decode: DecodeSpec = field(default_factory=DecodeSpec)
     experts: ExpertSpec = field(default_factory=ExpertSpec)
     kv_pool: KVPoolSpec = field(default_factory=KVPoolSpec)

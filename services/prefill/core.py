@@ -83,32 +83,47 @@ class PrefillModel:
         self.cfg, self.weights = cfg, weights
         self.rope = L.Rope.build(cfg)
 
+    def start(self, j: Job) -> SequenceState:
+        """The sequence a job's passes fill: KV for every position, the cached prefix copied in."""
+        cfg = self.cfg
+        kv = new_kv(cfg, len(j.tokens))
+        if j.n_cached:
+            if len(j.cached_kv) != cfg.num_hidden_layers:
+                raise ValueError(f"{j.request_id}: cached KV has {len(j.cached_kv)} layers, "
+                                 f"the model {cfg.num_hidden_layers}")
+            for (k, v), (ck, cv) in zip(kv, j.cached_kv):
+                k[:, :j.n_cached] = ck[:, :j.n_cached]
+                v[:, :j.n_cached] = cv[:, :j.n_cached]
+        return SequenceState(GenerationRequest(j.request_id, j.tokens, j.params), kv, computed=j.n_cached)
+
+    def step(self, work: Sequence[tuple[Job, SequenceState, int]]) -> list[Result | None]:
+        """One forward pass: ``n`` more positions of each job (a chunk, or the rest); a result
+        for each job this pass completes, None for one that goes on in a later pass."""
+        chunks = [(s, j.tokens[s.computed:s.computed + n]) for j, s, n in work]
+        logits = forward(self.cfg, self.weights, self.rope, chunks)
+        return [Result(sample(row, j.params, j.request_id, len(j.tokens)), s.kv) if s.computed == len(j.tokens)
+                else None for (j, s, _), row in zip(work, logits)]
+
     def run(self, jobs: Sequence[Job]) -> list[Result]:
         """One forward pass over every job's uncached suffix; a result per job, in order."""
-        cfg = self.cfg
-        states = []
-        for j in jobs:
-            kv = new_kv(cfg, len(j.tokens))
-            if j.n_cached:
-                if len(j.cached_kv) != cfg.num_hidden_layers:
-                    raise ValueError(f"{j.request_id}: cached KV has {len(j.cached_kv)} layers, "
-                                     f"the model {cfg.num_hidden_layers}")
-                for (k, v), (ck, cv) in zip(kv, j.cached_kv):
-                    k[:, :j.n_cached] = ck[:, :j.n_cached]
-                    v[:, :j.n_cached] = cv[:, :j.n_cached]
-            states.append(SequenceState(GenerationRequest(j.request_id, j.tokens, j.params), kv,
-                                        computed=j.n_cached))
-        logits = forward(cfg, self.weights, self.rope, [(s, j.tokens[j.n_cached:]) for s, j in zip(states, jobs)])
-        return [Result(sample(row, j.params, j.request_id, len(j.tokens)), s.kv)
-                for s, j, row in zip(states, jobs, logits)]
+        results = self.step([(j, self.start(j), j.to_compute) for j in jobs])
+        return [r for r in results if r is not None]
 
 
-def take_batch(waiting: Sequence[Job], max_jobs: int, max_tokens: int) -> int:
-    """How many of the waiting jobs (FIFO) go into the next forward pass: at least one, then
-    while both the job and the token budget allow."""
-    n, tokens = 0, 0
-    for j in waiting:
-        if n and (n >= max_jobs or tokens + j.to_compute > max_tokens):
+def plan_pass(left: Sequence[int], max_jobs: int, max_tokens: int) -> list[int]:
+    """Positions each of the waiting jobs (FIFO; ``left``: positions each still has to compute)
+    computes in the next pass: whole jobs while the request and token budgets allow; the job
+    that does not fit the token budget takes the rest of it as a chunk and goes on in the next
+    pass (chunked prefill: a long prompt never holds the queue behind it for more than a pass).
+    At least one job, always at least one position."""
+    out: list[int] = []
+    budget = max_tokens
+    for n in left:
+        if len(out) >= max_jobs or budget <= 0:
             break
-        n, tokens = n + 1, tokens + j.to_compute
-    return n
+        take = min(n, budget)
+        out.append(take)
+        budget -= take
+        if take < n:
+            break
+    return out

@@ -39,9 +39,10 @@ from services.kvpool.client import KVPoolClient, KVPoolProtocolError
 from services.kvpool.layout import BlockLayout, kv_ref
 from services.kvpool.staging import StagingArea
 from services.model.cache import ensure_model
+from services.model.engine import SequenceState
 from services.model.weights import load_model
 from services.pod.spec import PodSpec
-from services.prefill.core import InvalidPrefill, Job, PrefillModel, Result, check, take_batch
+from services.prefill.core import InvalidPrefill, Job, PrefillModel, Result, check, plan_pass
 from services.prefill.messages import PrefillStats, PrefillStatsQuery
 from services.protocol.inference import Cancel, KVRef, Prefill, PrefillDone
 from services.protocol.kvpool import StageRelease
@@ -53,8 +54,20 @@ STAGE_WINDOW = "kv_stage"
 class PrefillConfig:
     max_waiting: int = 64           # requests waiting for the forward pass; beyond: RESOURCE_EXHAUSTED
     batch_max_requests: int = 8
-    batch_max_tokens: int = 4096
+    batch_max_tokens: int = 512     # positions per pass; a longer prompt is chunked over passes
     compute_timeout_s: float = 60.0
+
+
+@dataclass(slots=True, eq=False)
+class Waiting:
+    """A job in the batch queue: its caller's future, and its sequence once a pass began it."""
+    job: Job
+    fut: asyncio.Future[Result]
+    state: SequenceState | None = None
+
+    @property
+    def left(self) -> int:
+        return len(self.job.tokens) - (self.state.computed if self.state is not None else self.job.n_cached)
 
 
 @dataclass(slots=True)
@@ -65,6 +78,7 @@ class Counters:
     invalid: int = 0
     failed: int = 0
     batches: int = 0
+    chunked_passes: int = 0     # passes that computed part of a prompt (the rest in a later pass)
     max_batch_seen: int = 0
     pool_skipped: int = 0       # lookups not tried: the pool was down
     cached_in_pool: int = 0     # background cache writes that completed
@@ -77,7 +91,7 @@ class PrefillServer:
         self.rt: ServiceRuntime | None = None
         self.pool: KVPoolClient | None = None
         self.n = Counters()
-        self.waiting: deque[tuple[Job, asyncio.Future[Result]]] = deque()
+        self.waiting: deque[Waiting] = deque()
         self.have_work = asyncio.Event()
         self.inflight = 0
         self.idle = asyncio.Event()
@@ -94,6 +108,7 @@ class PrefillServer:
         # one batching); more would only wait in this queue instead of the routers' FCFS ones.
         return {"running": self.inflight, "queued": len(self.waiting), "requests": self.n.requests,
                 "capacity": 2 * self.cfg.batch_max_requests, "cancelled": self.cancelled,
+                "batches": self.n.batches, "chunked_passes": self.n.chunked_passes,
                 "cached_tokens": self.n.cached_tokens, "computed_tokens": self.n.computed_tokens,
                 "pool_skipped": self.n.pool_skipped, "pool_down": float(bool(self.pool and self.pool.down_nodes())),
                 "cached_in_pool": self.n.cached_in_pool, "cache_skipped": self.n.cache_skipped,
@@ -152,12 +167,10 @@ class PrefillServer:
         for flag in self.active[rid]:
             flag.set()
         self.cancelled += 1
-        for i, (job, fut) in enumerate(self.waiting):
-            if job.request_id == rid:
-                del self.waiting[i]
-                if not fut.done():
-                    fut.set_exception(Refused(Code.CANCELLED, f"{rid}: cancelled by its router"))
-                break
+        for w in [w for w in self.waiting if w.job.request_id == rid]:
+            self.waiting.remove(w)
+            if not w.fut.done():
+                w.fut.set_exception(Refused(Code.CANCELLED, f"{rid}: cancelled by its router"))
 
     def _check_cancelled(self, rid: str, flag: asyncio.Event, stage_id: int | None = None) -> None:
         if flag.is_set():
@@ -182,7 +195,7 @@ class PrefillServer:
             raise Refused(Code.RESOURCE_EXHAUSTED, f"{len(self.waiting)} prefills already wait for the model")
         job = Job(rid, tokens, params, n_cached, cached)
         fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self.waiting.append((job, fut))
+        self.waiting.append(Waiting(job, fut))
         self.have_work.set()
         try:
             result = await asyncio.wait_for(fut, self.cfg.compute_timeout_s)
@@ -244,44 +257,65 @@ class PrefillServer:
             self.n.cache_skipped += 1
 
     async def worker(self) -> None:
-        """The only caller of the model: batches what waits, runs it on the one compute thread."""
+        """The only caller of the model: batches what waits (``plan_pass``: FCFS, whole prompts
+        while they fit, then a chunk of the next) and runs it on the one compute thread."""
         loop = asyncio.get_running_loop()
         executor = ThreadPoolExecutor(1, thread_name_prefix="prefill-compute")
+
+        def compute(batch: list[tuple[Waiting, int]]) -> list[Result | None]:
+            for w, _ in batch:
+                if w.state is None:
+                    w.state = self.model.start(w.job)
+            return self.model.step([(w.job, w.state, n) for w, n in batch])
+
         try:
             while True:
                 await self.have_work.wait()
-                while self.waiting and self.waiting[0][1].done():   # its caller timed out
+                while self.waiting and self.waiting[0].fut.done():   # its caller timed out or left
                     self.waiting.popleft()
-                n = take_batch([j for j, _ in self.waiting], self.cfg.batch_max_requests, self.cfg.batch_max_tokens)
-                batch = [self.waiting.popleft() for _ in range(n)]
                 if not self.waiting:
                     self.have_work.clear()
-                if not batch:
                     continue
+                plan = plan_pass([w.left for w in self.waiting], self.cfg.batch_max_requests,
+                                 self.cfg.batch_max_tokens)
+                batch = [(self.waiting[i], n) for i, n in enumerate(plan)]
                 self.n.batches += 1
                 self.n.max_batch_seen = max(self.n.max_batch_seen, len(batch))
                 try:
-                    results = await loop.run_in_executor(executor, self.model.run, [j for j, _ in batch])
+                    results = await loop.run_in_executor(executor, compute, batch)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # a model bug: every waiter learns it (as INTERNAL), we go on
                     assert self.rt is not None
-                    self.rt.log.exception("prefill.compute_failed", requests=[j.request_id for j, _ in batch])
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(Refused(Code.INTERNAL, f"forward pass failed: {exc!r}"))
+                    self.rt.log.exception("prefill.compute_failed", requests=[w.job.request_id for w, _ in batch])
+                    for w, _ in batch:
+                        self._leave(w)
+                        if not w.fut.done():
+                            w.fut.set_exception(Refused(Code.INTERNAL, f"forward pass failed: {exc!r}"))
                     continue
-                for (_, fut), res in zip(batch, results):
-                    if not fut.done():
-                        fut.set_result(res)
+                for (w, _), res in zip(batch, results):
+                    if res is None:
+                        self.n.chunked_passes += 1   # stays at the head: its next chunk goes first
+                        continue
+                    self._leave(w)
+                    if not w.fut.done():
+                        w.fut.set_result(res)
         finally:
             executor.shutdown(wait=False, cancel_futures=True)
+
+    def _leave(self, w: Waiting) -> None:
+        try:
+            self.waiting.remove(w)
+        except ValueError:
+            pass   # cancelled meanwhile
 
     async def drain(self) -> None:
         await self.idle.wait()
 
 
-async def serve(spec: PodSpec, name: str, cfg: PrefillConfig = PrefillConfig()) -> None:
+async def serve(spec: PodSpec, name: str, cfg: PrefillConfig | None = None) -> None:
+    cfg = cfg or PrefillConfig(batch_max_requests=spec.prefill_batch.max_requests,
+                               batch_max_tokens=spec.prefill_batch.max_tokens)
     model_cfg, weights = load_model(ensure_model(spec.model.dir, spec.model.preset, spec.model.seed, spec.cache_dir))
     server = PrefillServer(PrefillModel(model_cfg, weights), cfg)
     layout = BlockLayout.of(model_cfg, spec.kv_pool.block_size)

@@ -22,7 +22,9 @@ from tests.pods import TestPod
 pytestmark = pytest.mark.integration
 
 SETTINGS = {"heartbeat": {"interval_s": 0.1, "suspect_after_s": 1.0, "dead_after_s": 3.0},
-            "routing": {"retain_finished_s": 1.0}}
+            "routing": {"retain_finished_s": 1.0},
+            # A small token budget per prefill pass: prompts of the burst are chunked across passes.
+            "prefill_batch": {"max_requests": 8, "max_tokens": 48}}
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +103,7 @@ async def test_burst_of_512_at_concurrency_256_queues_and_equals_the_reference(p
 
     async with InferenceClient(pod.routers, timeout_s=float(os.environ.get("BURST_TIMEOUT_S", 300))) as client, Loads(pod) as loads:
         await at_baseline(pod, loads)
+        before = await loads.fresh("prefill-0")
 
         async def one(i: int) -> None:
             async with gate:
@@ -132,6 +135,9 @@ async def test_burst_of_512_at_concurrency_256_queues_and_equals_the_reference(p
                                    for i in range(n)])
         differ = [i for i in range(n) if results[i].token_ids != want[i].token_ids]
         assert not differ, f"{len(differ)} streams differ from the reference, e.g. request {differ[0]}"
+        after = await loads.fresh("prefill-0")
+        assert after["chunked_passes"] > before["chunked_passes"], "no prompt was chunked: the test proves less"
+        assert after["batches"] - before["batches"] < n, "prompts were not batched into shared passes"
         await at_baseline(pod, loads)
 
 
@@ -174,3 +180,28 @@ async def test_a_storm_of_cancels_and_disconnects_leaves_every_counter_at_baseli
                         assert d.finish_reason, f"{rid} streaming, yet unknown to the routers"
         await asyncio.gather(*(cancelled(i) for i in range(96)))
         await at_baseline(pod, loads)
+
+
+async def test_two_routers_share_the_backends_fairly(pod, reference) -> None:
+    """Router-0 gets a deep queue first, router-1 a short one after: router-1's requests are
+    served beside router-0's (each router takes its share of the room), not behind them."""
+    order: list[str] = []
+    async with InferenceClient(pod.routers[:1], timeout_s=300) as a, \
+            InferenceClient(pod.routers[1:2], timeout_s=300) as b, Loads(pod) as loads:
+        await at_baseline(pod, loads)
+
+        async def one(client: InferenceClient, tag: str, i: int) -> None:
+            res = await client.complete(prompt(i), request_id=f"fair-{tag}-{i}", max_tokens=8)
+            assert res.token_ids == reference.generate([GenerationRequest(
+                f"fair-{tag}-{i}", prompt_ids(prompt(i)), SamplingParams(max_tokens=8))])[0].token_ids
+            order.append(tag)
+
+        deep = [asyncio.create_task(one(a, "a", i)) for i in range(160)]
+        while (await loads.fresh("router-0"))["queued"] == 0:
+            pass
+        short = [asyncio.create_task(one(b, "b", i)) for i in range(32)]
+        await asyncio.gather(*deep, *short)
+        await at_baseline(pod, loads)
+    last_b = max(i for i, t in enumerate(order) if t == "b")
+    # Strict FCFS across routers would finish every b after every queued a (last_b = 191).
+    assert last_b < 160, f"router-1's requests waited behind router-0's queue: completion order {''.join(order)}"

@@ -9,7 +9,7 @@ import pytest
 from services.model.engine import GenerationRequest, ReferenceEngine, SequenceState, forward, new_kv
 from services.model.sampling import SamplingParams
 from services.model.tokenizer import encode
-from services.prefill.core import InvalidPrefill, Job, PrefillModel, check, take_batch
+from services.prefill.core import InvalidPrefill, Job, PrefillModel, check, plan_pass
 from services.protocol.inference import Prefill, Sampling
 
 GREEDY = Sampling.of(SamplingParams(max_tokens=8))
@@ -84,9 +84,35 @@ def test_job_must_leave_a_token_to_compute() -> None:
         Job("r", (1, 2, 3), SamplingParams(), 3, [])
 
 
-def test_take_batch_budget() -> None:
-    jobs = [Job(f"j{i}", tuple(range(n)), SamplingParams(), 0, []) for i, n in enumerate([10, 20, 30, 5000, 1])]
-    assert take_batch(jobs, 8, 100) == 3           # tokens: 10 + 20 + 30, the next would overflow
-    assert take_batch(jobs, 2, 10_000) == 2        # request cap
-    assert take_batch(jobs[3:], 8, 100) == 1       # one over-budget job still runs alone
-    assert take_batch([], 8, 100) == 0
+def test_plan_pass_is_fcfs_within_budgets_and_chunks_the_prompt_that_does_not_fit() -> None:
+    assert plan_pass([10, 20, 30, 5000, 1], 8, 100) == [10, 20, 30, 40]   # the 4th: a 40-position chunk
+    assert plan_pass([10, 20, 30], 2, 10_000) == [10, 20]                # request cap
+    assert plan_pass([5000, 1], 8, 100) == [100]                         # a long prompt: one chunk per pass
+    assert plan_pass([10, 90, 1], 8, 100) == [10, 90]                    # budget used up exactly
+    assert plan_pass([], 8, 100) == []
+
+
+def test_chunked_prefill_gives_the_bits_of_a_whole_one(tiny: ReferenceEngine) -> None:
+    """Passes of 7 positions, two prompts interleaved with a cached prefix: the same first
+    token and the same KV, bit for bit, as each prompt alone in one pass."""
+    model = PrefillModel(tiny.cfg, tiny.weights)
+    a = tuple(encode("a prompt long enough to take several chunks of seven positions each"))
+    b = tuple(encode("another one, seeded"))
+    cut = 16
+    jobs = [Job("a", a, SamplingParams(max_tokens=4), 0, []),
+            Job("b", b, SamplingParams(temperature=0.9, seed=3, max_tokens=4), cut,
+                full_prefill(tiny, "x", b[:cut], SamplingParams())[0])]
+    whole = [model.run([j])[0] for j in jobs]
+    states = [model.start(j) for j in jobs]
+    done: dict[str, object] = {}
+    while len(done) < 2:
+        live = [(j, s) for j, s in zip(jobs, states) if j.request_id not in done]
+        plan = plan_pass([len(j.tokens) - s.computed for j, s in live], 8, 7)
+        for (j, s), res in zip(live, model.step([(j, s, n) for (j, s), n in zip(live, plan)])):
+            if res is not None:
+                done[j.request_id] = res
+    for j, one in zip(jobs, whole):
+        res = done[j.request_id]
+        assert res.next_token == one.next_token
+        for (k, v), (rk, rv) in zip(one.kv, res.kv):
+            assert np.array_equal(k, rk) and np.array_equal(v, rv)
