@@ -363,12 +363,13 @@ class A2EDispatcher:
                                   notify=encode_meta(meta), timeout_s=max(_remaining(deadline), 1e-3))
             except _RANK_ERRORS as exc:
                 errors[r] = exc
+            else:
+                self.rows_to[r] += meta.count
 
         blocks = [(r, pack_rows(x, plan, r), a2e_meta(plan, r, self.layout)) for r in plan.ranks]
         async with asyncio.TaskGroup() as tg:
             for r, rows, meta in blocks:
                 self.stats["rows_sent"] += meta.count
-                self.rows_to[r] += meta.count
                 tg.create_task(one(r, rows, meta))
         return dict(sorted(errors.items()))
 

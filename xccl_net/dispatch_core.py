@@ -263,7 +263,8 @@ def plan_dispatch(event_id: int, source: int, topk_ids: np.ndarray, placement: P
 
     ``only_rows`` (flat row indices token * k + slot) plans just those rows, as a retry does
     for the rows whose rank failed: then only ranks that receive rows are posted to. Without
-    it every rank not excluded gets a (possibly empty) block. ``NoLiveReplica`` names an
+    it every rank not excluded gets a (possibly empty) block, except with a ``chooser`` that
+    does not ``explore`` this plan: then only ranks with rows. ``NoLiveReplica`` names an
     expert some planned row needs and no live rank holds. ``chooser`` picks among an expert's
     live holders (``replica_choice``); without it the first live holder serves.
     """
@@ -291,8 +292,8 @@ def plan_dispatch(event_id: int, source: int, topk_ids: np.ndarray, placement: P
         counts = np.bincount(flat[order], minlength=placement.num_experts)
         serving = chooser.choose(placement, ex, {int(e): int(counts[e]) for e in needed})
     dest = serving[flat[order]]
-    ranks = tuple(r for r in range(layout.num_ranks)
-                  if r not in ex and (only_rows is None or np.any(dest == r)))
+    every = only_rows is None and (chooser is None or chooser.explore())
+    ranks = tuple(r for r in range(layout.num_ranks) if r not in ex and (every or np.any(dest == r)))
     rows: dict[int, np.ndarray] = {}
     experts: dict[int, np.ndarray] = {}
     for r in ranks:

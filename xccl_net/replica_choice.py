@@ -1,7 +1,8 @@
 """Which replica serves each routed expert for one source: latency- and load-aware. Pure.
 
-Every expert rank a source posts to answers every layer (an empty block when it has no rows),
-so the source sees each live rank's answer latency at every layer; ``observe`` keeps an EWMA
+A source with a chooser posts only to the ranks its plan gives rows (a slow rank with no rows
+then costs the layer nothing), and to every live rank at every ``explore_every``-th plan (empty
+blocks too), so it hears every rank's answer latency now and then; ``observe`` keeps an EWMA
 of it per rank. ``choose`` then assigns each needed expert, in expert-id order, to the live
 holder of least cost::
 
@@ -34,9 +35,10 @@ class ChoiceConfig:
     load_weight: float = 1.0      # how much the rows already given to a rank in this plan cost
     margin_s: float = 0.003       # leave the primary only for a replica cheaper by this much ...
     margin_frac: float = 0.25     # ... and by this fraction of the primary's cost
+    explore_every: int = 16       # every n-th plan posts to every live rank (empty blocks too)
 
     def __post_init__(self) -> None:
-        if not 0 < self.alpha <= 1 or self.load_weight < 0 or self.margin_s < 0 or not 0 <= self.margin_frac < 1:
+        if not 0 < self.alpha <= 1 or self.explore_every < 1 or self.load_weight < 0 or self.margin_s < 0 or not 0 <= self.margin_frac < 1:
             raise ValueError(f"ChoiceConfig out of range: {self}")
 
 
@@ -47,6 +49,16 @@ class ReplicaChooser:
         self.cfg = cfg
         self.ewma_s: list[float | None] = [None] * num_ranks
         self.moved = 0                # experts assigned to a non-primary live holder by cost
+        self.plans = 0
+
+    def explore(self) -> bool:
+        """Called once per plan: whether this plan posts to every live rank, rows or not.
+
+        Only ranks that get rows are posted to otherwise, so a slow rank stops costing the
+        layer its answer time; every ``explore_every``-th plan still hears from every rank, so
+        a straggler that recovered is seen to and wins its rows back."""
+        self.plans += 1
+        return self.plans % self.cfg.explore_every == 0
 
     def observe(self, rank: int, latency_s: float) -> None:
         """``rank`` answered a block ``latency_s`` after it was posted."""
