@@ -127,6 +127,7 @@ class AttentionServer:
                 # rows sent to each instance (other ranks keep using one this rank cannot reach).
                 "experts_cut_mask": sum(1 << r for r in d.health.cut), "experts_cut_off": len(d.cut_off_experts()),
                 "pair_cuts": d.stats["pair_cuts"], "pair_heals": d.stats["pair_heals"],
+                "expert_cut_off_steps": d.stats["cut_off"],
                 **{f"rows_to_expert_{r}": n for r, n in enumerate(d.rows_to)},
                 "replica_moves": d.chooser.moved if d.chooser is not None else 0,
                 "straggler_ms": self.delay_s * 1e3, "delayed_steps": self.delayed_steps,

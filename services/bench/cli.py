@@ -12,6 +12,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "kvpool": ("services.kvpool.bench", "KV pool store/load/fetch vs a same-run pack+memcpy baseline"),
     "reference": ("services.bench.reference", "reference-engine prefill/decode throughput"),
     "serve": ("services.bench.serve", "load a running pod: throughput, TTFT, TPOT, ITL; --compare-reference"),
+    "straggler": ("services.bench.straggler", "TPOT with a straggler expert, without it, and with replica choice off"),
     "xccl": ("services.bench.xccl", "XCCL p2p, dispatch/combine and fabric fidelity vs raw baselines"),
 }
 

@@ -118,7 +118,8 @@ async def test_a_partition_between_one_rank_and_one_instance_costs_that_pair_onl
 async def test_a_group_cut_off_from_an_expert_degrades_its_requests_replay_and_it_comes_back(pod, reference) -> None:
     a1, d1 = "attention-1-0", "decode-1"
     async with InferenceClient(pod.routers, timeout_s=120) as client, Loads(pod) as loads, Fabric(pod) as fab:
-        steps0 = load(loads, a1)["steps"] if a1 in loads.sub.latest else (await loads.fresh(a1))["steps"]
+        steps0 = (await loads.fresh(a1))["steps"]
+        failed0 = load(loads, a1)["expert_cut_off_steps"]
         streams = Streams(client, "cutoff")
         await streams.all_have(8)
         fault_at = time.monotonic()
@@ -127,7 +128,9 @@ async def test_a_group_cut_off_from_an_expert_degrades_its_requests_replay_and_i
         await until_beat(loads, lambda: loads.sub.latest[d1].status == "degraded", 20)
         assert load(loads, a1)["experts_cut_off"] >= 2   # experts 1 and 5
         await streams.check(reference, fault_at)         # its requests replayed elsewhere, exactly
-        assert load(loads, a1)["steps"] > steps0
+        a1_load = await loads.fresh(a1)
+        assert a1_load["steps"] > steps0 and a1_load["expert_cut_off_steps"] > failed0, \
+            "group 1 never failed a step for the cut-off expert: nothing was replayed"
 
         await fab.clear()
         await until_beat(loads, lambda: loads.sub.latest[d1].status == "serving"
