@@ -54,7 +54,7 @@ from xccl_net.dispatch_core import (
     plan_dispatch,
     run_block,
 )
-from xccl_net.dispatch_health import RankChange, RankHealth
+from xccl_net.dispatch_health import RankChange, RankHealth, RankState
 from xccl_net.replica_choice import ReplicaChooser
 from xccl_net.errors import (
     CorruptMetadata,
@@ -263,6 +263,8 @@ class A2EDispatcher:
             return
         log.info("dispatch.expert_rank", source=self.source, peer=self.expert_peers[change.rank],
                  state=change.new.value, why=change.why)
+        if self.chooser is not None and change.new is RankState.IN:
+            self.chooser.forget(change.rank)
         self._changed.set()
 
     # -- layers -----------------------------------------------------------------------------

@@ -33,8 +33,8 @@ from xccl_net.dispatch_core import NoLiveReplica, Placement
 class ChoiceConfig:
     alpha: float = 0.2            # EWMA weight of the newest answer
     load_weight: float = 1.0      # how much the rows already given to a rank in this plan cost
-    margin_s: float = 0.003       # leave the primary only for a replica cheaper by this much ...
-    margin_frac: float = 0.25     # ... and by this fraction of the primary's cost
+    margin_s: float = 0.005       # leave the primary only for a replica cheaper by this much ...
+    margin_frac: float = 0.3      # ... and by this fraction of the primary's cost
     explore_every: int = 16       # every n-th plan posts to every live rank (empty blocks too)
 
     def __post_init__(self) -> None:
@@ -66,6 +66,11 @@ class ReplicaChooser:
             raise ValueError(f"negative latency {latency_s} for rank {rank}")
         old = self.ewma_s[rank]
         self.ewma_s[rank] = latency_s if old is None else old + self.cfg.alpha * (latency_s - old)
+
+    def forget(self, rank: int) -> None:
+        """``rank`` came back (restarted, continued, path healed): what it did before says
+        nothing of it now, so it starts unknown (no preference) instead of stale-slow."""
+        self.ewma_s[rank] = None
 
     def latency_s(self, rank: int) -> float:
         known = [v for v in self.ewma_s if v is not None]
