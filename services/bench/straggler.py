@@ -108,7 +108,10 @@ def run(args: argparse.Namespace) -> int:
         "ratios": {"straggler_choice_on_over_baseline": p50(slow) / p50(base),
                    "straggler_choice_off_over_baseline": p50(off) / p50(base),
                    "straggler_choice_off_over_choice_on": p50(off) / p50(slow),
-                   "no_straggler_choice_off_over_baseline": p50(off_base) / p50(base)},
+                   "no_straggler_choice_off_over_baseline": p50(off_base) / p50(base),
+                   # What the straggler costs each pod against its own no-straggler phase.
+                   "choice_on_straggler_over_no_straggler": p50(slow) / p50(base),
+                   "choice_off_straggler_over_no_straggler": p50(off) / p50(off_base)},
         "streams_differing_from_baseline": differ,
     }
     errors = sum(s["errors"] for s in (base, slow, off_base, off))
