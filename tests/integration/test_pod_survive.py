@@ -147,11 +147,11 @@ async def test_added_latency_and_a_bandwidth_cut_change_timing_never_tokens(pod,
     async with InferenceClient(pod.routers, timeout_s=120) as client, Fabric(pod) as fab:
         streams = Streams(client, "slowlink")
         await streams.all_have(4)
-        await fab.stub.SetLinkLatency(pb.SetLinkLatencyRequest(link=f"npu{e0}.rx", added_latency_us=3000))
-        await fab.stub.SetLinkBandwidth(pb.SetLinkBandwidthRequest(link=f"npu{a0}.tx", factor=0.05))
+        await fab.stub.SetLinkLatency(pb.SetLinkLatencyRequest(link=f"npu{e0}.rx", added_latency_us=1000))
+        await fab.stub.SetLinkBandwidth(pb.SetLinkBandwidthRequest(link=f"npu{a0}.tx", factor=0.2))
         _, links = await fab.faults()
         assert sorted((n, u, lat, round(f, 6)) for n, u, lat, f in links) == sorted(
-            [(f"npu{e0}.rx", True, 3000.0, 1.0), (f"npu{a0}.tx", True, 0.0, 0.05)]), links
+            [(f"npu{e0}.rx", True, 1000.0, 1.0), (f"npu{a0}.tx", True, 0.0, 0.2)]), links
         await streams.check(reference, time.monotonic())
 
 
