@@ -33,7 +33,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 def pod():
     with TestPod.running("sv", {
         "heartbeat": {"interval_s": 0.1, "suspect_after_s": 1.0, "dead_after_s": 3.0},
-        "experts": {"instances": 4, "replicas": 2, "answer_timeout_s": 1.0, "failover_wait_s": 2.0}}) as p:
+        "experts": {"instances": 4, "replicas": 2, "answer_timeout_s": 1.0, "failover_wait_s": 2.0}},
+            # A host stall past dead_after_s (other jobs on 2 cores) ends a service's incarnation
+            # (exit 75, dead is final per epoch); supervision starts the next one, as `xds up` does.
+            supervise=True) as p:
         yield p
 
 
@@ -142,11 +145,21 @@ async def test_a_group_cut_off_from_an_expert_degrades_its_requests_replay_and_i
         await until_beat(loads, lambda: load(loads, a1)["steps"] > before, 10)
 
 
-async def test_added_latency_and_a_bandwidth_cut_change_timing_never_tokens(pod, reference) -> None:
-    e0, a0 = npu(pod, "expert-0"), npu(pod, "attention-0-0")
-    async with InferenceClient(pod.routers, timeout_s=120) as client, Fabric(pod) as fab:
+async def test_a_link_down_then_latency_and_a_bandwidth_cut_change_timing_never_tokens(pod, reference) -> None:
+    e0, a0, e3 = npu(pod, "expert-0"), npu(pod, "attention-0-0"), npu(pod, "expert-3")
+    ranks = [f"attention-{g}-0" for g in range(2)]
+    async with InferenceClient(pod.routers, timeout_s=120) as client, Loads(pod) as loads, Fabric(pod) as fab:
         streams = Streams(client, "slowlink")
         await streams.all_have(4)
+        # expert-3's UB receive port down: every rank cuts it (pairwise, each on its own put),
+        # its rows go to replicas; the link up again, each rank's probe takes it back.
+        await fab.stub.SetLinkState(pb.SetLinkStateRequest(link=f"npu{e3}.rx", up=False))
+        assert (await fab.faults())[1] == [(f"npu{e3}.rx", False, 0.0, 1.0)]
+        await until_beat(loads, lambda: all(int(load(loads, r).get("experts_cut_mask", 0)) & (1 << 3)
+                                            for r in ranks), 20)
+        await fab.stub.SetLinkState(pb.SetLinkStateRequest(link=f"npu{e3}.rx", up=True))
+        assert (await fab.faults())[1] == []
+        await until_beat(loads, lambda: all(load(loads, r)["experts_cut_mask"] == 0 for r in ranks), 10)
         await fab.stub.SetLinkLatency(pb.SetLinkLatencyRequest(link=f"npu{e0}.rx", added_latency_us=1000))
         await fab.stub.SetLinkBandwidth(pb.SetLinkBandwidthRequest(link=f"npu{a0}.tx", factor=0.2))
         _, links = await fab.faults()
