@@ -15,13 +15,20 @@ a missing peer is ``XcclTimeout`` naming who is missing, a dead one ``PeerUnreac
 unless the dispatcher has a ``Failover``: then a failing rank's rows go to a live replica in
 a new attempt of the same layer (``LayerAttempts``), and only an expert with no live holder
 for ``Failover.wait_s`` fails the layer (``ExpertUnavailable``).
+
+Reachability is per pair (source, expert rank): a put the fabric refuses (``LinkDown``: a link
+down, a partition) takes that rank out for this source only (``RankState.CUT``) until a fabric
+probe of the same path goes through (``watch_paths``); an expert whose every holder is CUT
+fails the layer at once (``ExpertCutOff``: this group is cut off, the others are not). With a
+``ReplicaChooser`` the rows of an expert go to its fastest, least-loaded live holder
+(``replica_choice``) instead of the first one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,9 +54,11 @@ from xccl_net.dispatch_core import (
     plan_dispatch,
     run_block,
 )
-from xccl_net.dispatch_health import RankChange, RankHealth
+from xccl_net.dispatch_health import RankChange, RankHealth, RankState
+from xccl_net.replica_choice import ReplicaChooser
 from xccl_net.errors import (
     CorruptMetadata,
+    ExpertCutOff,
     ExpertRefused,
     ExpertUnavailable,
     FabricUnavailable,
@@ -128,6 +137,7 @@ class PendingLayer:
     layer_deadline: float                 # without failover: the whole layer's bound
     deadline: float = 0.0                 # the current attempt's
     wait_deadline: float | None = None    # set when the layer first had to wait for a replica
+    posted_at: float = 0.0                # when the current attempt's blocks were posted
 
     @property
     def plan(self) -> DispatchPlan:
@@ -155,7 +165,9 @@ class A2EDispatcher:
 
     def __init__(self, ep: Any, *, source: int, expert_peers: Sequence[str], placement: Placement,
                  layout: DispatchLayout, windows: DispatchWindows = DispatchWindows(),
-                 incarnation: int | None = None, failover: Failover | None = None) -> None:
+                 incarnation: int | None = None, failover: Failover | None = None,
+                 chooser: ReplicaChooser | None = None,
+                 probe: Callable[[int], Awaitable[None]] | None = None) -> None:
         if len(expert_peers) != layout.num_ranks:
             raise ValueError(f"{len(expert_peers)} expert peers for {layout.num_ranks} ranks")
         self.ep = ep
@@ -167,9 +179,13 @@ class A2EDispatcher:
         self.windows = windows
         self.failover = failover
         self.health = RankHealth(layout.num_ranks)
+        self.chooser = chooser
+        self.probe = probe    # raises LinkDown when the fabric path to expert rank r is refused
+        self.rows_to = [0] * layout.num_ranks     # rows sent to each expert rank (all attempts)
         self._changed = asyncio.Event()   # set on every health change: waits for a replica re-plan
         self.stats = {"layers": 0, "stale_notices": 0, "rows_sent": 0, "retries": 0, "rank_failures": 0,
-                      "refusals": 0, "replica_waits": 0, "unavailable": 0, "bad_notices": 0}
+                      "refusals": 0, "replica_waits": 0, "unavailable": 0, "bad_notices": 0,
+                      "pair_cuts": 0, "pair_heals": 0, "cut_off": 0}
 
     # -- expert rank health -----------------------------------------------------------------
     @property
@@ -191,6 +207,53 @@ class A2EDispatcher:
         """The heartbeat detector declared expert rank ``rank`` dead."""
         self._changed_to(self.health.silent(rank, why))
 
+    def _unreachable(self, rank: int, why: str) -> None:
+        """The fabric refused this source's path to ``rank``: CUT for this source only."""
+        change = self.health.unreachable(rank, why)
+        if change is not None:
+            self.stats["pair_cuts"] += 1
+        self._changed_to(change)
+
+    def cut_off_experts(self) -> list[int]:
+        """Experts whose every holder is alive but unreachable from this source."""
+        cut = self.health.cut
+        return [e for e, hs in enumerate(self.placement.holders) if all(r in cut for r in hs)]
+
+    async def watch_paths(self, interval_s: float) -> None:
+        """Probe the fabric path to every CUT rank each ``interval_s``; one that goes through
+        brings the rank back for this source. Runs until cancelled (needs ``probe``)."""
+        if self.probe is None:
+            raise RuntimeError("watch_paths needs a probe")
+        while True:
+            await asyncio.sleep(interval_s)
+            for r in sorted(self.health.cut):
+                try:
+                    await self.probe(r)
+                except LinkDown:
+                    continue
+                except XcclError as exc:
+                    log.info("dispatch.probe_failed", source=self.source, peer=self.expert_peers[r],
+                             error=type(exc).__name__)
+                    continue
+                change = self.health.reachable(r)
+                if change is not None:
+                    self.stats["pair_heals"] += 1
+                self._changed_to(change)
+
+    async def _cut_by_fabric(self, ranks: Sequence[int]) -> list[int]:
+        """Of ``ranks`` (no answer in time), those whose fabric path is refused now."""
+        if self.probe is None:
+            return []
+        out = []
+        for r in ranks:
+            try:
+                await self.probe(r)
+            except LinkDown:
+                out.append(r)
+            except XcclError:
+                pass
+        return out
+
     def _rank_failed(self, rank: int, why: str) -> None:
         self.stats["rank_failures"] += 1
         self._changed_to(self.health.failed(rank, why))
@@ -200,6 +263,8 @@ class A2EDispatcher:
             return
         log.info("dispatch.expert_rank", source=self.source, peer=self.expert_peers[change.rank],
                  state=change.new.value, why=change.why)
+        if self.chooser is not None and change.new is RankState.IN:
+            self.chooser.forget(change.rank)
         self._changed.set()
 
     # -- layers -----------------------------------------------------------------------------
@@ -219,7 +284,8 @@ class A2EDispatcher:
         ``timeout_s`` bounds the layer without failover (with it, ``Failover`` does)."""
         if x.shape != (topk_ids.shape[0], self.layout.hidden):
             raise ValueError(f"shapes x {x.shape}, ids {topk_ids.shape} do not agree with hidden {self.layout.hidden}")
-        attempts = LayerAttempts(event_id, self.source, topk_ids, self.placement, self.layout, self.incarnation)
+        attempts = LayerAttempts(event_id, self.source, topk_ids, self.placement, self.layout, self.incarnation,
+                                 chooser=self.chooser)
         pending = PendingLayer(attempts, x, layer_deadline=time.monotonic() + timeout_s)
         await self._launch(pending)
         return pending
@@ -252,6 +318,12 @@ class A2EDispatcher:
             except NoLiveReplica as exc:
                 if self.failover is None:
                     raise
+                if all(r in self.health.cut for r in exc.holders):
+                    # Alive but unreachable from here: waiting would only stall this group's
+                    # requests; failing them now lets their routers replay them elsewhere.
+                    self.stats["cut_off"] += 1
+                    raise ExpertCutOff(exc.expert_id, tuple(self.expert_peers[r] for r in exc.holders),
+                                       getattr(self.ep, "name", f"source {self.source}")) from exc
                 now = time.monotonic()
                 if p.wait_deadline is None:
                     p.wait_deadline = now + self.failover.wait_s
@@ -270,13 +342,17 @@ class A2EDispatcher:
                     pass
         now = time.monotonic()
         p.deadline = now + self.failover.answer_timeout_s if self.failover else p.layer_deadline
+        p.posted_at = now
         errors = await self._post(plan, p.x, p.deadline)
         for r, exc in errors.items():
             why = f"put of event {plan.event_id} failed: {type(exc).__name__}: {exc}"
             p.attempts.rank_failed(r, why)
             if self.failover is None:
                 raise exc
-            self._rank_failed(r, why)
+            if isinstance(exc, LinkDown):
+                self._unreachable(r, why)
+            else:
+                self._rank_failed(r, why)
 
     async def _post(self, plan: DispatchPlan, x: np.ndarray, deadline: float) -> dict[int, XcclError]:
         """Put every rank's block concurrently; one failing peer never cancels the others (they
@@ -289,6 +365,8 @@ class A2EDispatcher:
                                   notify=encode_meta(meta), timeout_s=max(_remaining(deadline), 1e-3))
             except _RANK_ERRORS as exc:
                 errors[r] = exc
+            else:
+                self.rows_to[r] += meta.count
 
         blocks = [(r, pack_rows(x, plan, r), a2e_meta(plan, r, self.layout)) for r in plan.ranks]
         async with asyncio.TaskGroup() as tg:
@@ -313,10 +391,15 @@ class A2EDispatcher:
             except XcclTimeout:
                 if self.failover is None:
                     raise
-                for r in att.waiting():
+                silent = att.waiting()
+                cut = await self._cut_by_fabric(silent)
+                for r in silent:
                     why = f"no answer to event {att.event_id} within {self.failover.answer_timeout_s:g} s"
                     att.rank_failed(r, why)
-                    self._rank_failed(r, why)
+                    if r in cut:   # the answer could not cross the fabric: this pair only
+                        self._unreachable(r, why + " (fabric path refused)")
+                    else:
+                        self._rank_failed(r, why)
                 return
             meta = note.meta
             try:
@@ -347,6 +430,8 @@ class A2EDispatcher:
                 if self.failover is not None:
                     self._rank_failed(meta.sender, f"refused event {meta.event_id}: {meta.error}")
             else:
+                if self.chooser is not None:
+                    self.chooser.observe(meta.sender, max(0.0, time.monotonic() - p.posted_at))
                 view = self.ep.window(self.windows.e2a)
                 rows = view[meta.offset:meta.offset + meta.count * self.layout.row_bytes].view(DTYPE)
                 att.fill(meta.sender, rows.reshape(meta.count, self.layout.hidden))
@@ -382,7 +467,9 @@ class E2AHandler:
         self.windows = windows
         self.hosted = placement.hosted(rank)
         self._guard = SourceGuard(layout, self.hosted)
-        self.stats = {"events": 0, "rows_served": 0, "rejected_notices": 0, "refusals_sent": 0}
+        self.stats = {"events": 0, "rows_served": 0, "rejected_notices": 0, "refusals_sent": 0, "delayed_blocks": 0}
+        # A straggler (admin ``SetStraggler``): every answered block waits this long first.
+        self.delay_s = 0.0
         # source index -> [events, rows] served for it.
         self.per_source: list[list[int]] = [[0, 0] for _ in range(layout.num_sources)]
 
@@ -413,6 +500,9 @@ class E2AHandler:
         h, rb = self.layout.hidden, self.layout.row_bytes
         rows = view[meta.offset:meta.offset + meta.count * rb].view(DTYPE).reshape(meta.count, h)
         y = run_block(rows, meta.expert_ids, fn, h)
+        if self.delay_s > 0:
+            self.stats["delayed_blocks"] += 1
+            await asyncio.sleep(self.delay_s)
         answer = e2a_meta(meta.event_id, self.rank, y.shape[0], self.layout, meta.incarnation)
         put_timeout_s = max(_remaining(deadline), 1e-3) if answer_timeout_s is None else answer_timeout_s
         await self.ep.put(self.source_peers[meta.sender], self.windows.e2a, answer.offset, _flat_bytes(y),

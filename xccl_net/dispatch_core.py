@@ -35,12 +35,16 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from services.common.wire import WireError, decode, encode, join_frames, message, split_frames
 from xccl_net.errors import CorruptMetadata, EventIdMismatch, PeerUnreachable, ProtocolError, WindowError
+
+if TYPE_CHECKING:
+    from xccl_net.replica_choice import ReplicaChooser
 
 DTYPE = np.dtype(np.float32)
 ID_DTYPE = np.dtype(np.int32)
@@ -254,13 +258,15 @@ class DispatchPlan:
 
 def plan_dispatch(event_id: int, source: int, topk_ids: np.ndarray, placement: Placement,
                   layout: DispatchLayout, excluded: Iterable[int] = (), incarnation: int = 0,
-                  only_rows: np.ndarray | None = None) -> DispatchPlan:
+                  only_rows: np.ndarray | None = None, chooser: ReplicaChooser | None = None) -> DispatchPlan:
     """Decide which rows go to which rank; raise at the sender on capacity overflow.
 
     ``only_rows`` (flat row indices token * k + slot) plans just those rows, as a retry does
     for the rows whose rank failed: then only ranks that receive rows are posted to. Without
-    it every rank not excluded gets a (possibly empty) block. ``NoLiveReplica`` names an
-    expert some planned row needs and no live rank holds.
+    it every rank not excluded gets a (possibly empty) block, except with a ``chooser`` that
+    does not ``explore`` this plan: then only ranks with rows. ``NoLiveReplica`` names an
+    expert some planned row needs and no live rank holds. ``chooser`` picks among an expert's
+    live holders (``replica_choice``); without it the first live holder serves.
     """
     ids = np.asarray(topk_ids)
     if ids.ndim != 2:
@@ -279,10 +285,15 @@ def plan_dispatch(event_id: int, source: int, topk_ids: np.ndarray, placement: P
         keep = np.zeros(flat.size, dtype=bool)
         keep[np.asarray(only_rows, dtype=np.int64)] = True
         order = order[keep[order]]
-    serving = placement.choose(ex, np.unique(flat[order]).tolist())
+    needed = np.unique(flat[order])
+    if chooser is None:
+        serving = placement.choose(ex, needed.tolist())
+    else:
+        counts = np.bincount(flat[order], minlength=placement.num_experts)
+        serving = chooser.choose(placement, ex, {int(e): int(counts[e]) for e in needed})
     dest = serving[flat[order]]
-    ranks = tuple(r for r in range(layout.num_ranks)
-                  if r not in ex and (only_rows is None or np.any(dest == r)))
+    every = only_rows is None and (chooser is None or chooser.explore())
+    ranks = tuple(r for r in range(layout.num_ranks) if r not in ex and (every or np.any(dest == r)))
     rows: dict[int, np.ndarray] = {}
     experts: dict[int, np.ndarray] = {}
     for r in ranks:
@@ -438,8 +449,9 @@ class LayerAttempts:
     """
 
     def __init__(self, first_event_id: int, source: int, topk_ids: np.ndarray, placement: Placement,
-                 layout: DispatchLayout, incarnation: int = 0) -> None:
+                 layout: DispatchLayout, incarnation: int = 0, chooser: ReplicaChooser | None = None) -> None:
         self.ids = np.asarray(topk_ids)
+        self.chooser = chooser
         if self.ids.ndim != 2:
             raise ValueError(f"topk_ids must be [T, k], got shape {self.ids.shape}")
         if first_event_id < 0:
@@ -480,7 +492,7 @@ class LayerAttempts:
                                     f"failed ranks {self.failed_ranks}")
         rows = None if self.plan is None else self.missing_rows()
         plan = plan_dispatch(self.first_event_id + self.attempt + 1, self.source, self.ids, self.placement,
-                             self.layout, excluded, self.incarnation, only_rows=rows)
+                             self.layout, excluded, self.incarnation, only_rows=rows, chooser=self.chooser)
         self.attempt += 1
         self.plan, self._coll, self.failed = plan, CombineCollector(plan, self.layout), {}
         return plan

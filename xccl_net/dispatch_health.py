@@ -12,9 +12,17 @@ source's blocks in order, so a rank that was written to while it hung answers th
 events first, and they are stale by event id at the source (``LayerAttempts``). An operator's
 ``exclude`` is sticky: only ``include`` undoes it.
 
+Pairwise reachability (CUT): a put the fabric refuses (``LinkDown``: a link on the path down,
+or a partition between this source and the rank) says nothing of the rank itself: other
+sources keep using it, and its heartbeats (which do not cross the fabric) keep coming. So
+such a rank is CUT for this source only, and beats do not bring it back; a fabric probe of
+the same path that goes through (``reachable``) does. Silence while CUT is death (OUT).
+
 Lifecycle (the whole table; anything else is an ``IllegalTransition``)::
 
     IN  --failure|silence-->  OUT  --newer beat-->  IN
+    IN|OUT  --unreachable-->  CUT  --reachable-->  IN
+    CUT  --silence-->  OUT;   CUT  --beat|failure|unreachable-->  CUT
 """
 
 from __future__ import annotations
@@ -26,12 +34,15 @@ from dataclasses import dataclass
 class RankState(enum.StrEnum):
     IN = "in"
     OUT = "out"
+    CUT = "cut"              # alive, but the fabric path from this source to it is refused
 
 
 class RankEvent(enum.StrEnum):
     BEAT = "beat"            # a heartbeat newer than what was known at the failure
     FAILURE = "failure"      # transport error, refusal, missing answer
     SILENCE = "silence"      # the heartbeat detector declared it dead
+    UNREACHABLE = "unreachable"  # the fabric refused a transfer to it (LinkDown, partition)
+    REACHABLE = "reachable"      # a fabric probe of the path went through
 
 
 TRANSITIONS: dict[tuple[RankState, RankEvent], RankState] = {
@@ -41,6 +52,15 @@ TRANSITIONS: dict[tuple[RankState, RankEvent], RankState] = {
     (RankState.OUT, RankEvent.BEAT): RankState.IN,
     (RankState.OUT, RankEvent.FAILURE): RankState.OUT,
     (RankState.OUT, RankEvent.SILENCE): RankState.OUT,
+    (RankState.IN, RankEvent.UNREACHABLE): RankState.CUT,
+    (RankState.OUT, RankEvent.UNREACHABLE): RankState.CUT,
+    (RankState.IN, RankEvent.REACHABLE): RankState.IN,
+    (RankState.OUT, RankEvent.REACHABLE): RankState.OUT,
+    (RankState.CUT, RankEvent.UNREACHABLE): RankState.CUT,
+    (RankState.CUT, RankEvent.REACHABLE): RankState.IN,
+    (RankState.CUT, RankEvent.BEAT): RankState.CUT,
+    (RankState.CUT, RankEvent.FAILURE): RankState.CUT,
+    (RankState.CUT, RankEvent.SILENCE): RankState.OUT,
 }
 
 
@@ -69,6 +89,7 @@ class _Rank:
     out_seq: int = -1
     pinned: bool = False        # excluded by an operator: beats do not bring it back
     failures: int = 0
+    cuts: int = 0               # times the fabric cut this source off from it
 
 
 class RankHealth:
@@ -83,8 +104,11 @@ class RankHealth:
         if new is None:
             raise IllegalTransition(rank, r.state, event)
         old, r.state = r.state, new
-        if new is RankState.OUT and old is RankState.IN:
+        if new is RankState.OUT and old is not RankState.OUT:
             r.out_epoch, r.out_seq, r.why = r.epoch, r.seq, why
+        elif new is RankState.CUT and old is not RankState.CUT:
+            r.why = why
+            r.cuts += 1
         elif new is RankState.IN:
             r.why = ""
         return RankChange(rank, old, new, why) if old is not new else None
@@ -114,6 +138,16 @@ class RankHealth:
         self._check(rank)
         return self._fire(rank, RankEvent.SILENCE, why)
 
+    def unreachable(self, rank: int, why: str) -> RankChange | None:
+        """The fabric refused a transfer from this source to ``rank``: CUT until a probe passes."""
+        self._check(rank)
+        return self._fire(rank, RankEvent.UNREACHABLE, why)
+
+    def reachable(self, rank: int) -> RankChange | None:
+        """A fabric probe from this source to ``rank`` went through (brings a CUT rank back)."""
+        self._check(rank)
+        return self._fire(rank, RankEvent.REACHABLE, "the fabric path is back")
+
     def exclude(self, rank: int, why: str = "excluded by the operator") -> RankChange | None:
         self._check(rank)
         self._ranks[rank].pinned = True
@@ -128,7 +162,17 @@ class RankHealth:
 
     @property
     def excluded(self) -> frozenset[int]:
-        return frozenset(i for i, r in enumerate(self._ranks) if r.state is RankState.OUT)
+        """Ranks not posted to: OUT (failed, dead) or CUT (unreachable from this source)."""
+        return frozenset(i for i, r in enumerate(self._ranks) if r.state is not RankState.IN)
+
+    @property
+    def cut(self) -> frozenset[int]:
+        """Ranks alive as far as we know but unreachable from this source over the fabric."""
+        return frozenset(i for i, r in enumerate(self._ranks) if r.state is RankState.CUT)
+
+    def cuts(self, rank: int) -> int:
+        self._check(rank)
+        return self._ranks[rank].cuts
 
     def state(self, rank: int) -> RankState:
         self._check(rank)

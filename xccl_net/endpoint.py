@@ -194,6 +194,15 @@ class Endpoint(ABC):
             await fab.wait_until(time.monotonic() + delay_s)
 
     # ---------------------------------------------------------------- public API
+    async def probe_path(self, dst_npu: int, *, timeout_s: float | None = None) -> None:
+        """Ask the fabric whether a transfer to ``dst_npu`` would go through now (a 0-byte
+        reservation, no data, no notification): raises ``LinkDown`` when it is refused."""
+        self._check_open()
+        fab = self._fabric
+        if fab is None or fab.is_ideal:
+            return
+        await fab.reserve(dst_npu, 0, timeout_s=timeout_s)
+
     async def send(self, peer: str, frames: Sequence[Any], *, timeout_s: float = 5.0) -> None:
         self._check_open()
         views = as_byte_views(frames)

@@ -33,6 +33,16 @@ class ExpertUnavailable(PeerUnreachable):
         self.expert_id, self.holders, self.waited_s = expert_id, holders, waited_s
 
 
+class ExpertCutOff(ExpertUnavailable):
+    """Every holder of a routed expert is alive but unreachable from this source over the
+    fabric (links down, partitions): the source's group cannot run the layer; other groups can."""
+
+    def __init__(self, expert_id: int, holders: tuple[str, ...], source: str) -> None:
+        PeerUnreachable.__init__(self, f"UNAVAILABLE: every replica of routed expert {expert_id} ({', '.join(holders)}) "
+                                 f"is unreachable from {source} over the fabric")
+        self.expert_id, self.holders, self.waited_s, self.source = expert_id, holders, 0.0, source
+
+
 class LinkDown(XcclError):
     """The fabric refused the transfer: a link on the path is down or partitioned."""
 

@@ -13,6 +13,7 @@ the step (the dispatcher's ``Failover``, settings ``experts.*`` of the pod spec)
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -107,6 +108,8 @@ class AttentionServer:
         self.master = master
         self.layer_timeout_s = layer_timeout_s
         self.steps = 0
+        self.delay_s = 0.0        # a straggler (admin ``SetStraggler``): every Run waits this long first
+        self.delayed_steps = 0
         self.profile = StepProfile(metrics=AttentionMetrics(dispatcher))
         self.stats = {"runs": 0, "run_errors": 0, "loads": 0, "load_errors": 0, "frees": 0,
                       "bad_messages": 0, "foreign_messages": 0, "stale_master_messages": 0}
@@ -123,6 +126,15 @@ class AttentionServer:
                 # Expert failover: instances out now (count and bit mask by expert rank), layers
                 # re-dispatched, instance failures seen, late answers dropped.
                 "experts_out": len(out), "experts_out_mask": sum(1 << r for r in out),
+                # Pairwise reachability: instances cut off from this rank by the fabric (mask),
+                # routed experts with every holder cut (the group cannot serve: it degrades),
+                # rows sent to each instance (other ranks keep using one this rank cannot reach).
+                "experts_cut_mask": sum(1 << r for r in d.health.cut), "experts_cut_off": len(d.cut_off_experts()),
+                "pair_cuts": d.stats["pair_cuts"], "pair_heals": d.stats["pair_heals"],
+                "expert_cut_off_steps": d.stats["cut_off"],
+                **{f"rows_to_expert_{r}": n for r, n in enumerate(d.rows_to)},
+                "replica_moves": d.chooser.moved if d.chooser is not None else 0,
+                "straggler_ms": self.delay_s * 1e3, "delayed_steps": self.delayed_steps,
                 "expert_retries": d.stats["retries"], "expert_failures": d.stats["rank_failures"],
                 "expert_stale_answers": d.stats["stale_notices"], "expert_unavailable": d.stats["unavailable"]}
 
@@ -202,6 +214,9 @@ class AttentionServer:
     async def _run(self, msg: Run) -> Logits:
         step_no = self.steps
         self.steps += 1
+        if self.delay_s > 0:
+            self.delayed_steps += 1
+            await asyncio.sleep(self.delay_s)
         try:
             logits = await run_step(self.core, self.dispatcher, step_no, msg.request_ids, msg.tokens, msg.positions,
                                     layer_timeout_s=self.layer_timeout_s, prof=self.profile)

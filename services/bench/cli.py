@@ -14,6 +14,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "reference": ("services.bench.reference", "reference-engine prefill/decode throughput"),
     "soak": ("services.bench.soak", "constant load for --duration against xds up: errors, exactness, RSS/fd/shm growth"),
     "serve": ("services.bench.serve", "load a running pod: throughput, TTFT, TPOT, ITL; --compare-reference"),
+    "straggler": ("services.bench.straggler", "TPOT with a straggler expert, without it, and with replica choice off"),
     "xccl": ("services.bench.xccl", "XCCL p2p, dispatch/combine and fabric fidelity vs raw baselines"),
 }
 

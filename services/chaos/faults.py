@@ -31,7 +31,6 @@ from services.api.xds.v1 import fabric_pb2_grpc as pb_grpc
 
 POLL_S = 0.002
 # The straggler admin call the experts will offer (module:function); see ``straggler_call``.
-STRAGGLER_HOOK = ("services.expert.admin", "set_straggler")
 
 
 class FaultNotInjected(RuntimeError):
@@ -122,20 +121,37 @@ async def cont(service: str, pid: int, timeout_s: float = 5.0) -> str:
 
 
 def straggler_call():
-    """The experts' straggler admin call, or ``FaultNotSupported`` when this pod has none yet.
+    """The straggler admin call (``services.common.admin``), as the runner uses it:
+    ``async call(spec, service, delay_ms, per) -> str`` sets (``delay_ms`` 0: clears) the
+    slowdown of ``service`` and returns the proof: the state read back from the service, and
+    on clearing, how many units it delayed meanwhile (none: the fault did nothing, which
+    fails the experiment)."""
+    return _straggle
 
-    Contract the tool relies on: ``async set_straggler(spec, service, delay_ms, per) -> str``
-    sets (``delay_ms`` 0: clears) the slowdown of expert instance ``service`` per ``per``
-    ("step" | "block"), reads it back from the service and returns that read-back as the
-    proof, raising when the service does not confirm it."""
-    mod_name, fn_name = STRAGGLER_HOOK
-    try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError):
-        raise FaultNotSupported(
-            f"straggler: not supported by this pod yet (no admin call {mod_name}.{fn_name} to slow an expert "
-            "instance; it comes with the pod side of issue 15)") from None
-    return fn
+
+_straggle_from: dict[str, int] = {}
+
+
+async def _straggle(spec: Any, service: str, delay_ms: float, per: str) -> str:
+    from services.common.admin import get_straggler, set_straggler
+
+    if delay_ms > 0:
+        st = await set_straggler(spec, service, delay_ms)
+        if st.unit != per:
+            await set_straggler(spec, service, 0.0)
+            raise FaultNotSupported(f"straggler: {service} is slowed per {st.unit}, not per {per} "
+                                    f"(experts: per block; attention ranks: per step)")
+        back = await get_straggler(spec, service)
+        if back.delay_ms != delay_ms:
+            raise FaultNotInjected(f"{service}: straggler read back {back.delay_ms} ms per {back.unit}, "
+                                   f"set {delay_ms}")
+        _straggle_from[service] = back.delayed
+        return f"read back: {back.delay_ms:g} ms per {back.unit} in force"
+    before = _straggle_from.pop(service, None)
+    st = await set_straggler(spec, service, 0.0)
+    if before is not None and st.delayed <= before:
+        raise FaultNotInjected(f"{service}: the straggler delayed no {st.unit} while in force (it did nothing)")
+    return f"read back: cleared after delaying {st.delayed - (before or 0)} {st.unit}s"
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,10 @@ Tasks (one TaskGroup, under ``ServiceRuntime.run_until_stopped``):
 - the step loop: plan a step, send each rank its ``Run``, wait for every ``Logits`` with a
   deadline, hand the results to the core. A rank that does not answer in time ends its
   sequences with finish_reason "error" (UNAVAILABLE) and is not used again.
+- status: "degraded" in the heartbeat while any rank reports a routed expert it cannot reach
+  over the fabric (``experts_cut_off`` in its beat: a partition), so routers stop choosing
+  this group (its steps fail UNAVAILABLE and its requests replay elsewhere); "serving" again
+  once every rank reaches every expert.
 Every wait has a timeout; a peer's garbage is counted and logged, never fatal.
 """
 
@@ -27,7 +31,7 @@ from services.common.rpc import Ok
 from services.common.status import Code, Refused
 from services.common.runtime import ServiceRuntime
 from services.common.wire import WireError, decode, encode
-from services.common.heartbeat import HeartbeatSubscriber
+from services.common.heartbeat import Beat, HeartbeatSubscriber
 from services.common.liveness import Change, DetectorConfig, FailureDetector, Liveness
 from services.decode.core import (
     CoreConfig, DecodeCore, Effect, Emit, Request, SendFree, SendLoad, SeqState, StepRefused)
@@ -77,6 +81,7 @@ class Master:
         self.profile = dict.fromkeys(("prof_steps", "prof_schedule_ms", "prof_rank_rtt_ms",
                                       "prof_sample_stream_ms"), 0.0)
         self.step_no = 0
+        self.cut_off: dict[str, int] = {}           # rank -> experts it cannot reach (its beats)
         self.work = asyncio.Event()
         self.idle = asyncio.Event()
         self.unroutable = 0
@@ -289,6 +294,16 @@ class Master:
             results[rank] = StepRefused(msg.error) if msg.error else msg.logits
 
     # -- rank liveness from heartbeats -------------------------------------------------------
+    def on_rank_beat(self, beat: Beat) -> None:
+        """A rank cut off from every replica of some expert makes the group "degraded"."""
+        if beat.service not in self.outbox or self.rt is None or self.rt.heartbeat is None or self.rt.draining:
+            return
+        self.cut_off[beat.service] = int(beat.load.get("experts_cut_off", 0))
+        status = "degraded" if any(self.cut_off.values()) else "serving"
+        if status != self.rt.heartbeat.status:
+            self.rt.log.warning("decode.status", status=status, cut_off=dict(self.cut_off))
+            self.rt.heartbeat.status = status
+
     def on_change(self, c: Change) -> None:
         """A rank declared dead loses its sequences now (not at the next step's deadline); a
         rank back with a new epoch restarted with an empty cache: what it held is lost, and it
@@ -348,7 +363,7 @@ async def serve(spec: PodSpec, name: str, cfg: MasterConfig = MasterConfig()) ->
         master.rt = rt
         rt.serve_rpc(master.on_rpc)
         beats = HeartbeatSubscriber(
-            [address(spec, r, "heartbeat") for r in ranks], on_change=master.on_change,
+            [address(spec, r, "heartbeat") for r in ranks], on_change=master.on_change, on_beat=master.on_rank_beat,
             detector=FailureDetector(DetectorConfig(spec.heartbeat.suspect_after_s, spec.heartbeat.dead_after_s)))
         await rt.mark_ready(group=me.group, ranks=list(ranks), max_batch=core.cfg.max_batch, kv_blocks=core.cfg.kv_blocks)
         await rt.run_until_stopped(master.receiver(), master.step_loop(), beats.run(),

@@ -5,13 +5,15 @@ MoE layer and serves A2E events from any attention rank, each source on its own 
 never wait for each other here). Stateless between events: a restart loses nothing but the
 events in flight, which their sources time out and retry.
 
-Heartbeat load: ``events_served``, ``rows_served``. RPC: ``ExpertStatsQuery`` -> ``ExpertStats``.
+Heartbeat load: ``events_served``, ``rows_served``. RPC: ``ExpertStatsQuery`` -> ``ExpertStats``;
+``SetStraggler``/``GetStraggler`` (``services.common.admin``): a delay per answered block.
 """
 
 from __future__ import annotations
 
 
 from services.common import metrics
+from services.common.admin import StragglerKnob
 from services.common.status import Code, Refused
 from services.common.runtime import ServiceRuntime
 from services.expert.core import ExpertInstance
@@ -66,13 +68,21 @@ async def serve(spec: PodSpec, name: str) -> None:
             return {}
         return {"events_served": handler.stats["events"], "rows_served": handler.stats["rows_served"],
                 "compute_ms": inst.compute_s * 1e3, "rejected_notices": handler.stats["rejected_notices"],
-                "refusals_sent": handler.stats["refusals_sent"]}
+                "refusals_sent": handler.stats["refusals_sent"], "straggler_ms": handler.delay_s * 1e3,
+                "delayed_blocks": handler.stats["delayed_blocks"]}
 
     async with ServiceRuntime(spec, name, windows={windows.a2e: geo.layout.a2e_window_bytes}, load=load) as rt:
         handler = E2AHandler(rt.endpoint, rank=me.rank, source_peers=geo.sources, placement=geo.placement,
                              layout=geo.layout, windows=windows)
 
+        knob = StragglerKnob(name, "block", lambda s: setattr(handler, "delay_s", s),
+                             lambda: handler.stats["delayed_blocks"])
+
         async def on_rpc(msg: object, _peer: bytes) -> object:
+            admin = knob.handle(msg)
+            if admin is not None:
+                rt.log.info("expert.straggler", delay_ms=admin.delay_ms)
+                return admin
             if not isinstance(msg, ExpertStatsQuery):
                 raise Refused(Code.INVALID_ARGUMENT, f"{name} does not handle {type(msg).__name__}")
             assert handler is not None

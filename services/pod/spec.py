@@ -91,6 +91,9 @@ class ExpertSpec:
     # An expert instance gives up an answer's put to a source that does not take it in this
     # time (that source is gone; the others wait meanwhile: answers go out in arrival order).
     answer_put_timeout_s: float = 2.0
+    # Attention ranks send an expert's rows to its fastest, least-loaded live replica (EWMA of
+    # answer latency + rows given); false: always the first live holder (benchmark baseline).
+    replica_choice: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -136,13 +136,21 @@ def test_two_faults_at_once_through_the_cli(pod, tmp_path) -> None:
     assert len(failed) == 2 and all("> max_recovery_s 0.001" in f for f in failed)
 
 
-def test_the_cli_refuses_what_the_pod_cannot_do(pod, tmp_path) -> None:
-    """The straggler has no admin call in this pod yet: a clear refusal (exit 2) before any load;
-    a scenario naming a service the pod does not have: the same, naming it."""
+def test_a_straggler_is_verified_and_the_cli_refuses_what_the_pod_does_not_have(pod, tmp_path) -> None:
+    """A straggler expert (the admin call, read back; it must have delayed blocks) passes with
+    exact streams; a scenario naming a service the pod does not have is refused (exit 2) by name."""
     cmd = [sys.executable, "-m", "services.cli", "chaos", "run"]
-    out = subprocess.run([*cmd, str(EXAMPLES / "straggler-expert.yaml"), "--ready-file", str(pod.root / "ready.json")],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "straggler: not supported by this pod yet" in out.stderr
+    slow = tmp_path / "slow.yaml"
+    slow.write_text("name: slow\nload: {streams: 4, max_tokens: [24, 32]}\n"
+                    "faults: [{kind: straggler, target: {service: expert-1}, delay_ms: 20, per: block, "
+                    "after_tokens: 2, duration_s: 1.5}]\nchecks: {exact: true}\n")
+    out = subprocess.run([*cmd, str(slow), "--ready-file", str(pod.root / "ready.json"), "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    assert_pass(report)
+    evidence = " ".join(report["faults"][0]["evidence"])
+    assert "20 ms per block in force" in evidence and "cleared after delaying" in evidence
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\nload: {streams: 1}\nfaults: [{kind: kill, target: {service: expert-9}, at_s: 0}]\n")
     out = subprocess.run([*cmd, str(bad), "--ready-file", str(pod.root / "ready.json")], capture_output=True,

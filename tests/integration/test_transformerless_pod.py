@@ -43,8 +43,10 @@ def pod():
     """Fabric + pool + experts + attention ranks; stopped by PID; no /dev/shm entry left."""
     p = TestPod.create("tl", {"model": {"preset": "tiny", "seed": 3},
                               "decode": {"groups": 2, "attention_per_group": 1, "max_batch": 4, "kv_blocks": 16},
-                              # Counts expert events exactly: a slow host must not cause a failover retry.
-                              "experts": {"instances": 4, "replicas": 2, "answer_timeout_s": 30.0},
+                              # Counts expert events exactly: a slow host must not cause a failover retry,
+                              # and every instance gets every layer's block (no replica choice).
+                              "experts": {"instances": 4, "replicas": 2, "answer_timeout_s": 30.0,
+                                          "replica_choice": False},
                               "kv_pool": {"nodes": 1, "block_size": 4}})
     try:
         p.start(READY_TIMEOUT_S, only=SERVICES)
