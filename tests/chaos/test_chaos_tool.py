@@ -75,9 +75,10 @@ async def test_kill_roles_in_turn(pod, tmp_path) -> None:
         assert "SIGKILL pid" in f["evidence"][0] and "gone from /proc" in f["evidence"][0]
         back = f["recovery"]["back_s"]
         assert back is not None and back > 0
-        # The lane shows the death the routers saw, and the service alive again afterwards.
+        # The lane shows the silence the routers saw (suspect, or dead when the restart took
+        # longer than the dead-after window), and the service alive again afterwards.
         lane = report["liveness"][f["services"][0]]
-        assert any(state == "dead" for _, _, state in lane) and lane[-1][2] == "alive"
+        assert any(state != "alive" for _, _, state in lane) and lane[-1][2] == "alive", lane
     j, png = write(report, tmp_path)
     assert json.loads(j.read_text())["verdict"] == "PASS"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
