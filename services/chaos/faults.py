@@ -54,12 +54,24 @@ def gone(pid: int) -> bool:
     return proc_state(pid) in ("", "Z", "X")
 
 
+def _cmdline(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
+
+
 def check_identity(pid: int, service: str) -> None:
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
+        raw = _cmdline(pid)
+        # Empty while an exec is still setting up the new image (or for a zombie): look again
+        # for a moment before judging.
+        for _ in range(50):
+            if raw or gone(pid):
+                break
+            time.sleep(0.01)
+            raw = _cmdline(pid)
     except (FileNotFoundError, ProcessLookupError):
         raise FaultNotInjected(f"{service}: pid {pid} does not exist (the service is not running)") from None
+    argv = raw.split(b"\0")
     if b"--name" not in argv or argv[argv.index(b"--name") + 1:argv.index(b"--name") + 2] != [service.encode()]:
         raise FaultNotInjected(f"{service}: pid {pid} is not that service ({b' '.join(argv).decode(errors='replace')!r})")
 

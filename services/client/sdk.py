@@ -112,21 +112,49 @@ class InferenceClient:
         return True
 
     async def _messages(self, call: Any, endpoint: str) -> AsyncIterator[Any]:
-        """The stream's messages; raises ``_Hung`` when it stalls and the router does not answer."""
-        while True:
-            read = asyncio.ensure_future(call.read())
-            try:
-                while not (await asyncio.wait({read}, timeout=self.stall_s))[0]:
-                    if not await self._answers(endpoint):
-                        raise _Hung(f"{endpoint}: sent nothing for {self.stall_s:g}s and did not answer a health "
-                                    f"check within {self.probe_s:g}s (hung)")
-            finally:
-                if not read.done():
-                    read.cancel()
-            msg = read.result()
-            if msg is grpc.aio.EOF:
-                return
-            yield msg
+        """The stream's messages; raises ``_Hung`` when it stalls and the router does not answer.
+
+        One watchdog per stream (not a task and a wait per message): it sleeps until
+        ``stall_s`` after the last message, then probes; a router that does not answer gets
+        the call cancelled, which ends the read here as ``_Hung``."""
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        hung = ""
+
+        async def watch() -> None:
+            nonlocal hung, last
+            while True:
+                left = last + self.stall_s - loop.time()
+                if left > 0:
+                    await asyncio.sleep(left)
+                elif await self._answers(endpoint):
+                    last = loop.time()    # busy, not hung: watch again
+                else:
+                    hung = (f"{endpoint}: sent nothing for {self.stall_s:g}s and did not answer a health "
+                            f"check within {self.probe_s:g}s (hung)")
+                    call.cancel()
+                    return
+
+        watchdog = asyncio.create_task(watch())
+        try:
+            while True:
+                try:
+                    msg = await call.read()
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if hung and (task is None or not task.cancelling()):   # ours, not our caller's cancel
+                        raise _Hung(hung) from None
+                    raise
+                except grpc.aio.AioRpcError as exc:
+                    if hung and exc.code() == grpc.StatusCode.CANCELLED:
+                        raise _Hung(hung) from None
+                    raise
+                if msg is grpc.aio.EOF:
+                    return
+                last = loop.time()
+                yield msg
+        finally:
+            watchdog.cancel()
 
     def _order(self, first: str | None = None) -> list[str]:
         eps = self.endpoints[self._good:] + self.endpoints[:self._good]
