@@ -203,7 +203,8 @@ def summarize(records: Sequence[Record], duration_s: float, percentiles: Sequenc
 
 
 def timeline(records: Sequence[Record], t0: float, bin_s: float = 1.0) -> dict[str, list[float]]:
-    """Output tokens/s in bins of ``bin_s`` from ``t0``, and per completed request its finish
+    """Output tokens/s in bins of ``bin_s`` from ``t0`` (the last bin ends at the last token and
+    is divided by its own width; ``bin_s`` holds bin centres), and per completed request its finish
     time (s from ``t0``), TTFT and E2EL: what the over-time plot draws."""
     ok = [r for r in records if r.ok]
     end = max((r.chunk_times[-1] for r in ok), default=t0)
@@ -211,8 +212,11 @@ def timeline(records: Sequence[Record], t0: float, bin_s: float = 1.0) -> dict[s
     for r in ok:
         for t, n in zip(r.chunk_times, r.chunk_tokens):
             bins[min(len(bins) - 1, int((t - t0) / bin_s))] += n
+    widths = [bin_s] * len(bins)
+    widths[-1] = max(end - t0 - bin_s * (len(bins) - 1), 1e-3) if ok else bin_s   # the last bin is partial
     done = sorted(ok, key=lambda r: r.chunk_times[-1])
-    return {"bin_s": [bin_s * (i + 0.5) for i in range(len(bins))], "tokens_per_s": [b / bin_s for b in bins],
+    return {"bin_s": [bin_s * i + w / 2 for i, w in enumerate(widths)],
+            "tokens_per_s": [b / w for b, w in zip(bins, widths)],
             "finish_s": [r.chunk_times[-1] - t0 for r in done], "ttft_ms": [r.ttft_ms for r in done],
             "e2el_ms": [r.e2el_ms for r in done]}
 

@@ -36,13 +36,21 @@ def plot_all(out_dir: str | Path, runs: list[dict[str, Any]], title: str) -> lis
     return [str(f) for f in files]
 
 
+def _edges(xs: list[float], n: int) -> list[float]:
+    """The same bins for every rate, so the bars compare."""
+    lo, hi = (min(xs), max(xs)) if xs else (0.0, 1.0)
+    hi = hi if hi > lo else lo + 1.0
+    return [lo + (hi - lo) * i / n for i in range(n + 1)]
+
+
 def _distributions(plt: Any, out: Path, runs: list[dict], title: str) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, name in ((axes[0], "ttft_ms", "TTFT"), (axes[1], "tpot_ms", "TPOT")):
+        every = [x for run in runs for x in run[key]]
+        edges = _edges(every, min(40, max(8, len(every) // 3)))
         for run in runs:
-            xs = run[key]
-            if xs:
-                ax.hist(xs, bins=min(40, max(5, len(xs) // 2)), alpha=0.55, label=f"rate {run['label']}")
+            if run[key]:
+                ax.hist(run[key], bins=edges, alpha=0.55, label=f"rate {run['label']}")
         ax.set_xlabel(f"{name} (ms)")
         ax.set_ylabel("requests")
         ax.set_title(f"{name} distribution")
