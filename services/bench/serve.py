@@ -181,7 +181,10 @@ async def run_rate(args: argparse.Namespace, backend: Any, prompts: Prompts, rat
 async def run_all(args: argparse.Namespace, rates: list[float], prompts: Prompts) -> list[dict[str, Any]]:
     runs: list[dict[str, Any]] = []
     async with make_backend(args) as backend:
-        await backend.probe()
+        try:
+            await backend.probe()
+        except Exception as exc:   # unreachable, wrong URL, not an OpenAI server: say so, no traceback
+            raise core.BenchArgError(f"cannot use the {args.backend} backend: {type(exc).__name__}: {exc}") from exc
         if args.compare_reference and not backend.returns_token_ids:
             raise core.BenchArgError("--compare-reference: this server does not return token ids "
                                      "(vLLM's return_token_ids), so its tokens cannot be compared")
