@@ -341,6 +341,7 @@ def run(args: argparse.Namespace) -> int:
              "timeline": core.timeline(r["records"], r["t0"])} for r, s in zip(runs, summaries)], title)
     text = json.dumps(_clean(result), indent=2)
     if args.save_result:
+        Path(args.save_result).parent.mkdir(parents=True, exist_ok=True)
         Path(args.save_result).write_text(text + "\n")
     if args.json:
         print(text)
