@@ -21,6 +21,8 @@ import statistics
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from services.bench.depth import ttft_by_depth
+
 SLO_KEYS = ("ttft", "tpot", "e2el")
 
 
@@ -196,6 +198,8 @@ def summarize(records: Sequence[Record], duration_s: float, percentiles: Sequenc
         "itl_ms": distribution([x for r in ok for x in r.itl_ms], percentiles),
         "e2el_ms": distribution([r.e2el_ms for r in ok], percentiles),
     }
+    # TTFT against the queue depth each request found (requests ahead still waiting for a first token).
+    out["ttft_by_queue_depth"] = ttft_by_depth([(r.start, r.chunk_times[0]) for r in ok])
     if slos:
         good = sum(1 for r in ok if meets(r, slos))
         out["goodput"] = {"slo_ms": dict(slos), "good_requests": good, "request_goodput": good / d}
