@@ -134,9 +134,9 @@ def pod(request) -> Iterator[ComposePod]:
         pytest.skip(f"no Docker engine can be had here: {exc}")
     lap("engine_start_s")
     project = f"xdstest{uuid.uuid4().hex[:6]}"
-    ports = [free_port(), free_port(), free_port()]
+    ports = [free_port(), free_port(), free_port(), free_port()]
     env = {"COMPOSE_PROJECT_NAME": project, "XDS_ROUTER_0_PORT": str(ports[0]), "XDS_ROUTER_1_PORT": str(ports[1]),
-           "XDS_PROMETHEUS_PORT": str(ports[2])}
+           "XDS_PROMETHEUS_PORT": str(ports[2]), "XDS_ROUTER_0_HTTP_PORT": str(ports[3])}
     p = ComposePod(engine, project, [*compose, "--profile", "observability"], env,
                    [f"127.0.0.1:{x}" for x in ports[:2]], f"http://127.0.0.1:{ports[2]}", timings)
     events = None
@@ -222,6 +222,22 @@ def _until(check, what: str, timeout_s: float = 60.0):
             raise AssertionError(f"{what}: not within {timeout_s:g}s")
         time.sleep(0.5)
     return got
+
+
+def test_the_official_openai_client_streams_the_reference_tokens_from_compose(pod: ComposePod,
+                                                                            reference: ReferenceEngine) -> None:
+    """router-0's OpenAI-compatible HTTP, published on 127.0.0.1 beside its gRPC port."""
+    import openai
+
+    port = int(pod.env["XDS_ROUTER_0_HTTP_PORT"])
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+    model = client.models.list().data[0].id
+    prompt = "Hello from an OpenAI client"
+    kw = dict(max_tokens=12, temperature=0.8, top_p=0.9, seed=3)
+    chunks = list(client.completions.create(model=model, prompt=list(encode(prompt)), stream=True,
+                                            extra_body={"return_token_ids": True}, **kw))
+    got = tuple(t for c in chunks if c.choices for t in c.choices[0].model_extra["token_ids"])
+    assert got == expected(reference, "openai-compose", prompt, kw)
 
 
 def test_prometheus_of_the_observability_profile_scrapes_every_service(pod: ComposePod) -> None:
