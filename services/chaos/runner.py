@@ -294,7 +294,9 @@ class Experiment:
             r = recovery(rec, self.streams, self.watch.events, stall_s=self.scenario.stall_s, now=self.now())
             if r.recovery_s is not None:
                 return
-            if self.load_done.is_set() and (r.progress_s is None or not r.back_applies):
+            # Once the load is over no stream can progress any more; a service that is not back yet
+            # still may be (a hung one ends its stale incarnation and is restarted): wait for it.
+            if self.load_done.is_set() and (r.back_s is not None or not r.back_applies):
                 return
             await asyncio.sleep(WATCH_S)
 
