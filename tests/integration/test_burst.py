@@ -16,7 +16,7 @@ from services.model.engine import GenerationRequest, ReferenceEngine, prompt_ids
 from services.model.sampling import SamplingParams
 from services.pod.spec import services
 from tests import faults
-from tests.integration.test_pod_e2e import Loads
+from tests.loads import Loads
 from tests.pods import TestPod
 
 pytestmark = pytest.mark.integration

@@ -20,7 +20,8 @@ from services.common.liveness import Liveness
 from services.model.engine import ReferenceEngine
 from services.pod.spec import address
 from services.run import EXIT_STALE
-from tests.integration.test_pod_e2e import PROMPTS, Loads, expected
+from tests.integration.test_pod_e2e import PROMPTS, expected
+from tests.loads import Loads
 from tests.faults import proc_state
 from tests.pods import TestPod
 from tests.waiting import Changed

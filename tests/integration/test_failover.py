@@ -27,7 +27,7 @@ from services.model.engine import GenerationRequest, ReferenceEngine
 from services.model.sampling import SamplingParams
 from services.model.tokenizer import encode
 from services.run import EXIT_STALE
-from tests.integration.test_pod_e2e import Loads
+from tests.loads import Loads
 from tests.faults import hang, proc_state, resume
 from tests.pods import TestPod
 

@@ -25,7 +25,7 @@ from services.model.tokenizer import encode
 from services.pod.spec import address
 from services.prefill.messages import PrefillStatsQuery
 from services.protocol.inference import Prefill, PrefillDone, Sampling
-from tests.integration.test_pod_e2e import Loads
+from tests.loads import Loads
 from tests.pods import TestPod, test_endpoint
 
 pytestmark = pytest.mark.integration

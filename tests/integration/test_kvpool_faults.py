@@ -18,7 +18,8 @@ from services.common.health import probe
 from services.model.engine import ReferenceEngine
 from services.pod.spec import address
 from services.run import EXIT_STALE
-from tests.integration.test_pod_e2e import Loads, expected
+from tests.integration.test_pod_e2e import expected
+from tests.loads import Loads
 from tests.faults import proc_state
 from tests.pods import TestPod
 

@@ -20,17 +20,16 @@ from pathlib import Path
 import openai
 import pytest
 
-from services.common.heartbeat import HeartbeatSubscriber
-from services.common.liveness import DetectorConfig, FailureDetector
 from services.common.status import Code
 from services.model.engine import GenerationRequest, ReferenceEngine
 from services.model.sampling import SamplingParams
 from services.model.tokenizer import decode, encode
-from services.pod.spec import address, services
+from services.pod.spec import services
 from services.router import api
 from services.router.core import RouterError
 from services.router.http import HttpFront
 from services.router.openai_api import chat_template
+from tests.loads import Loads
 from tests.pods import TestPod
 
 pytestmark = pytest.mark.integration
@@ -189,36 +188,6 @@ def test_curl_streams_server_sent_events(pod: TestPod, reference, model: str) ->
     chunks = [json.loads(e) for e in events[:-1]]
     assert "".join(c["choices"][0]["text"] for c in chunks) == decode(want)
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
-
-
-class Loads:
-    """The latest heartbeat load of every service (what the routers see)."""
-
-    def __init__(self, pod: TestPod) -> None:
-        addrs = [address(pod.spec, s.name, "heartbeat") for s in services(pod.spec) if s.role != "fabric"]
-        self.sub = HeartbeatSubscriber(addrs, detector=FailureDetector(DetectorConfig(1.0, 3.0)))
-        self.changed = asyncio.Event()
-        self.sub._on_beat = lambda b: self.changed.set()
-
-    async def __aenter__(self) -> Loads:
-        self.task = asyncio.create_task(self.sub.run())
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
-
-    def load(self, name: str) -> dict[str, float]:
-        b = self.sub.latest.get(name)
-        return dict(b.load) if b else {}
-
-    async def until(self, cond, timeout_s: float) -> None:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                self.changed.clear()
-                if cond():
-                    return
-                await self.changed.wait()
 
 
 async def test_a_client_that_disconnects_mid_stream_cancels_its_request(pod: TestPod, model: str) -> None:

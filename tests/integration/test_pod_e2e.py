@@ -16,12 +16,11 @@ import pytest
 from services.client.errors import InvalidArgument, NotFound
 from services.client.sdk import InferenceClient
 from services.common.health import probe
-from services.common.heartbeat import HeartbeatSubscriber
-from services.common.liveness import DetectorConfig, FailureDetector
 from services.model.engine import GenerationRequest, ReferenceEngine
 from services.model.sampling import SamplingParams
 from services.model.tokenizer import encode
 from services.pod.spec import address, services
+from tests.loads import Loads
 from tests.pods import TestPod
 
 pytestmark = pytest.mark.integration
@@ -56,34 +55,6 @@ def reference(pod) -> ReferenceEngine:
 def expected(reference: ReferenceEngine, request_id: str, prompt: str, kw: dict) -> tuple[int, ...]:
     params = SamplingParams(**kw)
     return reference.generate([GenerationRequest(request_id, tuple(encode(prompt)), params)])[0].token_ids
-
-
-class Loads:
-    """Latest heartbeat load of every service of the pod (what routers see)."""
-
-    def __init__(self, pod: TestPod) -> None:
-        addrs = [address(pod.spec, s.name, "heartbeat") for s in services(pod.spec) if s.role != "fabric"]
-        self.sub = HeartbeatSubscriber(addrs, detector=FailureDetector(DetectorConfig(1.0, 3.0)))
-        self._beats: asyncio.Queue = asyncio.Queue()
-        self.sub._on_beat = self._beats.put_nowait
-
-    async def __aenter__(self) -> Loads:
-        self.task = asyncio.create_task(self.sub.run())
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
-
-    async def fresh(self, name: str, timeout_s: float = 10.0) -> dict[str, float]:
-        """The load in a beat of ``name`` published after this call."""
-        seq = self.sub.latest[name].seq if name in self.sub.latest else -1
-        async def wait():
-            while True:
-                b = await self._beats.get()
-                if b.service == name and b.seq > seq + 1:
-                    return dict(b.load)
-        return await asyncio.wait_for(wait(), timeout_s)
 
 
 def test_every_service_answers_the_standard_grpc_health_check(pod) -> None:

@@ -23,7 +23,7 @@ from services.common.status import Code
 from services.model.engine import ReferenceEngine
 from services.pod.spec import service
 from tests.integration.test_expert_failover_pod import Streams, until_beat
-from tests.integration.test_pod_e2e import Loads
+from tests.loads import Loads
 from tests.pods import TestPod
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
