@@ -25,6 +25,7 @@ from typing import Any
 
 from services.bench.serve import make_prompts, pct
 
+# A service's heartbeat load at rest (decode masters also: every KV block free, see ``not_at_rest``).
 REST = {"router": {"running": 0, "queued": 0, "table": 0}, "decode": {"running": 0, "queued": 0},
         "attention": {"sequences": 0, "kv_blocks_used": 0},
         "prefill": {"running": 0, "queued": 0, "staged": 0, "staged_blocks": 0},
@@ -42,6 +43,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(routers keep finished requests routing.retain_finished_s = 30 s by default)")
     p.add_argument("--timeout-s", type=float, default=300.0, help="per request")
     p.add_argument("--json", action="store_true")
+
+
+def not_at_rest(spec: Any, loads: dict[str, dict[str, float]]) -> list[str]:
+    """What is not back at rest in the services' latest loads (``{service: load}``), one line
+    each; empty when every table, batch, KV block, staged KV and pool pin is."""
+    from services.pod.spec import services
+
+    bad = []
+    for s in services(spec):
+        want = dict(REST.get(s.role, {}))
+        if s.role == "decode":
+            want["free_kv_blocks"] = spec.decode.kv_blocks
+        for k, v in want.items():
+            got = loads.get(s.name, {}).get(k)
+            if got != v:
+                bad.append(f"{s.name}.{k} = {got}, want {v}")
+    return bad
 
 
 def proc_sample(pids: dict[str, int]) -> dict[str, dict[str, int]]:
@@ -81,8 +99,7 @@ async def at_rest(spec: Any, settle_s: float) -> tuple[bool, dict[str, dict[str,
     sub._on_beat = on_beat
 
     def resting() -> bool:
-        return len(latest) == len(names) and all(
-            latest[n].get(k) == v for n, role in names.items() for k, v in REST[role].items())
+        return not not_at_rest(spec, latest)
 
     task = asyncio.create_task(sub.run())
     try:

@@ -59,15 +59,13 @@ def _cmdline(pid: int) -> bytes:
         return f.read()
 
 
-def check_identity(pid: int, service: str) -> None:
+async def check_identity(pid: int, service: str) -> None:
     try:
         raw = _cmdline(pid)
         # Empty while an exec is still setting up the new image (or for a zombie): look again
         # for a moment before judging.
-        for _ in range(50):
-            if raw or gone(pid):
-                break
-            time.sleep(0.01)
+        if not raw and not gone(pid):
+            await _until(lambda: bool(_cmdline(pid)) or gone(pid), 0.5)
             raw = _cmdline(pid)
     except (FileNotFoundError, ProcessLookupError):
         raise FaultNotInjected(f"{service}: pid {pid} does not exist (the service is not running)") from None
@@ -94,26 +92,29 @@ async def _until(cond, timeout_s: float) -> float | None:
         await asyncio.sleep(POLL_S)
 
 
-async def kill(service: str, pid: int, timeout_s: float = 10.0) -> str:
-    check_identity(pid, service)
-    _signal(service, pid, signal.SIGKILL)
+async def _end(service: str, pid: int, sig: signal.Signals, timeout_s: float) -> float:
+    """Signal ``sig`` to the verified ``service`` process; seconds until it is gone from /proc."""
+    await check_identity(pid, service)
+    _signal(service, pid, sig)
     took = await _until(lambda: gone(pid), timeout_s)
     if took is None:
-        raise FaultNotInjected(f"{service}: pid {pid} still exists {timeout_s:g}s after SIGKILL (state {proc_state(pid)!r})")
+        raise FaultNotInjected(f"{service}: pid {pid} still exists {timeout_s:g}s after {sig.name} "
+                               f"(state {proc_state(pid)!r})")
+    return took
+
+
+async def kill(service: str, pid: int, timeout_s: float = 10.0) -> str:
+    took = await _end(service, pid, signal.SIGKILL, timeout_s)
     return f"SIGKILL pid {pid}: gone from /proc after {took * 1000:.1f} ms"
 
 
 async def terminate(service: str, pid: int, timeout_s: float = 15.0) -> str:
-    check_identity(pid, service)
-    _signal(service, pid, signal.SIGTERM)
-    took = await _until(lambda: gone(pid), timeout_s)
-    if took is None:
-        raise FaultNotInjected(f"{service}: pid {pid} did not exit {timeout_s:g}s after SIGTERM (state {proc_state(pid)!r})")
+    took = await _end(service, pid, signal.SIGTERM, timeout_s)
     return f"SIGTERM pid {pid}: exited after {took:.2f} s"
 
 
 async def stop(service: str, pid: int, timeout_s: float = 5.0) -> str:
-    check_identity(pid, service)
+    await check_identity(pid, service)
     _signal(service, pid, signal.SIGSTOP)
     took = await _until(lambda: proc_state(pid) in ("T", "t"), timeout_s)
     if took is None:

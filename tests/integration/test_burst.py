@@ -10,6 +10,7 @@ import os
 
 import pytest
 
+from services.bench.soak import not_at_rest
 from services.client import InferenceClient
 from services.client.errors import DeadlineExceeded, NotFound
 from services.model.engine import GenerationRequest, ReferenceEngine, prompt_ids
@@ -46,35 +47,6 @@ def prompt(i: int) -> str:
     return f"burst request {i}: " + "abcdefgh"[i % 8] * (i % 37)
 
 
-def baseline_reached(pod: TestPod, loads: dict[str, dict[str, float]]) -> list[str]:
-    """What is not back at rest (empty when everything is)."""
-    bad = []
-
-    def want(name: str, key: str, value: float) -> None:
-        got = loads[name].get(key)
-        if got != value:
-            bad.append(f"{name}.{key} = {got}, want {value}")
-
-    for s in services(pod.spec):
-        if s.role == "router":
-            for k in ("running", "queued", "table"):
-                want(s.name, k, 0)
-        elif s.role == "decode":
-            want(s.name, "running", 0)
-            want(s.name, "queued", 0)
-            want(s.name, "free_kv_blocks", pod.spec.decode.kv_blocks)
-        elif s.role == "attention":
-            want(s.name, "sequences", 0)
-            want(s.name, "kv_blocks_used", 0)
-        elif s.role == "prefill":
-            for k in ("running", "queued", "staged", "staged_blocks"):
-                want(s.name, k, 0)
-        elif s.role == "kvpool":
-            want(s.name, "pinned_blocks", 0)
-            want(s.name, "writing_blocks", 0)
-    return bad
-
-
 async def at_baseline(pod: TestPod, loads: Loads, timeout_s: float = 30.0) -> None:
     """Until one fresh beat of every service shows it at rest (tables are kept
     ``retain_finished_s`` = 1 s here)."""
@@ -85,7 +57,7 @@ async def at_baseline(pod: TestPod, loads: Loads, timeout_s: float = 30.0) -> No
         nonlocal bad
         while True:
             now = {n: await loads.fresh(n) for n in names}
-            bad = baseline_reached(pod, now)
+            bad = not_at_rest(pod.spec, now)
             if not bad:
                 return
     try:
