@@ -105,6 +105,7 @@ class Pod:
         self._changed = threading.Condition(threading.RLock())   # guards children; notified on restarts
         self._requested: set[str] = set()   # services we stopped on purpose: never restarted
         self._closing = False
+        self._prepared = False
         self._wake_fds: tuple[int, int] | None = None
         self._thread: threading.Thread | None = None
 
@@ -114,8 +115,11 @@ class Pod:
 
         Resolving fixes what must not change when a service restarts: the model files, and
         under local addressing the routers' ports (picked free once), so a restarted router
-        comes back where its clients know it (the fabric's addresses are fixed paths)."""
-        if not self.spec_file.exists():
+        comes back where its clients know it (the fabric's addresses are fixed paths).
+
+        The file is written once per ``Pod`` object: a run dir left by an earlier pod of the
+        same name (``stop`` keeps it for its logs) never lends this pod its old spec."""
+        if not self._prepared:
             self.spec.run_path.mkdir(parents=True, exist_ok=True)
             model_dir = ensure_model(self.spec.model.dir, self.spec.model.preset, self.spec.model.seed,
                                      self.spec.cache_dir)
@@ -126,6 +130,7 @@ class Pod:
                     ports = list(getattr(self.spec, key)) or [0] * self.spec.routers
                     resolved[key] = [p or free_port() for p in ports]
             self.spec_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
+            self._prepared = True
         self.spec = load_pod(self.spec_file)
 
     @property

@@ -232,3 +232,19 @@ def test_xds_up_exits_1_when_a_service_crash_loops(short_dir) -> None:
     assert all(_gone(p) for p in pids.values())
     assert not ready.exists()
     assert not list(Path("/dev/shm").glob(f"xds.{pod_from_mapping(settings).namespace}.*"))
+
+
+def test_a_new_pod_never_runs_the_spec_left_in_its_run_dir(short_dir) -> None:
+    """`xds up --pod B` after a pod A of the same name stopped (its run dir, with A's resolved
+    spec, stays for the logs): the services must read B, not A."""
+    base = {"name": "again", "run_dir": str(short_dir / "run"), "cache_dir": str(short_dir / "cache")}
+    first = Pod(pod_from_mapping({**base, "routing": {"max_waiting": 7}}))
+    first.prepare()
+    second = Pod(pod_from_mapping({**base, "routing": {"max_waiting": 9}}))
+    second.prepare()
+    assert second.spec.routing.max_waiting == 9
+    assert yaml.safe_load(second.spec_file.read_text())["routing"]["max_waiting"] == 9
+    # A Pod's own restarts keep what it resolved (ports, model dir): prepare is idempotent.
+    ports = second.spec.router_ports
+    second.prepare()
+    assert second.spec.router_ports == ports
