@@ -48,6 +48,9 @@ class FabricConfig:
     # reported in the ready info names metrics_host (the name others reach it by) if set.
     metrics_address: str = ""
     metrics_host: str = ""
+    # The shared link table (a file under /dev/shm, fabric_sim/table.py) that clients mapping it
+    # reserve on without a round trip; empty: none, every reservation is a request.
+    table_path: str = ""
     # Most data-plane requests answered in one batch (one clock reading, fair sharing).
     max_batch: int = 256
 

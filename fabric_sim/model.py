@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from fabric_sim.config import FabricConfig
 from fabric_sim.fluid import fluid_finish_times
+from fabric_sim.table import LinkTable
 from fabric_sim.topology import GB, PLANES, Link, Topology, TopologyError
 
 
@@ -89,29 +90,47 @@ class PartitionInfo:
 
 
 class FabricModel:
-    def __init__(self, cfg: FabricConfig, now: float) -> None:
+    """The model over a ``LinkTable``: private by default, or the pod's shared table (the
+    simulator's, or a client's mapping of it: ``fabric_sim/table.py``). Faults and partitions
+    are set by the simulator only; reservations may come from any process mapping the table,
+    each holding the table's lock around ``reserve``/``reserve_batch``."""
+
+    def __init__(self, cfg: FabricConfig, now: float, table: LinkTable | None = None) -> None:
         self.cfg = cfg
         self.topo = Topology(cfg)
         self.scale = cfg.time_scale
         self.started_at = now
         n = len(self.topo.links)
-        self._free_at = [now] * n
-        self._bytes = [0] * n
-        self._transfers = [0] * n
-        self._refusals = [0] * n
-        self._busy = [0.0] * n
-        self._up = [True] * n
-        self._added_lat = [0.0] * n  # model seconds
-        self._factor = [1.0] * n
+        if table is None:
+            table = LinkTable.private(n, self.topo.npus)
+            table.free_at[:] = now
+        elif (table.n_links, table.npus) != (n, self.topo.npus):
+            raise FaultError(f"link table has {table.n_links} links for {table.npus} NPUs; "
+                             f"this topology has {n} for {self.topo.npus}")
+        self.table = table
+        t = table
+        self._free_at, self._bytes, self._transfers, self._refusals = t.free_at, t.bytes, t.transfers, t.refusals
+        self._busy, self._up, self._added_lat, self._factor = t.busy, t.up, t.added_lat, t.factor
         self._faulted: set[int] = set()
-        self._partitions: list[tuple[str, frozenset[int], frozenset[int]]] = []
-        self._next_partition = 1
+
+    @property
+    def _partitions(self) -> list[tuple[str, frozenset[int], frozenset[int]]]:
+        return self.table.partitions()
 
     # ---- reservations -------------------------------------------------------------------
     def reserve(self, req: TransferRequest, now: float) -> Outcome:
         return self.reserve_batch([req], now)[0]
 
     def reserve_batch(self, reqs: Sequence[TransferRequest], now: float) -> list[Outcome]:
+        """Answers in request order, under the table's lock (other processes may share it)."""
+        locked = self.table.lock()
+        try:
+            return self._reserve_batch(reqs, now)
+        finally:
+            if locked:
+                self.table.unlock()
+
+    def _reserve_batch(self, reqs: Sequence[TransferRequest], now: float) -> list[Outcome]:
         out: list[Outcome | None] = [None] * len(reqs)
         flows: list[int] = []  # request indices that need link time
         paths: list[tuple[Link, ...]] = []
@@ -141,7 +160,7 @@ class FabricModel:
         except TopologyError as exc:
             return Rejected(str(exc))
         for link in path:
-            if not self._up[link.index]:
+            if self._up[link.index] == 0.0:
                 self._refusals[link.index] += 1
                 return Refusal(link.name, f"link {link.name} is down")
         for pid, a, b in self._partitions:
@@ -150,19 +169,22 @@ class FabricModel:
         return path
 
     def _latency(self, path: Iterable[Link]) -> float:
-        return sum(link.latency_s + self._added_lat[link.index] for link in path) * self.scale
+        return sum(link.latency_s + float(self._added_lat[link.index]) for link in path) * self.scale
 
     def _cap(self, link: Link) -> float:
         """Bytes per wall second."""
-        return link.bandwidth_Bps * self._factor[link.index] / self.scale
+        return link.bandwidth_Bps * float(self._factor[link.index]) / self.scale
 
     def _run_flows(self, reqs: Sequence[TransferRequest], flows: list[int],
                    paths: list[tuple[Link, ...]], now: float, out: list[Outcome | None]) -> None:
-        starts = [max(now, max(self._free_at[link.index] for link in p)) for p in paths]
+        starts = [max(now, max(float(self._free_at[link.index]) for link in p)) for p in paths]
         idx_paths = [[link.index for link in p] for p in paths]
         cap = {link.index: self._cap(link) for p in paths for link in p}
         sizes = [float(reqs[i].nbytes) for i in flows]
-        finishes = fluid_finish_times(starts, sizes, idx_paths, cap)
+        if len(flows) == 1:   # alone: at its bottleneck's full rate (what the fluid model gives)
+            finishes = [starts[0] + sizes[0] / min(cap[li] for li in idx_paths[0])]
+        else:
+            finishes = fluid_finish_times(starts, sizes, idx_paths, cap)
         batch_bytes: dict[int, int] = {}
         first_start: dict[int, float] = {}
         for k, i in enumerate(flows):
@@ -178,7 +200,7 @@ class FabricModel:
             busy = nbytes / cap[li]
             self._bytes[li] += nbytes
             self._busy[li] += busy
-            self._free_at[li] = max(self._free_at[li], first_start[li]) + busy
+            self._free_at[li] = max(float(self._free_at[li]), first_start[li]) + busy
 
     # ---- faults -------------------------------------------------------------------------
     def _link(self, name: str) -> Link:
@@ -188,14 +210,14 @@ class FabricModel:
             raise FaultError(str(exc)) from None
 
     def _touch(self, li: int) -> None:
-        if self._up[li] and self._added_lat[li] == 0.0 and self._factor[li] == 1.0:
+        if self._up[li] == 1.0 and self._added_lat[li] == 0.0 and self._factor[li] == 1.0:
             self._faulted.discard(li)
         else:
             self._faulted.add(li)
 
     def set_link_state(self, name: str, up: bool) -> None:
         link = self._link(name)
-        self._up[link.index] = bool(up)
+        self._up[link.index] = 1.0 if up else 0.0
         self._touch(link.index)
 
     def set_link_latency(self, name: str, added_latency_us: float) -> None:
@@ -223,16 +245,16 @@ class FabricModel:
                 raise FaultError(f"partition: {exc}") from None
         if a & b:
             raise FaultError(f"partition sets overlap: {sorted(a & b)}")
-        pid = f"partition#{self._next_partition}"
-        self._next_partition += 1
-        self._partitions.append((pid, a, b))
-        return pid
+        number = self.table.next_partition_number()
+        self.table.write_partitions([*((int(p.split("#")[1]), pa, pb) for p, pa, pb in self._partitions),
+                                     (number, a, b)])
+        return f"partition#{number}"
 
     def clear_faults(self) -> None:
         for li in self._faulted:
-            self._up[li], self._added_lat[li], self._factor[li] = True, 0.0, 1.0
+            self._up[li], self._added_lat[li], self._factor[li] = 1.0, 0.0, 1.0
         self._faulted.clear()
-        self._partitions.clear()
+        self.table.write_partitions([])
 
     @property
     def active_faults(self) -> int:
@@ -255,10 +277,11 @@ class FabricModel:
                 continue
             rows.append(LinkTelemetry(
                 name=link.name, plane=link.plane, bandwidth_gbps=link.bandwidth_Bps / GB,
-                latency_us=link.latency_s * 1e6, up=self._up[li],
-                added_latency_us=self._added_lat[li] * 1e6, bandwidth_factor=self._factor[li],
-                bytes=self._bytes[li], transfers=self._transfers[li], refusals=self._refusals[li],
-                busy_s=self._busy[li], utilization=min(1.0, self._busy[li] / up_s) if up_s > 0 else 0.0))
+                latency_us=link.latency_s * 1e6, up=bool(self._up[li]),
+                added_latency_us=float(self._added_lat[li]) * 1e6, bandwidth_factor=float(self._factor[li]),
+                bytes=int(self._bytes[li]), transfers=int(self._transfers[li]), refusals=int(self._refusals[li]),
+                busy_s=float(self._busy[li]),
+                utilization=min(1.0, float(self._busy[li]) / up_s) if up_s > 0 else 0.0))
         return rows
 
     def base_latency_s(self, plane: str = "ub") -> float:

@@ -24,6 +24,8 @@ from fabric_sim.config import FabricConfig
 from fabric_sim.host import HostMonitor
 from fabric_sim.model import FabricModel
 from fabric_sim.service import FabricService
+from fabric_sim.table import LinkTable
+from fabric_sim.topology import Topology
 from services.common.metrics import REGISTRY, MetricsServer
 from services.common.runtime import announce_ready
 from services.common.zmqio import ZmqPump
@@ -44,7 +46,11 @@ class FabricServer:
         self.ready_file = ready_file
         self.clock = time.monotonic
         self.epoch = f"{uuid.uuid4().hex[:12]}-{os.getpid()}"
-        self.model = FabricModel(cfg, now=self.clock())
+        self.table: LinkTable | None = None
+        if cfg.table_path:
+            topo = Topology(cfg)
+            self.table = LinkTable.create(cfg.table_path, len(topo.links), topo.npus, cfg)
+        self.model = FabricModel(cfg, now=self.clock(), table=self.table)
         self.service = FabricService(self.model, self.epoch)
         self.host = HostMonitor()
         self.stop = asyncio.Event()
@@ -115,6 +121,7 @@ class FabricServer:
             for name in ("", SERVICE_NAME):
                 await health.set(name, health_pb2.HealthCheckResponse.SERVING)
             self.info = {"data_address": data_address, "admin_address": admin_address,
+                         "table": self.cfg.table_path, "table_generation": self.table.generation if self.table else 0,
                          "admin_port": port, "pid": os.getpid(), "epoch": self.epoch,
                          **({"metrics": metrics_server.url} if metrics_server else {})}
             announce_ready(self.ready_file, self.info)
@@ -135,6 +142,8 @@ class FabricServer:
             if metrics_server is not None:
                 await metrics_server.stop()
             REGISTRY.unregister(admin)
+            if self.table is not None:   # clients fall back to asking (and re-map a successor's)
+                self.table.close(unlink=True)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             log.info("shutdown.done")

@@ -1,4 +1,11 @@
-"""Client of the fabric simulator: asks when a transfer completes (one round trip each).
+"""Client of the fabric simulator: when does a transfer complete?
+
+With the pod's *shared link table* (``table_path``, ``fabric_sim/table.py``) the client
+answers that itself: the simulator's model code over the shared link state, under the
+table's lock, no message and no wake-up of anyone. The simulator still owns the state
+(faults, partitions, telemetry); its death or a hang costs nothing on this path, timing stays
+modelled. Without the table (or once the simulator closed it on a clean exit) the client asks
+the simulator, one round trip per transfer, as follows.
 
 ``FabricClient.connect(None, ...)`` gives the *ideal* fabric (zero delay, no I/O, no faults).
 Otherwise one DEALER socket per client; ``reserve`` calls are pipelined (any number in
@@ -37,8 +44,11 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from fabric_sim.config import FabricConfig
+from fabric_sim.model import FabricModel, Grant, Refusal, TransferRequest
 from fabric_sim.protocol import (BAD_REQUEST, REPLIES, Failed, FidelityReport, Granted, Refused, Register,
                                  Registered, Reserve)
+from fabric_sim.table import LinkTable, TableError
 from fabric_sim.topology import PLANES
 from services.common.zmqio import SendQueueFull, ZmqPump
 from services.common.logging import get_logger
@@ -69,7 +79,7 @@ class _Pending:
 
 class FabricClient:
     def __init__(self, address: str | None, *, name: str, npu: int, deadline_s: float = DEADLINE_S,
-                 probe_interval_s: float = PROBE_INTERVAL_S) -> None:
+                 probe_interval_s: float = PROBE_INTERVAL_S, table_path: str = "") -> None:
         if not deadline_s > 0:
             raise ValueError(f"deadline_s must be > 0, got {deadline_s!r}")
         self.address = address
@@ -80,6 +90,8 @@ class FabricClient:
         self.time_scale: float | None = None
         self.deadline_s = deadline_s
         self.link = FabricLink(name, probe_interval_s=probe_interval_s)
+        self.table_path = table_path
+        self._local: FabricModel | None = None   # the shared link table, when mapped
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._sock: zmq.Socket | None = None
@@ -95,20 +107,22 @@ class FabricClient:
         self._stats: dict[str, Any] = dict(
             reserves=0, grants=0, refusals=0, failures=0, unavailable=0, last_rtt_s=0.0, rtt_sum_s=0.0,
             rtt_max_s=0.0, registrations=0, epoch_changes=0, stray_replies=0, bad_replies=0, disconnects=0,
-            last_outage_reason="",
+            last_outage_reason="", local_reserves=0, table_attaches=0, table_detaches=0,
             waits=0, wait_late_sum_s=0.0, wait_late_max_s=0.0, wait_target_sum_s=0.0)
 
     # ---- lifecycle ----------------------------------------------------------------------
     @classmethod
     async def connect(cls, address: str | None, *, name: str, npu: int, timeout_s: float = 2.0,
                       deadline_s: float = DEADLINE_S, probe_interval_s: float = PROBE_INTERVAL_S,
-                      allow_unreachable: bool = False) -> FabricClient:
+                      allow_unreachable: bool = False, table_path: str = "") -> FabricClient:
         """Connect and register. If the simulator does not answer within ``timeout_s``: raise
         ``FabricUnavailable``, or with ``allow_unreachable`` start unmodelled and keep probing
-        (a service restarted while the simulator is down still comes up)."""
+        (a service restarted while the simulator is down still comes up). With ``table_path``
+        the client maps the simulator's shared link table and reserves locally (see above)."""
         if isinstance(npu, bool) or not isinstance(npu, int) or npu < 0:
             raise ValueError(f"npu must be an integer >= 0, got {npu!r}")
-        client = cls(address, name=name, npu=npu, deadline_s=deadline_s, probe_interval_s=probe_interval_s)
+        client = cls(address, name=name, npu=npu, deadline_s=deadline_s, probe_interval_s=probe_interval_s,
+                     table_path=table_path)
         if address is None:
             return client
         ctx = zmq.Context.instance()
@@ -144,12 +158,14 @@ class FabricClient:
         except BaseException:
             await client.close()
             raise
+        client._attach()
         return client
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._detach()
         self.link.close()
         if self._probe_timer is not None:
             self._probe_timer.cancel()
@@ -181,8 +197,13 @@ class FabricClient:
 
     @property
     def modelled(self) -> bool:
-        """Timing comes from the simulator now (False while it is unreachable)."""
-        return self.is_ideal or self.link.modelled
+        """Timing is modelled now: the shared table is mapped, or the simulator answers."""
+        return self.is_ideal or self._local is not None or self.link.modelled
+
+    @property
+    def local(self) -> bool:
+        """Reservations are computed here, over the shared link table."""
+        return self._local is not None
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -199,7 +220,59 @@ class FabricClient:
 
     def load(self) -> dict[str, float]:
         """For a service's heartbeat load: ``fabric_unmodelled_transfers``, ``fabric_modelled``, ..."""
-        return self.link.load()
+        out = self.link.load()
+        if self._local is not None:
+            out["fabric_modelled"] = 1.0
+        out["fabric_local"] = 1.0 if self._local is not None else 0.0
+        out["fabric_local_reserves"] = float(self._stats["local_reserves"])
+        return out
+
+    # ---- the shared link table --------------------------------------------------------------
+    def _attach(self) -> None:
+        """Map the simulator's link table if there is one (idempotent; quiet when there is not)."""
+        if not self.table_path or self._local is not None or self._closed:
+            return
+        try:
+            table = LinkTable.attach(self.table_path)
+        except (OSError, TableError):
+            return
+        try:
+            if not table.is_open:
+                raise TableError("closed")
+            model = FabricModel(FabricConfig(**table.config_json()), time.monotonic(), table=table)
+            model.topo.check_npu(self._npu)
+        except (TableError, TypeError, ValueError) as exc:
+            table.close()
+            log.warning("fabric_client.table_unusable", name=self.name, path=self.table_path, error=str(exc))
+            return
+        self._local = model
+        self.time_scale = model.scale
+        self._npus = model.topo.npus
+        self._stats["table_attaches"] += 1
+        log.info("fabric_client.table", name=self.name, npu=self._npu, path=self.table_path,
+                 generation=table.generation)
+        self._notify()
+
+    def _detach(self) -> None:
+        if self._local is None:
+            return
+        self._local.table.close()
+        self._local = None
+        self._stats["table_detaches"] += 1
+
+    def _reserve_local(self, model: FabricModel, dst_npu: int, nbytes: int, plane: str) -> float:
+        out = model.reserve(TransferRequest(self._npu, dst_npu, nbytes, plane), time.monotonic())
+        s = self._stats
+        s["local_reserves"] += 1
+        if isinstance(out, Grant):
+            s["grants"] += 1
+            return out.delay_s
+        if isinstance(out, Refusal):
+            s["refusals"] += 1
+            raise LinkDown(f"fabric refused transfer from npu{self._npu}: {out.reason}", link=out.link)
+        s["failures"] += 1
+        kind = PeerUnreachable if "npu" in out.reason else FabricRequestError
+        raise kind(f"fabric simulator rejected the request: {out.reason}")
 
     # ---- API ----------------------------------------------------------------------------
     async def reserve(self, dst_npu: int, nbytes: int, *, plane: str = "ub", timeout_s: float | None = None) -> float:
@@ -219,6 +292,13 @@ class FabricClient:
         if self.address is None:
             self._stats["grants"] += 1
             return 0.0
+        local = self._local
+        if local is not None:
+            if local.table.is_open:
+                return self._reserve_local(local, dst_npu, nbytes, plane)
+            log.info("fabric_client.table_closed", name=self.name, npu=self._npu,
+                     note="the simulator stopped: asking it over the network until it is back")
+            self._detach()
         if not self.link.admit():
             self._notify()
             return 0.0
@@ -330,7 +410,8 @@ class FabricClient:
                 self._stats["last_outage_reason"] = e.reason
                 log.warning("fabric.unavailable", name=self.name, npu=self._npu, address=self.address,
                             reason=e.reason, outage=e.outage, released=len(stuck),
-                            note="transfers proceed unmodelled until the simulator answers again")
+                            note="timing stays modelled over the shared link table" if self._local is not None
+                            else "transfers proceed unmodelled until the simulator answers again")
             elif isinstance(e, SendProbe):
                 self._probe(e.next_at)
             elif isinstance(e, CameBack):
@@ -410,6 +491,7 @@ class FabricClient:
             self._settle(reply.req_id, exc=kind(f"fabric simulator rejected the request: {reply.reason}"))
 
     def _registered(self, reply: Registered, now: float) -> None:
+        self._attach()   # a restarted simulator made a new table
         self.time_scale = reply.time_scale
         self._npus = reply.npus
         self._stats["registrations"] += 1

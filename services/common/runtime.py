@@ -25,7 +25,7 @@ from services.common.heartbeat import EXIT_STALE, HeartbeatPublisher, StaleIncar
 from services.common.logging import configure_logging
 from services.common.metrics import MetricsServer, sampled
 from services.common.rpc import RpcServer
-from services.pod.spec import PodSpec, ServiceSpec, address, bind_address, service, services
+from services.pod.spec import PodSpec, ServiceSpec, address, bind_address, fabric_config, service, services
 
 FABRIC_CONNECT_TIMEOUT_S = 10.0
 STALE_EXIT_GRACE_S = 2.0
@@ -98,7 +98,8 @@ class ServiceRuntime:
             # go unmodelled until the simulator answers a probe (xccl_net/fabric_client.py).
             self.fabric = await FabricClient.connect(address(self.spec, "fabric", "fabric"), name=self.me.name,
                                                      npu=self.me.npu, timeout_s=FABRIC_CONNECT_TIMEOUT_S,
-                                                     allow_unreachable=True)
+                                                     allow_unreachable=True,
+                                                     table_path=fabric_config(self.spec)["table_path"])
             self.endpoint = await open_endpoint(EndpointConfig(
                 name=self.me.name, namespace=self.spec.namespace, kind=self.spec.transport, npu=self.me.npu,
                 windows=self._windows, bell_dir=str(self.spec.run_path),

@@ -277,6 +277,9 @@ def fabric_config(spec: PodSpec) -> dict[str, Any]:
     cfg["data_address"] = bind_address(spec, "fabric", "fabric")
     cfg["metrics_address"] = bind_address(spec, "fabric", "metrics")
     cfg["metrics_host"] = address(spec, "fabric", "metrics").rsplit(":", 1)[0]
+    # The shared link table every XCCL client of the pod maps (one IPC namespace, also under
+    # compose); named like an endpoint segment so the pod's sweep knows it. "" turns it off.
+    cfg.setdefault("table_path", f"/dev/shm/xds.{spec.namespace}.fabric")
     if spec.addressing == "compose":
         cfg["admin_host"], cfg["admin_port"] = "0.0.0.0", COMPOSE_PORTS["fabric_admin"]
     elif not cfg.get("admin_port"):
