@@ -33,6 +33,7 @@ expert rank answers only after it has consumed that block.
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from services.common.wire import WireError, decode, encode, join_frames, message, split_frames
+from services.common.wire import FieldError
 from xccl_net.errors import CorruptMetadata, EventIdMismatch, PeerUnreachable, ProtocolError, WindowError
 
 if TYPE_CHECKING:
@@ -182,7 +183,6 @@ def unpack_event_id(event_id: int) -> tuple[int, int, int]:
 # ---------------------------------------------------------------- metadata (the notify payload)
 
 
-@message("xccl.dispatch.block")
 @dataclass(frozen=True, slots=True)
 class BlockMeta:
     """What a put's notify says about the block it wrote.
@@ -203,17 +203,46 @@ class BlockMeta:
     error: str = ""   # E2A only: the expert rank refuses the event (count 0); says why
 
 
+# The notify payload is on the hot path (two per expert rank per MoE layer), so it has its
+# own fixed little-endian layout instead of the generic wire codec (~5x cheaper both ways):
+# tag "XB1", event_id u64, sender i32, offset u64, count u32, incarnation u64, error length u16,
+# id count u32, then the ids (int32) and the error (UTF-8).
+_META = struct.Struct("<3sQiQIQHI")
+_META_TAG = b"XB1"
+_MAX_ERROR = 4096
+
+
 def encode_meta(meta: BlockMeta) -> bytes:
-    """The notify payload: one joined wire buffer (a notify is a single byte string)."""
-    return join_frames(encode(meta))
+    """The notify payload of a block (a notify is a single byte string)."""
+    ids = meta.expert_ids
+    if not isinstance(ids, np.ndarray) or ids.dtype != ID_DTYPE or ids.ndim != 1:
+        raise FieldError(f"BlockMeta.expert_ids must be a 1-D {ID_DTYPE} array, got "
+                         f"{getattr(ids, 'dtype', type(ids).__name__)}")
+    err = meta.error.encode()[:_MAX_ERROR].decode(errors="ignore").encode()   # whole characters
+    try:
+        head = _META.pack(_META_TAG, meta.event_id, meta.sender, meta.offset, meta.count, meta.incarnation,
+                          len(err), ids.size)
+    except struct.error as exc:
+        raise FieldError(f"BlockMeta field out of range: {exc}") from None
+    return b"".join((head, ids.tobytes(), err))
 
 
 def decode_meta(buf: bytes | memoryview) -> BlockMeta:
     """Peer input: anything that is not a well-formed ``BlockMeta`` is ``CorruptMetadata``."""
+    buf = bytes(buf)
+    if len(buf) < _META.size or buf[:3] != _META_TAG:
+        raise CorruptMetadata(f"undecodable dispatch notify: {len(buf)} bytes without the block header")
+    _tag, event_id, sender, offset, count, incarnation, n_err, n_ids = _META.unpack_from(buf)
+    end = _META.size + 4 * n_ids
+    if end + n_err != len(buf):
+        raise CorruptMetadata(f"undecodable dispatch notify: {len(buf)} bytes for {n_ids} ids and a "
+                              f"{n_err}-byte error")
     try:
-        return decode(split_frames(buf), expect=BlockMeta)
-    except WireError as exc:
-        raise CorruptMetadata(f"undecodable dispatch notify: {exc}") from exc
+        error = buf[end:].decode()
+    except UnicodeDecodeError as exc:
+        raise CorruptMetadata(f"undecodable dispatch notify: error text is not UTF-8 ({exc})") from None
+    ids = np.frombuffer(buf, dtype=ID_DTYPE, count=n_ids, offset=_META.size)
+    return BlockMeta(event_id, sender, offset, count, ids, incarnation, error)
 
 
 def _check_common(meta: BlockMeta, *, event_id: int, senders: int, offset_of: Callable[[int], int],

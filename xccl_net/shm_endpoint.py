@@ -84,6 +84,7 @@ class ShmEndpoint(Endpoint):
         self._deferred: dict[str, _Link] = {}
         self._flush_scheduled = False
         self._tick_handle: object = None
+        self._claimed_words = [self._geo.entry_word(i, P_CLAIMED) for i in range(cfg.max_peers)]
 
     # ---------------------------------------------------------------- lifecycle
     async def _open(self) -> None:
@@ -253,9 +254,9 @@ class ShmEndpoint(Endpoint):
     def _pump(self) -> None:
         if self._closed or self._seg is None:
             return
-        w, geo = self._seg.words, self._geo
-        for idx in range(geo.max_peers):
-            if w[geo.entry_word(idx, P_CLAIMED)]:
+        w = self._seg.words
+        for idx, claimed in enumerate(self._claimed_words):
+            if w[claimed]:
                 self._consume(idx)
         for link in self._links.values():
             if link.waiters:

@@ -313,9 +313,15 @@ def test_notify_metadata_round_trips_and_garbage_is_corrupt_metadata():
                                                                                    meta.incarnation)
     assert got.expert_ids.tolist() == [1, 5] and got.expert_ids.dtype == np.int32
     buf = encode_meta(meta)
-    for bad in (b"", b"\x01\x00\x00\x00", buf[:-3], buf + b"x", buf.replace(b"xccl.dispatch.block", b"xccl.dispatch.blocc")):
+    for bad in (b"", b"\x01\x00\x00\x00", buf[:-3], buf + b"x", b"XB2" + buf[3:], buf[:-4]):
         with pytest.raises(CorruptMetadata):
             decode_meta(bad)
+    refusal = BlockMeta(event_id=7, sender=1, offset=0, count=0, error="KeyError: é" * 1000)
+    got = decode_meta(encode_meta(refusal))
+    assert got.error and refusal.error.startswith(got.error) and got.expert_ids.size == 0
+    bad_text = encode_meta(BlockMeta(event_id=7, sender=1, offset=0, count=0, error="ab"))[:-2] + b"\xff\xfe"
+    with pytest.raises(CorruptMetadata, match="UTF-8"):
+        decode_meta(bad_text)
     wrong_dtype = BlockMeta(event_id=1, sender=0, offset=0, count=1, expert_ids=np.array([1], dtype=np.int64))
     from services.common.wire import FieldError
 
