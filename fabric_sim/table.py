@@ -21,8 +21,9 @@ single word is written and read whole):
 
 Concurrency: a reservation (read free_at, compute, write free_at and counters) runs under
 an exclusive ``lockf`` of byte 0, never across an ``await``. A lock that cannot be had within
-``LOCK_WAIT_S`` (its holder was stopped with SIGSTOP mid-reservation) is skipped and counted:
-timing may then miss one transfer's contention, it never blocks the data path. Faults are
+``LOCK_WAIT_S`` (its holder was stopped with SIGSTOP mid-reservation) is skipped and counted,
+and for ``STUCK_S`` afterwards each reservation tries once and goes on: timing may then miss
+some contention, the data path never stalls more than once on a stopped holder. Faults are
 single-word writes by the simulator; partitions change under a seqlock (odd while writing).
 
 Lifecycle: the simulator creates the file, or takes over the one a killed predecessor left
@@ -47,7 +48,8 @@ MAGIC = int.from_bytes(b"XDSFAB01", "little")
 LAYOUT_VERSION = 1
 STATE_OPEN, STATE_CLOSED = 1, 2
 MAX_PARTITIONS = 16
-LOCK_WAIT_S = 0.002
+LOCK_WAIT_S = 0.05    # a holder preempted on a busy host releases well within this
+STUCK_S = 0.5         # after a wait that failed: this long, try once and go on (a stopped holder)
 
 HEADER_WORDS = 64
 CONFIG_OFF = 512
@@ -86,6 +88,7 @@ class LinkTable:
         self.bitmap = np.frombuffer(buf, dtype=np.uint8, count=2 * MAX_PARTITIONS * npus,
                                     offset=off).reshape(MAX_PARTITIONS, 2, npus)
         self._seen_pseq = -1
+        self._stuck_until = 0.0
         self._partitions: list[tuple[str, frozenset[int], frozenset[int]]] = []
         self.lock_timeouts = 0
 
@@ -220,10 +223,15 @@ class LinkTable:
             return True
         try:
             fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+            self._stuck_until = 0.0
             return True
         except OSError:
             pass
-        give_up = time.monotonic() + LOCK_WAIT_S
+        now = time.monotonic()
+        if now < self._stuck_until:
+            self.lock_timeouts += 1
+            return False
+        give_up = now + LOCK_WAIT_S
         while time.monotonic() < give_up:
             os.sched_yield()
             try:
@@ -232,6 +240,7 @@ class LinkTable:
             except OSError:
                 continue
         self.lock_timeouts += 1
+        self._stuck_until = time.monotonic() + STUCK_S
         return False
 
     def unlock(self) -> None:
