@@ -135,7 +135,7 @@ async def cont(service: str, pid: int, timeout_s: float = 5.0) -> str:
 
 def straggler_call():
     """The straggler admin call (``services.common.admin``), as the runner uses it:
-    ``async call(spec, service, delay_ms, per) -> str`` sets (``delay_ms`` 0: clears) the
+    ``async call(pod, service, delay_ms, per) -> str`` sets (``delay_ms`` 0: clears) the
     slowdown of ``service`` and returns the proof: the state read back from the service, and
     on clearing, how many units it delayed meanwhile (none: the fault did nothing, which
     fails the experiment)."""
@@ -145,23 +145,25 @@ def straggler_call():
 _straggle_from: dict[str, int] = {}
 
 
-async def _straggle(spec: Any, service: str, delay_ms: float, per: str) -> str:
+async def _straggle(pod: Any, service: str, delay_ms: float, per: str) -> str:
+    """``pod``: the runner's pod handle (its spec, and where this tool reaches a service's RPC)."""
     from services.common.admin import get_straggler, set_straggler
 
+    at = pod.address(service, "rpc")
     if delay_ms > 0:
-        st = await set_straggler(spec, service, delay_ms)
+        st = await set_straggler(pod.spec, service, delay_ms, address=at)
         if st.unit != per:
-            await set_straggler(spec, service, 0.0)
+            await set_straggler(pod.spec, service, 0.0, address=at)
             raise FaultNotSupported(f"straggler: {service} is slowed per {st.unit}, not per {per} "
                                     f"(experts: per block; attention ranks: per step)")
-        back = await get_straggler(spec, service)
+        back = await get_straggler(pod.spec, service, address=at)
         if back.delay_ms != delay_ms:
             raise FaultNotInjected(f"{service}: straggler read back {back.delay_ms} ms per {back.unit}, "
                                    f"set {delay_ms}")
         _straggle_from[service] = back.delayed
         return f"read back: {back.delay_ms:g} ms per {back.unit} in force"
     before = _straggle_from.pop(service, None)
-    st = await set_straggler(spec, service, 0.0)
+    st = await set_straggler(pod.spec, service, 0.0, address=at)
     if before is not None and st.delayed <= before:
         raise FaultNotInjected(f"{service}: the straggler delayed no {st.unit} while in force (it did nothing)")
     return f"read back: cleared after delaying {st.delayed - (before or 0)} {st.unit}s"
