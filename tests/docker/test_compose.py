@@ -6,7 +6,9 @@ image, brings the committed compose.yaml up under a private project name and fre
 ports, waits for every container's healthcheck (docker's own health_status events), checks the
 SDK's tokens against the reference engine, checks that the profile ``observability``'s
 Prometheus scrapes every service (all targets ``up``, a PromQL query on the TTFT histogram
-counts the SDK's requests), kills a router container and checks a new request still succeeds
+counts the SDK's requests), runs short versions of the chaos examples kill (an expert container
+crashed) and hang (an expert container paused) through `xds chaos run --compose PROJECT`, kills
+a router container and checks a new request still succeeds
 through the other, then ``down -v`` and stops the engine it started. Nothing may
 be left: no container, network or volume of the project, no daemon.
 
@@ -358,7 +360,8 @@ def _inspect(pod: ComposePod, service: str) -> dict:
 def test_xds_chaos_run_compose_crash_and_pause_of_an_expert_container_pass(pod: ComposePod, tmp_path: Path) -> None:
     """Short versions of the kill and hang examples through `xds chaos run --compose`: the crash
     is Docker-restarted (RestartCount read back), the hang is a `docker pause` (State.Paused and
-    the cgroup freezer read back), and every stream equals the reference engine's tokens."""
+    the cgroup freezer read back), and every stream equals the reference engine's tokens.
+    Runs before the router-kill test below: `--compose` refuses a pod with a service down."""
     t = time.monotonic()
     restarts = {s: _inspect(pod, s)["RestartCount"] for s in ("expert-0", "expert-1", "expert-2", "expert-3")}
     kill = _chaos_run(pod, _short_example("kill-each-role", tmp_path, rate_rps=3, duration_s=3,
