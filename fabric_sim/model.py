@@ -228,6 +228,11 @@ class FabricModel:
         self._partitions.append((pid, a, b))
         return pid
 
+    def heal_partition(self, pid: str) -> None:
+        if pid not in [p for p, _, _ in self._partitions]:
+            raise FaultError(f"no partition {pid!r} (active: {[p for p, _, _ in self._partitions]})")
+        self._partitions = [p for p in self._partitions if p[0] != pid]
+
     def clear_faults(self) -> None:
         for li in self._faulted:
             self._up[li], self._added_lat[li], self._factor[li] = True, 0.0, 1.0

@@ -8,8 +8,8 @@ must name the service (``services.run ... --name NAME``): a stale PID never hits
 
 Fabric faults go through the simulator's admin API (``xds.v1.Fabric``) and are read back with
 ``GetTelemetry``: each link's state / added latency / bandwidth factor, each partition's NPU
-sets. The simulator has no call that lifts one partition, so healing one clears all faults
-and re-applies the others still active (and reads them back too).
+sets. Healing a partition lifts that one (``HealPartition`` with the id the simulator gave it);
+every other active fault is read back after any heal.
 
 Polling /proc is the only way to observe a non-child's state; it runs with a deadline, every
 few milliseconds.
@@ -192,6 +192,7 @@ class Fabric:
         self._channel = grpc.aio.insecure_channel(admin_address)
         self.stub = pb_grpc.FabricStub(self._channel)
         self.active: dict[int, LinkFault] = {}      # fault index -> what it set
+        self.partition_ids: dict[int, str] = {}     # fault index -> the simulator's partition id
 
     async def close(self) -> None:
         await self._channel.close()
@@ -202,10 +203,12 @@ class Fabric:
         except grpc.aio.AioRpcError as exc:
             raise FaultNotInjected(f"cannot read the fabric's state back: {exc.code().name}: {exc.details()}") from None
 
-    async def _apply(self, f: LinkFault) -> None:
+    async def _apply(self, f: LinkFault) -> str:
+        """Sets ``f``; a partition's id (what ``HealPartition`` takes), else ""."""
         if f.is_partition:
-            await self.stub.Partition(pb.PartitionRequest(npus_a=list(f.npus_a), npus_b=list(f.npus_b)), timeout=5)
-            return
+            ack = await self.stub.Partition(pb.PartitionRequest(npus_a=list(f.npus_a), npus_b=list(f.npus_b)),
+                                            timeout=5)
+            return ack.partition_id
         for link in f.links:
             if not f.up:
                 await self.stub.SetLinkState(pb.SetLinkStateRequest(link=link, up=False), timeout=5)
@@ -215,22 +218,24 @@ class Fabric:
             if f.bandwidth_factor != 1.0:
                 await self.stub.SetLinkBandwidth(pb.SetLinkBandwidthRequest(link=link, factor=f.bandwidth_factor),
                                                  timeout=5)
+        return ""
 
     async def inject(self, index: int, f: LinkFault) -> str:
         try:
-            await self._apply(f)
+            pid = await self._apply(f)
         except grpc.aio.AioRpcError as exc:
             raise FaultNotInjected(f"fabric admin refused: {exc.code().name}: {exc.details()}") from None
         self.active[index] = f
+        if pid:
+            self.partition_ids[index] = pid
         return await self.verify(f, present=True)
 
     async def revert(self, index: int) -> str:
         f = self.active.pop(index)
         try:
-            if f.is_partition:   # no per-partition heal: clear all, re-apply the others
-                await self.stub.ClearFaults(pb.ClearFaultsRequest(), timeout=5)
-                for other in self.active.values():
-                    await self._apply(other)
+            if f.is_partition:   # that partition only
+                await self.stub.HealPartition(pb.HealPartitionRequest(partition_id=self.partition_ids.pop(index)),
+                                              timeout=5)
             else:
                 for link in f.links:
                     await self.stub.SetLinkState(pb.SetLinkStateRequest(link=link, up=True), timeout=5)
