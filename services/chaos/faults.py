@@ -18,11 +18,11 @@ few milliseconds.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import os
 import signal
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
