@@ -66,6 +66,10 @@ class FabricAdmin(pb_grpc.FabricServicer):
         a, b = list(request.npus_a), list(request.npus_b)
         return await self._fault(context, "Partition", lambda: self.model.partition(a, b), npus_a=a, npus_b=b)
 
+    async def HealPartition(self, request: pb.HealPartitionRequest, context) -> pb.FaultAck:
+        return await self._fault(context, "HealPartition", lambda: self.model.heal_partition(request.partition_id),
+                                 partition=request.partition_id)
+
     async def ClearFaults(self, request: pb.ClearFaultsRequest, context) -> pb.FaultAck:
         return await self._fault(context, "ClearFaults", self.model.clear_faults)
 

@@ -250,6 +250,11 @@ class FabricModel:
                                      (number, a, b)])
         return f"partition#{number}"
 
+    def heal_partition(self, pid: str) -> None:
+        if pid not in [p for p, _, _ in self._partitions]:
+            raise FaultError(f"no partition {pid!r} (active: {[p for p, _, _ in self._partitions]})")
+        self._partitions = [p for p in self._partitions if p[0] != pid]
+
     def clear_faults(self) -> None:
         for li in self._faulted:
             self._up[li], self._added_lat[li], self._factor[li] = 1.0, 0.0, 1.0

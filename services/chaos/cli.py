@@ -1,4 +1,7 @@
-"""`xds chaos run SCENARIO.yaml --ready-file READY.json [--report DIR] [--json]`.
+"""`xds chaos run SCENARIO.yaml (--ready-file READY.json | --compose PROJECT) [--report DIR] [--json]`.
+
+``--ready-file``: a pod started by `xds up` (faults act on its processes); ``--compose``: a
+Docker Compose project (faults act on its containers: ``services.chaos.containers``).
 
 Exit codes: 0 PASS, 1 FAIL (the report says which checks), 2 the experiment could not run
 (bad scenario, pod not there or not ready, a fault kind the pod does not support).
@@ -15,10 +18,15 @@ from pathlib import Path
 
 def add_arguments_lazy(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     sub = parser.add_subparsers(dest="chaos_command", required=True, metavar="COMMAND")
-    p = sub.add_parser("run", help="run one scenario against a pod started by `xds up`",
-                       description="run one scenario against a pod started by `xds up`")
+    p = sub.add_parser("run", help="run one scenario against a pod (`xds up` or Docker Compose)",
+                       description="run one scenario against a pod started by `xds up` (--ready-file) "
+                                   "or by `docker compose up` (--compose)")
     p.add_argument("scenario", help="scenario YAML (see examples/chaos/)")
-    p.add_argument("--ready-file", required=True, help="the ready file `xds up --ready-file` wrote")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--ready-file", help="the ready file `xds up --ready-file` wrote")
+    where.add_argument("--compose", metavar="PROJECT",
+                       help="a Docker Compose project (COMPOSE_PROJECT_NAME / -p) running the pod: faults act "
+                            "on its containers (crash: SIGKILL of the main process, hang: docker pause)")
     p.add_argument("--report", default=None, help="directory for report.json and timeline.png")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
@@ -32,17 +40,19 @@ def run(args: argparse.Namespace) -> int:
 
     from services.chaos import faults
     from services.chaos.report import NoPicture, write
+    from services.chaos.containers import ComposeNotReady, ComposePod, DockerError
     from services.chaos.runner import Experiment, PodHandle, PodNotReady
     from services.chaos.scenario import load_scenario
     from services.common.config import ConfigError
 
     try:
         scenario = load_scenario(args.scenario)
-        exp = Experiment(scenario, PodHandle.open(args.ready_file))
+        pod = ComposePod.open(args.compose) if args.compose else PodHandle.open(args.ready_file)
+        exp = Experiment(scenario, pod)
         exp.preflight()
         exp.expected = exp.reference()
         uvloop.run(exp.run())
-    except (ConfigError, PodNotReady, faults.FaultNotSupported) as exc:
+    except (ConfigError, PodNotReady, ComposeNotReady, DockerError, faults.FaultNotSupported) as exc:
         print(f"xds chaos: {exc}", file=sys.stderr)
         return 2
     report = exp.result()

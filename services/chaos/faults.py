@@ -8,8 +8,8 @@ must name the service (``services.run ... --name NAME``): a stale PID never hits
 
 Fabric faults go through the simulator's admin API (``xds.v1.Fabric``) and are read back with
 ``GetTelemetry``: each link's state / added latency / bandwidth factor, each partition's NPU
-sets. The simulator has no call that lifts one partition, so healing one clears all faults
-and re-applies the others still active (and reads them back too).
+sets. Healing a partition lifts that one (``HealPartition`` with the id the simulator gave it);
+every other active fault is read back after any heal.
 
 Polling /proc is the only way to observe a non-child's state; it runs with a deadline, every
 few milliseconds.
@@ -18,11 +18,11 @@ few milliseconds.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import os
 import signal
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -135,7 +135,7 @@ async def cont(service: str, pid: int, timeout_s: float = 5.0) -> str:
 
 def straggler_call():
     """The straggler admin call (``services.common.admin``), as the runner uses it:
-    ``async call(spec, service, delay_ms, per) -> str`` sets (``delay_ms`` 0: clears) the
+    ``async call(pod, service, delay_ms, per) -> str`` sets (``delay_ms`` 0: clears) the
     slowdown of ``service`` and returns the proof: the state read back from the service, and
     on clearing, how many units it delayed meanwhile (none: the fault did nothing, which
     fails the experiment)."""
@@ -145,23 +145,25 @@ def straggler_call():
 _straggle_from: dict[str, int] = {}
 
 
-async def _straggle(spec: Any, service: str, delay_ms: float, per: str) -> str:
+async def _straggle(pod: Any, service: str, delay_ms: float, per: str) -> str:
+    """``pod``: the runner's pod handle (its spec, and where this tool reaches a service's RPC)."""
     from services.common.admin import get_straggler, set_straggler
 
+    at = pod.address(service, "rpc")
     if delay_ms > 0:
-        st = await set_straggler(spec, service, delay_ms)
+        st = await set_straggler(pod.spec, service, delay_ms, address=at)
         if st.unit != per:
-            await set_straggler(spec, service, 0.0)
+            await set_straggler(pod.spec, service, 0.0, address=at)
             raise FaultNotSupported(f"straggler: {service} is slowed per {st.unit}, not per {per} "
                                     f"(experts: per block; attention ranks: per step)")
-        back = await get_straggler(spec, service)
+        back = await get_straggler(pod.spec, service, address=at)
         if back.delay_ms != delay_ms:
             raise FaultNotInjected(f"{service}: straggler read back {back.delay_ms} ms per {back.unit}, "
                                    f"set {delay_ms}")
         _straggle_from[service] = back.delayed
         return f"read back: {back.delay_ms:g} ms per {back.unit} in force"
     before = _straggle_from.pop(service, None)
-    st = await set_straggler(spec, service, 0.0)
+    st = await set_straggler(pod.spec, service, 0.0, address=at)
     if before is not None and st.delayed <= before:
         raise FaultNotInjected(f"{service}: the straggler delayed no {st.unit} while in force (it did nothing)")
     return f"read back: cleared after delaying {st.delayed - (before or 0)} {st.unit}s"
@@ -190,6 +192,7 @@ class Fabric:
         self._channel = grpc.aio.insecure_channel(admin_address)
         self.stub = pb_grpc.FabricStub(self._channel)
         self.active: dict[int, LinkFault] = {}      # fault index -> what it set
+        self.partition_ids: dict[int, str] = {}     # fault index -> the simulator's partition id
 
     async def close(self) -> None:
         await self._channel.close()
@@ -200,10 +203,12 @@ class Fabric:
         except grpc.aio.AioRpcError as exc:
             raise FaultNotInjected(f"cannot read the fabric's state back: {exc.code().name}: {exc.details()}") from None
 
-    async def _apply(self, f: LinkFault) -> None:
+    async def _apply(self, f: LinkFault) -> str:
+        """Sets ``f``; a partition's id (what ``HealPartition`` takes), else ""."""
         if f.is_partition:
-            await self.stub.Partition(pb.PartitionRequest(npus_a=list(f.npus_a), npus_b=list(f.npus_b)), timeout=5)
-            return
+            ack = await self.stub.Partition(pb.PartitionRequest(npus_a=list(f.npus_a), npus_b=list(f.npus_b)),
+                                            timeout=5)
+            return ack.partition_id
         for link in f.links:
             if not f.up:
                 await self.stub.SetLinkState(pb.SetLinkStateRequest(link=link, up=False), timeout=5)
@@ -213,22 +218,24 @@ class Fabric:
             if f.bandwidth_factor != 1.0:
                 await self.stub.SetLinkBandwidth(pb.SetLinkBandwidthRequest(link=link, factor=f.bandwidth_factor),
                                                  timeout=5)
+        return ""
 
     async def inject(self, index: int, f: LinkFault) -> str:
         try:
-            await self._apply(f)
+            pid = await self._apply(f)
         except grpc.aio.AioRpcError as exc:
             raise FaultNotInjected(f"fabric admin refused: {exc.code().name}: {exc.details()}") from None
         self.active[index] = f
+        if pid:
+            self.partition_ids[index] = pid
         return await self.verify(f, present=True)
 
     async def revert(self, index: int) -> str:
         f = self.active.pop(index)
         try:
-            if f.is_partition:   # no per-partition heal: clear all, re-apply the others
-                await self.stub.ClearFaults(pb.ClearFaultsRequest(), timeout=5)
-                for other in self.active.values():
-                    await self._apply(other)
+            if f.is_partition:   # that partition only
+                await self.stub.HealPartition(pb.HealPartitionRequest(partition_id=self.partition_ids.pop(index)),
+                                              timeout=5)
             else:
                 for link in f.links:
                     await self.stub.SetLinkState(pb.SetLinkStateRequest(link=link, up=True), timeout=5)

@@ -16,9 +16,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from services.chaos import faults as F
+from services.chaos.backends import LocalProcesses, ProcessFaults
 from services.chaos.plan import Plan, PlannedFault, plan
 from services.chaos.scenario import FABRIC_KINDS, Scenario
 from services.chaos.timeline import FaultRecord, LivenessEvent, StreamRecord, recovery
@@ -27,7 +28,7 @@ from services.client.sdk import InferenceClient
 from services.common.health import HealthProbeError, probe
 from services.common.heartbeat import HeartbeatSubscriber
 from services.common.liveness import Change, DetectorConfig, FailureDetector
-from services.pod.spec import PodSpec, address, load_pod, services
+from services.pod.spec import Plane, PodSpec, address, load_pod, services
 
 WATCH_S = 0.05
 
@@ -71,18 +72,26 @@ class PodHandle:
                 raise F.FaultNotInjected(f"{name}: no PID known (neither its ready file nor the pod's)") from None
             return int(pids[name])
 
+    def address(self, name: str, plane: Plane) -> str:
+        """Where this tool reaches ``name``'s ``plane`` (the pod's own addressing rule)."""
+        return address(self.spec, name, plane)
+
+    def process_faults(self) -> ProcessFaults:
+        sup = self.spec.supervision
+        return LocalProcesses(self.pid, sup.ready_timeout_s + sup.backoff_max_s, WATCH_S)
+
 
 class Watch:
     """The routers' view of liveness: heartbeats through a FailureDetector with the pod's own
     settings, and the fabric simulator's health check (it has no heartbeat)."""
 
-    def __init__(self, pod: PodHandle, clock: Callable[[], float]) -> None:
+    def __init__(self, pod: Pod, clock: Callable[[], float]) -> None:
         hb = pod.spec.heartbeat
         self.pod, self.clock = pod, clock
         self.names = [s.name for s in services(pod.spec)]
         self.events: list[LivenessEvent] = []
         self.detector = FailureDetector(DetectorConfig(hb.suspect_after_s, hb.dead_after_s))
-        self.sub = HeartbeatSubscriber([address(pod.spec, n, "heartbeat") for n in self.names if n != "fabric"],
+        self.sub = HeartbeatSubscriber([pod.address(n, "heartbeat") for n in self.names if n != "fabric"],
                                        detector=self.detector, on_change=self._on_change, tick_s=WATCH_S)
         self.fabric_state = ""
 
@@ -100,7 +109,7 @@ class Watch:
         return s.value if s else ""
 
     async def _fabric(self) -> None:
-        target = address(self.pod.spec, "fabric", "health")
+        target = self.pod.address("fabric", "health")
         while True:
             try:
                 st = "alive" if await asyncio.to_thread(probe, target, "", 0.5) == "SERVING" else "dead"
@@ -117,8 +126,22 @@ class Watch:
             tg.create_task(self._fabric())
 
 
+class Pod(Protocol):
+    """What an experiment needs of a pod: ``PodHandle`` (``xds up``) or ``containers.ComposePod``."""
+    spec: PodSpec
+    routers: list[str]
+    fabric_admin: str
+
+    @property
+    def model_dir(self) -> str: ...
+
+    def address(self, name: str, plane: Plane) -> str: ...
+
+    def process_faults(self) -> ProcessFaults: ...
+
+
 class Experiment:
-    def __init__(self, scenario: Scenario, pod: PodHandle, expected: list[list[int]] | None = None) -> None:
+    def __init__(self, scenario: Scenario, pod: Pod, expected: list[list[int]] | None = None) -> None:
         self.scenario, self.pod = scenario, pod
         self.plan: Plan = plan(scenario, services(pod.spec), pod.spec.heartbeat.dead_after_s)
         self.t0 = time.monotonic()
@@ -130,7 +153,7 @@ class Experiment:
         self.expected = expected
         self.t_end = 0.0
         self.run_id = uuid.uuid4().hex[:6]
-        self._stopped: dict[str, int] = {}        # hung services not yet continued
+        self.procs = pod.process_faults()          # kill/hang/stop: on processes or on containers
         self.fabric: F.Fabric | None = None
 
     def now(self) -> float:
@@ -230,20 +253,16 @@ class Experiment:
         rec.old_epochs = {n: self.watch.epoch(n) for n in p.services}
         if kind in ("kill", "stop", "restart", "hang"):
             name = p.services[0]
-            pid = self.pod.pid(name)
             rec.t_inject = self.now()
             if kind == "kill":
-                rec.evidence.append(await F.kill(name, pid))
+                rec.evidence += await self.procs.kill(name)
             elif kind == "hang":
-                rec.evidence.append(await F.stop(name, pid))
-                self._stopped[name] = pid
+                rec.evidence.append(await self.procs.hang(name))
                 await self._hold(p)
-                rec.evidence.append(await F.cont(name, self._stopped.pop(name)))
+                rec.evidence.append(await self.procs.resume(name))
                 rec.t_revert = self.now()
             else:
-                rec.evidence.append(await F.terminate(name, pid))
-                if kind == "restart":
-                    rec.evidence.append(await self._restarted(name, pid))
+                rec.evidence += await self.procs.stop(name, restart=kind == "restart")
         elif kind in FABRIC_KINDS:
             assert self.fabric is not None
             f = p.fault
@@ -258,22 +277,10 @@ class Experiment:
         else:   # straggler, through the experts' admin call (preflight made sure there is one)
             call, name, f = F.straggler_call(), p.services[0], p.fault
             rec.t_inject = self.now()
-            rec.evidence.append(await call(self.pod.spec, name, f.delay_ms, f.per))
+            rec.evidence.append(await call(self.pod, name, f.delay_ms, f.per))
             await self._hold(p)
-            rec.evidence.append("cleared: " + await call(self.pod.spec, name, 0.0, f.per))
+            rec.evidence.append("cleared: " + await call(self.pod, name, 0.0, f.per))
             rec.t_revert = self.now()
-
-    async def _restarted(self, name: str, old_pid: int) -> str:
-        deadline = time.monotonic() + self.pod.spec.supervision.ready_timeout_s + self.pod.spec.supervision.backoff_max_s
-        while time.monotonic() < deadline:
-            try:
-                pid = self.pod.pid(name)
-            except F.FaultNotInjected:
-                pid = old_pid
-            if pid != old_pid and not F.gone(pid):
-                return f"restarted by the supervisor as pid {pid} (ready file)"
-            await asyncio.sleep(WATCH_S)
-        raise F.FaultNotInjected(f"{name}: not restarted (no new ready PID) after the graceful stop")
 
     async def _fault(self, p: PlannedFault) -> None:
         rec = self.records[p.index]
@@ -322,11 +329,7 @@ class Experiment:
             await asyncio.gather(watch, return_exceptions=True)
 
     async def _cleanup(self) -> None:
-        for name, pid in list(self._stopped.items()):
-            try:
-                await F.cont(name, pid)
-            except (F.FaultNotInjected, ProcessLookupError):
-                pass   # already running or gone; the supervisor handles a gone one
+        await self.procs.cleanup()
         if self.fabric is not None:
             for index in list(self.fabric.active):
                 try:

@@ -83,11 +83,11 @@ def pod_spec(pod: Any):
     raise TypeError(f"expected a PodSpec, a ready JSON (dict or path) or a pod.yaml, got {type(pod).__name__}")
 
 
-async def _call(pod: Any, service: str, msg: object, timeout_s: float) -> Straggler:
+async def _call(pod: Any, service: str, msg: object, timeout_s: float, at: str | None = None) -> Straggler:
     from services.common.rpc import RpcClient
     from services.pod.spec import address
 
-    client = RpcClient(address(pod_spec(pod), service, "rpc"))
+    client = RpcClient(at or address(pod_spec(pod), service, "rpc"))
     try:
         reply = await client.call(msg, timeout_s=timeout_s)
     finally:
@@ -97,10 +97,13 @@ async def _call(pod: Any, service: str, msg: object, timeout_s: float) -> Stragg
     return reply
 
 
-async def set_straggler(pod: Any, service: str, delay_ms: float, *, timeout_s: float = 5.0) -> Straggler:
-    """Slow ``service`` by ``delay_ms`` per block/step (0 ends it); returns the state read back."""
-    return await _call(pod, service, SetStraggler(float(delay_ms)), timeout_s)
+async def set_straggler(pod: Any, service: str, delay_ms: float, *, timeout_s: float = 5.0,
+                        address: str | None = None) -> Straggler:
+    """Slow ``service`` by ``delay_ms`` per block/step (0 ends it); returns the state read back.
+    ``address``: the service's RPC endpoint as reached from here, when not the pod's own rule
+    (a Compose pod seen from the host)."""
+    return await _call(pod, service, SetStraggler(float(delay_ms)), timeout_s, address)
 
 
-async def get_straggler(pod: Any, service: str, *, timeout_s: float = 5.0) -> Straggler:
-    return await _call(pod, service, GetStraggler(), timeout_s)
+async def get_straggler(pod: Any, service: str, *, timeout_s: float = 5.0, address: str | None = None) -> Straggler:
+    return await _call(pod, service, GetStraggler(), timeout_s, address)

@@ -6,7 +6,9 @@ image, brings the committed compose.yaml up under a private project name and fre
 ports, waits for every container's healthcheck (docker's own health_status events), checks the
 SDK's tokens against the reference engine, checks that the profile ``observability``'s
 Prometheus scrapes every service (all targets ``up``, a PromQL query on the TTFT histogram
-counts the SDK's requests), kills a router container and checks a new request still succeeds
+counts the SDK's requests), runs short versions of the chaos examples kill (an expert container
+crashed) and hang (an expert container paused) through `xds chaos run --compose PROJECT`, kills
+a router container and checks a new request still succeeds
 through the other, then ``down -v`` and stops the engine it started. Nothing may
 be left: no container, network or volume of the project, no daemon.
 
@@ -23,6 +25,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -317,6 +320,67 @@ def _gone(pid: int, timeout_s: float = 10.0) -> bool:
             return True
         time.sleep(0.01)   # no event for another namespace's reaper; a bounded poll
     return False
+
+
+def _short_example(name: str, tmp: Path, **load) -> Path:
+    """An example scenario of examples/chaos/ with a shorter load, written to ``tmp``."""
+    import yaml
+
+    data = yaml.safe_load((ROOT / "examples" / "chaos" / f"{name}.yaml").read_text())
+    data["load"] = {**data["load"], **load}
+    if name == "kill-each-role":   # its expert kill alone, first
+        data["faults"] = [{**{k: v for k, v in f.items() if k not in ("after_previous", "delay_s")}, "at_s": 1.0}
+                          for f in data["faults"] if f["target"] == {"role": "expert"}]
+    out = tmp / f"{name}.yaml"
+    out.write_text(yaml.safe_dump(data))
+    return out
+
+
+def _chaos_run(pod: ComposePod, scenario: Path, report_dir: Path) -> dict:
+    """The real `xds chaos run --compose PROJECT` (a subprocess, the user's command line)."""
+    r = subprocess.run([sys.executable, "-m", "services.cli", "chaos", "run", str(scenario), "--compose", pod.project,
+                        "--json", "--report", str(report_dir)], capture_output=True, text=True, timeout=150,
+                       cwd=str(ROOT), env=pod.engine.env)
+    assert r.stdout.lstrip().startswith("{"), f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    report = json.loads(r.stdout)
+    print(json.dumps({"scenario": report["scenario"], "faults": [[f["label"], f["evidence"], f["recovery"]]
+                                                                 for f in report["faults"]]}))
+    assert report["verdict"] == "PASS" and r.returncode == 0, \
+        json.dumps({k: report[k] for k in ("failed_checks", "faults", "errors")}, indent=1)
+    assert report["exactness"]["mismatched"] == [] and report["exactness"]["checked"] == report["load"]["requests"]
+    assert all(f["verified"] and f["recovery"]["recovery_s"] is not None for f in report["faults"])
+    assert (report_dir / "timeline.png").stat().st_size > 0
+    return report
+
+
+def _inspect(pod: ComposePod, service: str) -> dict:
+    return json.loads(pod.engine.run("docker", "inspect", pod.container(service)).stdout)[0]
+
+
+def test_xds_chaos_run_compose_crash_and_pause_of_an_expert_container_pass(pod: ComposePod, tmp_path: Path) -> None:
+    """Short versions of the kill and hang examples through `xds chaos run --compose`: the crash
+    is Docker-restarted (RestartCount read back), the hang is a `docker pause` (State.Paused and
+    the cgroup freezer read back), and every stream equals the reference engine's tokens.
+    Runs before the router-kill test below: `--compose` refuses a pod with a service down."""
+    t = time.monotonic()
+    restarts = {s: _inspect(pod, s)["RestartCount"] for s in ("expert-0", "expert-1", "expert-2", "expert-3")}
+    kill = _chaos_run(pod, _short_example("kill-each-role", tmp_path, rate_rps=3, duration_s=3,
+                                          max_tokens=[16, 32]), tmp_path / "kill")
+    (f,) = kill["faults"]
+    victim = f["services"][0]
+    assert f["kind"] == "kill" and victim.startswith("expert-")
+    assert "SIGKILL pid" in f["evidence"][0] and "gone from /proc" in f["evidence"][0]
+    assert "restarted by Docker's restart policy" in f["evidence"][1]
+    after = _inspect(pod, victim)   # what the report claims, read back independently
+    assert after["RestartCount"] == restarts[victim] + 1 and after["State"]["Running"]
+    hang = _chaos_run(pod, _short_example("hang-expert", tmp_path, streams=6, max_tokens=[40, 56]),
+                      tmp_path / "hang")
+    (f,) = hang["faults"]
+    assert f["kind"] == "hang" and f["services"][0].startswith("expert-")
+    assert "docker pause: inspect State.Paused=true" in f["evidence"][0] and ("FROZEN" in f["evidence"][0] or "frozen 1" in f["evidence"][0])
+    assert "Paused=false" in f["evidence"][1] and f["t_revert"] > f["t_inject"]
+    assert not _inspect(pod, f["services"][0])["State"]["Paused"]
+    pod.timings["chaos_compose_s"] = round(time.monotonic() - t, 1)
 
 
 def test_a_killed_router_container_does_not_stop_the_pod(pod: ComposePod, reference: ReferenceEngine) -> None:

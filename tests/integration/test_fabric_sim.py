@@ -122,6 +122,32 @@ async def test_link_down_refuses_promptly_and_heal_restores(client, admin):
     await client.reserve(6, 1)
 
 
+async def test_chaos_tool_heals_one_partition_and_leaves_the_others(sim, client):
+    """HealPartition lifts one partition by id; the chaos tool's Fabric uses it and reads back
+    that the other partition and a link fault are still in force."""
+    from services.chaos.faults import Fabric, LinkFault
+
+    fab = Fabric(sim.admin_address)
+    try:
+        assert "partition#" in await fab.inject(0, LinkFault(npus_a=(0, 1), npus_b=(6,)))
+        await fab.inject(1, LinkFault(npus_a=(0, 1), npus_b=(5,)))
+        await fab.inject(2, LinkFault(links=("npu3.rx",), up=False))
+        assert "no partition between NPUs [0, 1] and [6]" in await fab.revert(0)
+        await client.reserve(6, 1)
+        for dst in (5, 3):
+            with pytest.raises(LinkDown):
+                await client.reserve(dst, 1)
+        t = await fab.telemetry()
+        assert [(list(p.npus_a), list(p.npus_b)) for p in t.partitions] == [([0, 1], [5])]
+        await fab.revert(1)
+        await fab.revert(2)
+        assert (await fab.telemetry()).partitions == []
+        await client.reserve(3, 1)
+    finally:
+        await fab.stub.ClearFaults(pb.ClearFaultsRequest(), timeout=5)
+        await fab.close()
+
+
 async def test_telemetry_counts_bytes_and_metrics_parse(sim, admin):
     async with await FabricClient.connect(sim.data_address, name="tele", npu=7, deadline_s=5.0) as c:
         before = {link.name: link for link in (await admin.GetTelemetry(pb.GetTelemetryRequest(), timeout=5)).links}
@@ -178,6 +204,7 @@ def parse_prometheus(text: str) -> dict[tuple, float]:
     ("SetLinkLatency", pb.SetLinkLatencyRequest(link="srv0.l1", added_latency_us=-3), "added_latency_us"),
     ("Partition", pb.PartitionRequest(npus_a=[0], npus_b=[0, 1]), "overlap"),
     ("Partition", pb.PartitionRequest(npus_a=[0], npus_b=[800]), "out of range"),
+    ("HealPartition", pb.HealPartitionRequest(partition_id="partition#999"), "no partition 'partition#999'"),
 ])
 async def test_bad_admin_input_is_invalid_argument_and_sim_keeps_serving(admin, client, call, request_, needle):
     with pytest.raises(grpc.aio.AioRpcError) as info:

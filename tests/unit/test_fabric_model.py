@@ -129,6 +129,18 @@ def test_partition_refuses_both_directions_only_across():
     grant(m.reserve(TransferRequest(0, 2, 1), now=0.0))
 
 
+def test_healing_one_partition_leaves_every_other_fault():
+    m = model()
+    first, second = m.partition([0], [2]), m.partition([1], [3])
+    m.set_link_state("npu0.tx", up=False)
+    m.heal_partition(first)
+    assert [p.id for p in m.partitions()] == [second] and m.active_faults == 2
+    assert isinstance(m.reserve(TransferRequest(1, 3, 1), now=0.0), Refusal)
+    grant(m.reserve(TransferRequest(2, 0, 1), now=0.0))   # cut by the healed partition only (npu0.rx is up)
+    with pytest.raises(FaultError, match="no partition 'partition#1'"):
+        m.heal_partition(first)
+
+
 def test_bandwidth_cut_slows_transfer_proportionally():
     m = model()
     m.set_link_bandwidth("npu0.tx", 0.25)

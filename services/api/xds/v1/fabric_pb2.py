@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13xds/v1/fabric.proto\x12\x06xds.v1\"/\n\x13SetLinkStateRequest\x12\x0c\n\x04link\x18\x01 \x01(\t\x12\n\n\x02up\x18\x02 \x01(\x08\"?\n\x15SetLinkLatencyRequest\x12\x0c\n\x04link\x18\x01 \x01(\t\x12\x18\n\x10\x61\x64\x64\x65\x64_latency_us\x18\x02 \x01(\x01\"7\n\x17SetLinkBandwidthRequest\x12\x0c\n\x04link\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61\x63tor\x18\x02 \x01(\x01\"2\n\x10PartitionRequest\x12\x0e\n\x06npus_a\x18\x01 \x03(\r\x12\x0e\n\x06npus_b\x18\x02 \x03(\r\"\x14\n\x12\x43learFaultsRequest\"F\n\x08\x46\x61ultAck\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x15\n\ractive_faults\x18\x02 \x01(\r\x12\x14\n\x0cpartition_id\x18\x03 \x01(\t\"(\n\x13GetTelemetryRequest\x12\x11\n\tall_links\x18\x01 \x01(\x08\"\xed\x01\n\tLinkStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05plane\x18\x02 \x01(\t\x12\x16\n\x0e\x62\x61ndwidth_gbps\x18\x03 \x01(\x01\x12\x12\n\nlatency_us\x18\x04 \x01(\x01\x12\n\n\x02up\x18\x05 \x01(\x08\x12\x18\n\x10\x61\x64\x64\x65\x64_latency_us\x18\x06 \x01(\x01\x12\x18\n\x10\x62\x61ndwidth_factor\x18\x07 \x01(\x01\x12\r\n\x05\x62ytes\x18\x08 \x01(\x04\x12\x11\n\ttransfers\x18\t \x01(\x04\x12\x10\n\x08refusals\x18\n \x01(\x04\x12\x0e\n\x06\x62usy_s\x18\x0b \x01(\x01\x12\x13\n\x0butilization\x18\x0c \x01(\x01\";\n\rPartitionInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06npus_a\x18\x02 \x03(\r\x12\x0e\n\x06npus_b\x18\x03 \x03(\r\"\xdf\x01\n\tHostStats\x12\x10\n\x08keeps_up\x18\x01 \x01(\x08\x12\x16\n\x0eservice_mean_s\x18\x02 \x01(\x01\x12\x15\n\rservice_max_s\x18\x03 \x01(\x01\x12\x16\n\x0eloop_lag_max_s\x18\x04 \x01(\x01\x12\x1e\n\x16min_emulated_latency_s\x18\x05 \x01(\x01\x12\x14\n\x0c\x63lient_waits\x18\x06 \x01(\x04\x12\x1a\n\x12\x63lient_late_mean_s\x18\x07 \x01(\x01\x12\x19\n\x11\x63lient_late_max_s\x18\x08 \x01(\x01\x12\x0c\n\x04note\x18\t \x01(\t\"\xd4\x02\n\tTelemetry\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x12\n\ntime_scale\x18\x02 \x01(\x01\x12\x10\n\x08uptime_s\x18\x03 \x01(\x01\x12\x0f\n\x07servers\x18\x04 \x01(\r\x12\x17\n\x0fnpus_per_server\x18\x05 \x01(\r\x12\x1a\n\x12registered_clients\x18\x06 \x01(\r\x12\x10\n\x08requests\x18\x07 \x01(\x04\x12\x0e\n\x06grants\x18\x08 \x01(\x04\x12\x10\n\x08refusals\x18\t \x01(\x04\x12\x14\n\x0c\x62\x61\x64_messages\x18\n \x01(\x04\x12\x14\n\x0c\x62\x61\x64_requests\x18\x0b \x01(\x04\x12 \n\x05links\x18\x0c \x03(\x0b\x32\x11.xds.v1.LinkStats\x12)\n\npartitions\x18\r \x03(\x0b\x32\x15.xds.v1.PartitionInfo\x12\x1f\n\x04host\x18\x0e \x01(\x0b\x32\x11.xds.v1.HostStats\"\x13\n\x11GetMetricsRequest\"\x17\n\x07Metrics\x12\x0c\n\x04text\x18\x01 \x01(\t2\xc1\x03\n\x06\x46\x61\x62ric\x12=\n\x0cSetLinkState\x12\x1b.xds.v1.SetLinkStateRequest\x1a\x10.xds.v1.FaultAck\x12\x41\n\x0eSetLinkLatency\x12\x1d.xds.v1.SetLinkLatencyRequest\x1a\x10.xds.v1.FaultAck\x12\x45\n\x10SetLinkBandwidth\x12\x1f.xds.v1.SetLinkBandwidthRequest\x1a\x10.xds.v1.FaultAck\x12\x37\n\tPartition\x12\x18.xds.v1.PartitionRequest\x1a\x10.xds.v1.FaultAck\x12;\n\x0b\x43learFaults\x12\x1a.xds.v1.ClearFaultsRequest\x1a\x10.xds.v1.FaultAck\x12>\n\x0cGetTelemetry\x12\x1b.xds.v1.GetTelemetryRequest\x1a\x11.xds.v1.Telemetry\x12\x38\n\nGetMetrics\x12\x19.xds.v1.GetMetricsRequest\x1a\x0f.xds.v1.Metricsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13xds/v1/fabric.proto\x12\x06xds.v1\"/\n\x13SetLinkStateRequest\x12\x0c\n\x04link\x18\x01 \x01(\t\x12\n\n\x02up\x18\x02 \x01(\x08\"?\n\x15SetLinkLatencyRequest\x12\x0c\n\x04link\x18\x01 \x01(\t\x12\x18\n\x10\x61\x64\x64\x65\x64_latency_us\x18\x02 \x01(\x01\"7\n\x17SetLinkBandwidthRequest\x12\x0c\n\x04link\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61\x63tor\x18\x02 \x01(\x01\"2\n\x10PartitionRequest\x12\x0e\n\x06npus_a\x18\x01 \x03(\r\x12\x0e\n\x06npus_b\x18\x02 \x03(\r\"\x14\n\x12\x43learFaultsRequest\",\n\x14HealPartitionRequest\x12\x14\n\x0cpartition_id\x18\x01 \x01(\t\"F\n\x08\x46\x61ultAck\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x15\n\ractive_faults\x18\x02 \x01(\r\x12\x14\n\x0cpartition_id\x18\x03 \x01(\t\"(\n\x13GetTelemetryRequest\x12\x11\n\tall_links\x18\x01 \x01(\x08\"\xed\x01\n\tLinkStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05plane\x18\x02 \x01(\t\x12\x16\n\x0e\x62\x61ndwidth_gbps\x18\x03 \x01(\x01\x12\x12\n\nlatency_us\x18\x04 \x01(\x01\x12\n\n\x02up\x18\x05 \x01(\x08\x12\x18\n\x10\x61\x64\x64\x65\x64_latency_us\x18\x06 \x01(\x01\x12\x18\n\x10\x62\x61ndwidth_factor\x18\x07 \x01(\x01\x12\r\n\x05\x62ytes\x18\x08 \x01(\x04\x12\x11\n\ttransfers\x18\t \x01(\x04\x12\x10\n\x08refusals\x18\n \x01(\x04\x12\x0e\n\x06\x62usy_s\x18\x0b \x01(\x01\x12\x13\n\x0butilization\x18\x0c \x01(\x01\";\n\rPartitionInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06npus_a\x18\x02 \x03(\r\x12\x0e\n\x06npus_b\x18\x03 \x03(\r\"\xdf\x01\n\tHostStats\x12\x10\n\x08keeps_up\x18\x01 \x01(\x08\x12\x16\n\x0eservice_mean_s\x18\x02 \x01(\x01\x12\x15\n\rservice_max_s\x18\x03 \x01(\x01\x12\x16\n\x0eloop_lag_max_s\x18\x04 \x01(\x01\x12\x1e\n\x16min_emulated_latency_s\x18\x05 \x01(\x01\x12\x14\n\x0c\x63lient_waits\x18\x06 \x01(\x04\x12\x1a\n\x12\x63lient_late_mean_s\x18\x07 \x01(\x01\x12\x19\n\x11\x63lient_late_max_s\x18\x08 \x01(\x01\x12\x0c\n\x04note\x18\t \x01(\t\"\xd4\x02\n\tTelemetry\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x12\n\ntime_scale\x18\x02 \x01(\x01\x12\x10\n\x08uptime_s\x18\x03 \x01(\x01\x12\x0f\n\x07servers\x18\x04 \x01(\r\x12\x17\n\x0fnpus_per_server\x18\x05 \x01(\r\x12\x1a\n\x12registered_clients\x18\x06 \x01(\r\x12\x10\n\x08requests\x18\x07 \x01(\x04\x12\x0e\n\x06grants\x18\x08 \x01(\x04\x12\x10\n\x08refusals\x18\t \x01(\x04\x12\x14\n\x0c\x62\x61\x64_messages\x18\n \x01(\x04\x12\x14\n\x0c\x62\x61\x64_requests\x18\x0b \x01(\x04\x12 \n\x05links\x18\x0c \x03(\x0b\x32\x11.xds.v1.LinkStats\x12)\n\npartitions\x18\r \x03(\x0b\x32\x15.xds.v1.PartitionInfo\x12\x1f\n\x04host\x18\x0e \x01(\x0b\x32\x11.xds.v1.HostStats\"\x13\n\x11GetMetricsRequest\"\x17\n\x07Metrics\x12\x0c\n\x04text\x18\x01 \x01(\t2\x82\x04\n\x06\x46\x61\x62ric\x12=\n\x0cSetLinkState\x12\x1b.xds.v1.SetLinkStateRequest\x1a\x10.xds.v1.FaultAck\x12\x41\n\x0eSetLinkLatency\x12\x1d.xds.v1.SetLinkLatencyRequest\x1a\x10.xds.v1.FaultAck\x12\x45\n\x10SetLinkBandwidth\x12\x1f.xds.v1.SetLinkBandwidthRequest\x1a\x10.xds.v1.FaultAck\x12\x37\n\tPartition\x12\x18.xds.v1.PartitionRequest\x1a\x10.xds.v1.FaultAck\x12;\n\x0b\x43learFaults\x12\x1a.xds.v1.ClearFaultsRequest\x1a\x10.xds.v1.FaultAck\x12?\n\rHealPartition\x12\x1c.xds.v1.HealPartitionRequest\x1a\x10.xds.v1.FaultAck\x12>\n\x0cGetTelemetry\x12\x1b.xds.v1.GetTelemetryRequest\x1a\x11.xds.v1.Telemetry\x12\x38\n\nGetMetrics\x12\x19.xds.v1.GetMetricsRequest\x1a\x0f.xds.v1.Metricsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,22 +41,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PARTITIONREQUEST']._serialized_end=252
   _globals['_CLEARFAULTSREQUEST']._serialized_start=254
   _globals['_CLEARFAULTSREQUEST']._serialized_end=274
-  _globals['_FAULTACK']._serialized_start=276
-  _globals['_FAULTACK']._serialized_end=346
-  _globals['_GETTELEMETRYREQUEST']._serialized_start=348
-  _globals['_GETTELEMETRYREQUEST']._serialized_end=388
-  _globals['_LINKSTATS']._serialized_start=391
-  _globals['_LINKSTATS']._serialized_end=628
-  _globals['_PARTITIONINFO']._serialized_start=630
-  _globals['_PARTITIONINFO']._serialized_end=689
-  _globals['_HOSTSTATS']._serialized_start=692
-  _globals['_HOSTSTATS']._serialized_end=915
-  _globals['_TELEMETRY']._serialized_start=918
-  _globals['_TELEMETRY']._serialized_end=1258
-  _globals['_GETMETRICSREQUEST']._serialized_start=1260
-  _globals['_GETMETRICSREQUEST']._serialized_end=1279
-  _globals['_METRICS']._serialized_start=1281
-  _globals['_METRICS']._serialized_end=1304
-  _globals['_FABRIC']._serialized_start=1307
-  _globals['_FABRIC']._serialized_end=1756
+  _globals['_HEALPARTITIONREQUEST']._serialized_start=276
+  _globals['_HEALPARTITIONREQUEST']._serialized_end=320
+  _globals['_FAULTACK']._serialized_start=322
+  _globals['_FAULTACK']._serialized_end=392
+  _globals['_GETTELEMETRYREQUEST']._serialized_start=394
+  _globals['_GETTELEMETRYREQUEST']._serialized_end=434
+  _globals['_LINKSTATS']._serialized_start=437
+  _globals['_LINKSTATS']._serialized_end=674
+  _globals['_PARTITIONINFO']._serialized_start=676
+  _globals['_PARTITIONINFO']._serialized_end=735
+  _globals['_HOSTSTATS']._serialized_start=738
+  _globals['_HOSTSTATS']._serialized_end=961
+  _globals['_TELEMETRY']._serialized_start=964
+  _globals['_TELEMETRY']._serialized_end=1304
+  _globals['_GETMETRICSREQUEST']._serialized_start=1306
+  _globals['_GETMETRICSREQUEST']._serialized_end=1325
+  _globals['_METRICS']._serialized_start=1327
+  _globals['_METRICS']._serialized_end=1350
+  _globals['_FABRIC']._serialized_start=1353
+  _globals['_FABRIC']._serialized_end=1867
 # @@protoc_insertion_point(module_scope)

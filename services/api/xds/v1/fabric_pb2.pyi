@@ -42,6 +42,12 @@ class ClearFaultsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class HealPartitionRequest(_message.Message):
+    __slots__ = ("partition_id",)
+    PARTITION_ID_FIELD_NUMBER: _ClassVar[int]
+    partition_id: str
+    def __init__(self, partition_id: _Optional[str] = ...) -> None: ...
+
 class FaultAck(_message.Message):
     __slots__ = ("epoch", "active_faults", "partition_id")
     EPOCH_FIELD_NUMBER: _ClassVar[int]

@@ -59,6 +59,11 @@ class FabricStub:
                 request_serializer=xds_dot_v1_dot_fabric__pb2.ClearFaultsRequest.SerializeToString,
                 response_deserializer=xds_dot_v1_dot_fabric__pb2.FaultAck.FromString,
                 _registered_method=True)
+        self.HealPartition = channel.unary_unary(
+                '/xds.v1.Fabric/HealPartition',
+                request_serializer=xds_dot_v1_dot_fabric__pb2.HealPartitionRequest.SerializeToString,
+                response_deserializer=xds_dot_v1_dot_fabric__pb2.FaultAck.FromString,
+                _registered_method=True)
         self.GetTelemetry = channel.unary_unary(
                 '/xds.v1.Fabric/GetTelemetry',
                 request_serializer=xds_dot_v1_dot_fabric__pb2.GetTelemetryRequest.SerializeToString,
@@ -104,6 +109,13 @@ class FabricServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HealPartition(self, request, context):
+        """Lifts one partition (by the id Partition returned); every other fault stays.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetTelemetry(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -143,6 +155,11 @@ def add_FabricServicer_to_server(servicer, server):
             'ClearFaults': grpc.unary_unary_rpc_method_handler(
                     servicer.ClearFaults,
                     request_deserializer=xds_dot_v1_dot_fabric__pb2.ClearFaultsRequest.FromString,
+                    response_serializer=xds_dot_v1_dot_fabric__pb2.FaultAck.SerializeToString,
+            ),
+            'HealPartition': grpc.unary_unary_rpc_method_handler(
+                    servicer.HealPartition,
+                    request_deserializer=xds_dot_v1_dot_fabric__pb2.HealPartitionRequest.FromString,
                     response_serializer=xds_dot_v1_dot_fabric__pb2.FaultAck.SerializeToString,
             ),
             'GetTelemetry': grpc.unary_unary_rpc_method_handler(
@@ -290,6 +307,33 @@ class Fabric:
             target,
             '/xds.v1.Fabric/ClearFaults',
             xds_dot_v1_dot_fabric__pb2.ClearFaultsRequest.SerializeToString,
+            xds_dot_v1_dot_fabric__pb2.FaultAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HealPartition(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xds.v1.Fabric/HealPartition',
+            xds_dot_v1_dot_fabric__pb2.HealPartitionRequest.SerializeToString,
             xds_dot_v1_dot_fabric__pb2.FaultAck.FromString,
             options,
             channel_credentials,
