@@ -245,15 +245,17 @@ class FabricModel:
                 raise FaultError(f"partition: {exc}") from None
         if a & b:
             raise FaultError(f"partition sets overlap: {sorted(a & b)}")
-        number = self.table.next_partition_number()
-        self.table.write_partitions([*((int(p.split("#")[1]), pa, pb) for p, pa, pb in self._partitions),
-                                     (number, a, b)])
-        return f"partition#{number}"
+        pid = f"partition#{self.table.next_partition_number()}"
+        self._write_partitions([*self._partitions, (pid, a, b)])
+        return pid
+
+    def _write_partitions(self, parts: list[tuple[str, frozenset[int], frozenset[int]]]) -> None:
+        self.table.write_partitions([(int(p.split("#")[1]), a, b) for p, a, b in parts])
 
     def heal_partition(self, pid: str) -> None:
         if pid not in [p for p, _, _ in self._partitions]:
             raise FaultError(f"no partition {pid!r} (active: {[p for p, _, _ in self._partitions]})")
-        self._partitions = [p for p in self._partitions if p[0] != pid]
+        self._write_partitions([p for p in self._partitions if p[0] != pid])
 
     def clear_faults(self) -> None:
         for li in self._faulted:
