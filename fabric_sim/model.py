@@ -119,7 +119,39 @@ class FabricModel:
 
     # ---- reservations -------------------------------------------------------------------
     def reserve(self, req: TransferRequest, now: float) -> Outcome:
-        return self.reserve_batch([req], now)[0]
+        """One transfer alone: what ``reserve_batch([req], now)[0]`` answers (the same
+        arithmetic), without the batch's bookkeeping: the per-transfer path of every client
+        of the shared table."""
+        checked = self._check(req)
+        if not isinstance(checked, tuple):
+            return checked
+        path = checked
+        if not path or req.nbytes == 0:
+            lat = self._latency(path)
+            for link in path:
+                self._transfers[link.index] += 1
+            return Grant(lat, now + lat, 0.0, lat)
+        free_at, nbytes = self._free_at, req.nbytes
+        locked = self.table.lock()
+        try:
+            start = now
+            cap = math.inf
+            for link in path:
+                start = max(start, float(free_at[link.index]))
+                cap = min(cap, self._cap(link))
+            for link in path:
+                li = link.index
+                busy = nbytes / self._cap(link)
+                self._transfers[li] += 1
+                self._bytes[li] += nbytes
+                self._busy[li] += busy
+                free_at[li] = max(float(free_at[li]), start) + busy
+        finally:
+            if locked:
+                self.table.unlock()
+        lat = self._latency(path)
+        done = start + nbytes / cap + lat
+        return Grant(done - now, done, start - now, lat)
 
     def reserve_batch(self, reqs: Sequence[TransferRequest], now: float) -> list[Outcome]:
         """Answers in request order, under the table's lock (other processes may share it)."""

@@ -352,9 +352,11 @@ class ShmEndpoint(Endpoint):
             self._ring(link)
 
     # ---------------------------------------------------------------- send side
-    async def _send(self, peer: str, kind: int, pieces: list[memoryview], total: int, wait_ack: bool) -> None:
+    async def _send(self, peer: str, kind: int, pieces: list[memoryview], total: int, wait_ack: bool,
+                    timed: bool = True) -> None:
         link = self._link(peer)
-        await self._fabric_delay(link.npu, total)
+        if timed:
+            await self._fabric_delay(link.npu, total)
         assert self._seg is not None
         ow, geo = self._seg.words, link.geo
         head_word = self._geo.entry_word(link.local_idx, P_OUT_HEAD)
@@ -404,12 +406,14 @@ class ShmEndpoint(Endpoint):
     async def _put(self, peer: str, window: str, offset: int, data: memoryview, notify: bytes | None) -> None:
         link = self._link(peer)
         dst = window_slice(link.windows, window, offset, data.nbytes, peer)
-        await self._fabric_delay(link.npu, data.nbytes)
+        # One transfer on the fabric: the data and its notification travel together (one
+        # reservation for both), as a UB write-with-notify does.
+        rec = None if notify is None else memoryview(msgpack.packb([window, offset, data.nbytes, bytes(notify)]))
+        await self._fabric_delay(link.npu, data.nbytes + (0 if rec is None else rec.nbytes))
         self._check_link(link)
         memoryview(dst)[:] = data
-        if notify is not None:
-            rec = memoryview(msgpack.packb([window, offset, data.nbytes, bytes(notify)]))
-            await self._send(peer, KIND_NOTIFY, [rec], rec.nbytes, False)
+        if rec is not None:
+            await self._send(peer, KIND_NOTIFY, [rec], rec.nbytes, False, timed=False)
 
     async def _get(self, peer: str, window: str, offset: int, nbytes: int) -> bytes:
         link = self._link(peer)

@@ -243,3 +243,23 @@ def test_contention_never_beats_alone_and_conserves_work(batch):
         ends = [g.finish_at - g.latency_s for r, g in zip(reqs, outs) if r.src == src and r.dst != src]
         if sent:
             assert max(ends) >= sent / 100e9 * (1 - 1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 3 * MB),
+                          st.sampled_from(["ub", "roce"]), st.floats(0, 50e-6)), min_size=1, max_size=30),
+       st.sampled_from([None, "npu1.rx", "srv0.up"]))
+def test_reserve_alone_is_a_batch_of_one(reqs, down):
+    """``reserve`` (the shared table's per-transfer path) answers and books exactly what
+    ``reserve_batch([req])`` does, grants and refusals, in any sequence."""
+    a, b = model(l2_bandwidth_gbps=150.0), model(l2_bandwidth_gbps=150.0)
+    if down:
+        a.set_link_state(down, False)
+        b.set_link_state(down, False)
+    now = 0.0
+    for src, dst, nbytes, plane, dt in reqs:
+        now += dt
+        r = TransferRequest(src, dst, nbytes, plane)
+        assert a.reserve(r, now) == b.reserve_batch([r], now)[0]
+    for x, y in zip(a.link_telemetry(now, all_links=True), b.link_telemetry(now, all_links=True)):
+        assert x == y
