@@ -314,25 +314,35 @@ def plan_dispatch(event_id: int, source: int, topk_ids: np.ndarray, placement: P
         keep = np.zeros(flat.size, dtype=bool)
         keep[np.asarray(only_rows, dtype=np.int64)] = True
         order = order[keep[order]]
-    needed = np.unique(flat[order])
+    # Plain lists from here: a decode step has a few dozen rows, where numpy's per-call cost
+    # (~1-5 us) dominates (this ran once per MoE layer per attention rank).
+    order_l = order.tolist()
+    flat_l = flat.tolist()
+    routed = [flat_l[o] for o in order_l]
+    needed = sorted(set(routed))
     if chooser is None:
-        serving = placement.choose(ex, needed.tolist())
+        serving = placement.choose(ex, needed)
     else:
-        counts = np.bincount(flat[order], minlength=placement.num_experts)
-        serving = chooser.choose(placement, ex, {int(e): int(counts[e]) for e in needed})
-    dest = serving[flat[order]]
+        counts: dict[int, int] = {}
+        for e in routed:
+            counts[e] = counts.get(e, 0) + 1
+        serving = chooser.choose(placement, ex, counts)
+    serving_l = serving.tolist()
+    groups: list[list[int]] = [[] for _ in range(layout.num_ranks)]
+    for o, e in zip(order_l, routed):   # canonical order kept inside each rank's block
+        groups[serving_l[e]].append(o)
     every = only_rows is None and (chooser is None or chooser.explore())
-    ranks = tuple(r for r in range(layout.num_ranks) if r not in ex and (every or np.any(dest == r)))
+    ranks = tuple(r for r in range(layout.num_ranks) if r not in ex and (every or groups[r]))
     rows: dict[int, np.ndarray] = {}
     experts: dict[int, np.ndarray] = {}
     for r in ranks:
-        sel = order[dest == r]
-        if sel.size > layout.capacity_rows:
+        sel = groups[r]
+        if len(sel) > layout.capacity_rows:
             raise DispatchCapacityError(
-                f"source {source} has {sel.size} rows for expert rank {r}, block capacity {layout.capacity_rows}",
-                rows=int(sel.size), capacity_rows=layout.capacity_rows)
-        rows[r] = sel
-        experts[r] = flat[sel].astype(ID_DTYPE)
+                f"source {source} has {len(sel)} rows for expert rank {r}, block capacity {layout.capacity_rows}",
+                rows=len(sel), capacity_rows=layout.capacity_rows)
+        rows[r] = np.array(sel, dtype=np.int64)
+        experts[r] = np.array([flat_l[o] for o in sel], dtype=ID_DTYPE)
     return DispatchPlan(event_id=event_id, source=source, num_tokens=ids.shape[0], top_k=ids.shape[1],
                         ranks=ranks, rows=rows, experts=experts, incarnation=incarnation)
 
