@@ -391,9 +391,10 @@ class SourceGuard:
         if ids.shape != (meta.count,):
             raise CorruptMetadata(f"source {meta.sender}: {ids.shape} expert ids for {meta.count} rows")
         if ids.size:
-            if np.any(ids[1:] < ids[:-1]):
+            lst = ids.tolist()   # a block has a few rows: lists beat numpy's per-call cost
+            if any(b < a for a, b in zip(lst, lst[1:])):
                 raise CorruptMetadata(f"source {meta.sender}: rows not sorted by expert id")
-            foreign = set(np.unique(ids).tolist()) - self.hosted
+            foreign = set(lst) - self.hosted
             if foreign:
                 raise CorruptMetadata(f"source {meta.sender} sent rows for experts {sorted(foreign)} not hosted here")
         self.last[meta.sender] = key
@@ -405,17 +406,18 @@ def run_block(rows: np.ndarray, expert_ids: np.ndarray, expert_fn: ExpertFn, hid
     Each expert runs once on its contiguous run of rows, the rows ``reference_moe`` gives it.
     """
     out = np.empty((rows.shape[0], hidden), dtype=DTYPE)
-    if expert_ids.size == 0:
-        return out
-    cut = np.flatnonzero(np.diff(expert_ids)) + 1
-    starts = np.concatenate(([0], cut)).tolist()
-    stops = np.concatenate((cut, [expert_ids.size])).tolist()
-    for a, b in zip(starts, stops):
+    ids = expert_ids.tolist()
+    a = 0
+    while a < len(ids):
+        b = a + 1
+        while b < len(ids) and ids[b] == ids[a]:
+            b += 1
         inp = np.ascontiguousarray(rows[a:b])
-        y = np.asarray(expert_fn(int(expert_ids[a]), inp), dtype=DTYPE)
+        y = np.asarray(expert_fn(ids[a], inp), dtype=DTYPE)
         if y.shape != inp.shape:
-            raise ValueError(f"expert_fn({int(expert_ids[a])}) returned shape {y.shape} for input {inp.shape}")
+            raise ValueError(f"expert_fn({ids[a]}) returned shape {y.shape} for input {inp.shape}")
         out[a:b] = y
+        a = b
     return out
 
 
