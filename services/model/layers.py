@@ -5,10 +5,16 @@ MoE expert, decode master), which is what lets the disaggregated pod reproduce t
 tokens bit for bit. The invariance rules that make that hold (measured on this machine's
 OpenBLAS, see tests/unit/test_model_invariance.py):
 
-1. Every GEMM goes through ``linear``, which always calls BLAS with exactly ``TILE`` rows
-   (zero-padded). OpenBLAS picks kernels by problem size, so ``x[:3] @ w`` and ``x @ w`` give
-   different bits for the same row; with a fixed 8-row call, a row's result depends neither on
-   its position in the tile nor on the other rows. (16- and 32-row tiles were *not* invariant.)
+1. Every GEMM goes through ``linear``, whose bits are defined by ``linear_tile8``: BLAS calls
+   of exactly ``TILE`` = 8 rows (zero-padded). OpenBLAS picks kernels by problem size, so
+   ``x[:3] @ w`` and ``x @ w`` give different bits for the same row; with a fixed 8-row call, a
+   row's result depends neither on its position in the tile nor on the other rows.
+   Speed without new bits: full tiles go to BLAS in one stacked ``matmul`` (numpy runs one gemm
+   per stacked item, with the arguments of a separate 2-D call), and ``linear`` uses larger row
+   tiles (``BIG_TILES``) only for the weight shapes where a start-up probe (``tile_sizes``)
+   shows them bit-identical to 8-row tiles on this machine's BLAS (the code path is chosen from
+   shapes, never values). Some shapes/machines reject some sizes (e.g. tiny's lm_head keeps
+   16 only here; 16- and 32-row tiles were once seen *not* invariant on another machine).
 2. BLAS runs single-threaded in every process (``pin_blas_threads``): the thread split changes
    the bits too. Costs ~2x GEMM throughput versus one big multi-threaded call.
 3. Attention for a query at position p is computed alone, over exactly the keys 0..p, with
@@ -29,7 +35,6 @@ import numpy as np
 from services.model.config import ModelConfig
 from services.model.weights import AttentionWeights, FFNWeights, LayerWeights, ModelWeights
 
-TILE = 8
 _pinned = False
 
 
@@ -46,17 +51,89 @@ def pin_blas_threads() -> None:
 pin_blas_threads()
 
 
-def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """``x @ w`` computed in fixed TILE-row BLAS calls (rule 1)."""
-    m = x.shape[0]
-    out = np.empty((m, w.shape[1]), dtype=np.float32)
+TILE = 8
+# Larger row tiles tried per weight shape (rule 1b); each is used only where it gives the same bits.
+BIG_TILES = (256, 128, 64, 32, 16)
+_PROBE_ROWS = max(BIG_TILES)
+_tiles_for: dict[tuple, tuple[int, ...]] = {}
+
+
+def linear_tile8(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The definition of ``linear``'s bits: every row computed in an 8-row BLAS call (rule 1).
+
+    Full tiles go to BLAS in one stacked ``matmul``, which numpy runs as one ``gemm`` call per
+    8-row item with the same arguments as a separate 2-D call; the last partial tile is
+    zero-padded to 8 rows.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    m, k = x.shape
+    n = w.shape[1]
+    out = np.empty((m, n), dtype=np.float32)
     full = m - m % TILE
-    for i in range(0, full, TILE):
-        np.matmul(x[i:i + TILE], w, out=out[i:i + TILE])
+    if full:
+        np.matmul(x[:full].reshape(-1, TILE, k), w, out=out[:full].reshape(-1, TILE, n))
     if full < m:
-        pad = np.zeros((TILE, x.shape[1]), dtype=np.float32)
+        pad = np.zeros((TILE, k), dtype=np.float32)
         pad[: m - full] = x[full:]
         out[full:] = (pad @ w)[: m - full]
+    return out
+
+
+def _calibrate(w: np.ndarray) -> tuple[int, ...]:
+    """The tile sizes of BIG_TILES whose rows equal 8-row tiles bit for bit for w's shape/layout.
+
+    BLAS picks its code path (small-matrix kernel, edge kernels, K blocking) from the call's
+    shapes and layout only, never from the values, so one random probe over every row position
+    of the tile decides for every input of that shape: a different summation order would show
+    in practically every one of the probe's ``T * N`` outputs.
+    """
+    k, n = w.shape
+    rng = np.random.default_rng(k * 7919 + n)
+    probe_w = np.empty_like(w, order="K")
+    probe_w[...] = rng.standard_normal((k, n), dtype=np.float32)
+    probe_x = rng.standard_normal((_PROBE_ROWS, k), dtype=np.float32)
+    want = linear_tile8(probe_x, probe_w)
+    ok = []
+    for t in BIG_TILES:
+        got = np.matmul(probe_x.reshape(-1, t, k), probe_w).reshape(_PROBE_ROWS, n)
+        if np.array_equal(got, want):
+            ok.append(t)
+    return tuple(ok)
+
+
+def tile_sizes(w: np.ndarray) -> tuple[int, ...]:
+    """Row tiles ``linear`` may use for weights shaped and laid out like ``w`` (largest first)."""
+    key = (w.shape, w.strides, w.dtype.str)
+    sizes = _tiles_for.get(key)
+    if sizes is None:
+        contiguous = w.flags.c_contiguous or w.flags.f_contiguous
+        sizes = _calibrate(w) if contiguous and w.dtype == np.float32 else ()
+        _tiles_for[key] = sizes
+    return sizes
+
+
+def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``x @ w`` with the bits of ``linear_tile8`` (rule 1), in the largest row tiles proven equal.
+
+    Rows go greedily to the largest allowed tile (``tile_sizes``), then to 8-row tiles, the
+    last partial tile zero-padded: a row's bits depend neither on its position nor on the batch.
+    """
+    sizes = tile_sizes(w)
+    if not sizes:
+        return linear_tile8(x, w)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    m, k = x.shape
+    n = w.shape[1]
+    out = np.empty((m, n), dtype=np.float32)
+    i = 0
+    for t in sizes:
+        cnt = (m - i) // t
+        if cnt:
+            j = i + cnt * t
+            np.matmul(x[i:j].reshape(cnt, t, k), w, out=out[i:j].reshape(cnt, t, n))
+            i = j
+    if i < m:
+        out[i:] = linear_tile8(x[i:], w)
     return out
 
 
