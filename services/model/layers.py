@@ -27,8 +27,9 @@ OpenBLAS, see tests/unit/test_model_invariance.py):
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -56,6 +57,19 @@ TILE = 8
 BIG_TILES = (256, 128, 64, 32, 16)
 _PROBE_ROWS = max(BIG_TILES)
 _tiles_for: dict[tuple, tuple[int, ...]] = {}
+_fast = True
+
+
+@contextmanager
+def original_paths() -> Iterator[None]:
+    """Run with the original (slower, same-bits) paths inside: 8-row tiles only, per-query
+    prefill attention. For before/after benchmarks (services/bench/reference.py)."""
+    global _fast
+    saved, _fast = _fast, False
+    try:
+        yield
+    finally:
+        _fast = saved
 
 
 def linear_tile8(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -118,7 +132,7 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     Rows go greedily to the largest allowed tile (``tile_sizes``), then to 8-row tiles, the
     last partial tile zero-padded: a row's bits depend neither on its position nor on the batch.
     """
-    sizes = tile_sizes(w)
+    sizes = tile_sizes(w) if _fast else ()
     if not sizes:
         return linear_tile8(x, w)
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -177,13 +191,54 @@ class Segment:
     n: int
 
 
-def _attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: np.float32) -> np.ndarray:
-    """One query position over its keys (rule 3). q: [Hkv, g, D]; k, v: [Hkv, L, D]."""
-    s = np.matmul(q, k.transpose(0, 2, 1)) * scale
+def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: np.float32) -> np.ndarray:
+    """Queries over their keys (rule 3). q: [..., Hkv, g, D]; k, v: [..., Hkv, L, D].
+
+    A leading batch axis (queries of several sequences that all have L keys) gives each query
+    the bits it gets alone: numpy's matmul makes one BLAS call per (query, head) item with the
+    arguments of the lone call, the element-wise ops are per element, and max/sum reduce each
+    row's L contiguous values alike (tests/unit/test_attention_groups.py).
+    """
+    s = np.matmul(q, np.swapaxes(k, -1, -2)) * scale
     s = s - s.max(axis=-1, keepdims=True)
     e = np.exp(s)
     p = e / e.sum(axis=-1, keepdims=True)
     return np.matmul(p, v)
+
+
+def _attend_grouped(q: np.ndarray, out: np.ndarray, segs: Sequence[tuple[int, Segment]],
+                    scale: np.float32) -> None:
+    """Prefill of several sequences: the queries with the same number of keys L, one per
+    sequence, go through ``_attend`` together (one Python round per L instead of one per query).
+
+    The segments' KV (rows 0..start+n-1) is first copied once into one stacked array, so that a
+    group covering every segment is a plain view ``[:, :, :L]``.
+    """
+    _, Hq, D = q.shape
+    Hkv = segs[0][1].k.shape[0]
+    g = Hq // Hkv
+    S = len(segs)
+    lmax = max(s.start + s.n for _, s in segs)
+    kall = np.zeros((S, Hkv, lmax, D), dtype=np.float32)
+    vall = np.zeros((S, Hkv, lmax, D), dtype=np.float32)
+    by_len: dict[int, tuple[list[int], list[int]]] = {}  # L -> (segment indices, rows)
+    for b, (r0, s) in enumerate(segs):
+        end = s.start + s.n
+        kall[b, :, :end] = s.k[:, :end]
+        vall[b, :, :end] = s.v[:, :end]
+        for i in range(s.n):
+            idx, rows = by_len.setdefault(s.start + i + 1, ([], []))
+            idx.append(b)
+            rows.append(r0 + i)
+    for L, (idx, rows) in by_len.items():
+        if len(idx) == S:
+            ks, vs = kall[:, :, :L], vall[:, :, :L]
+        elif len(idx) == 1:
+            ks, vs = kall[idx[0]:idx[0] + 1, :, :L], vall[idx[0]:idx[0] + 1, :, :L]
+        else:
+            ks, vs = kall[idx, :, :L], vall[idx, :, :L]
+        o = _attend(q[rows].reshape(len(rows), Hkv, g, D), ks, vs, scale)
+        out[rows] = o.reshape(len(rows), Hq * D)
 
 
 def attention_block(cfg: ModelConfig, w: AttentionWeights, rope: Rope, x: np.ndarray,
@@ -191,7 +246,9 @@ def attention_block(cfg: ModelConfig, w: AttentionWeights, rope: Rope, x: np.nda
     """Pre-norm self-attention with residual: returns ``x + o_proj(attn(norm(x)))``.
 
     Rows of ``x`` are the segments' tokens, concatenated in order. New keys/values are written
-    into each segment's KV arrays at positions ``start .. start+n-1``.
+    into each segment's KV arrays at positions ``start .. start+n-1``. Multi-token segments
+    (prefill chunks) of several sequences are attended in groups of equal key count
+    (``_attend_grouped``); single tokens (decode) one by one over their own KV arrays.
     """
     T = x.shape[0]
     Hq, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -207,14 +264,26 @@ def attention_block(cfg: ModelConfig, w: AttentionWeights, rope: Rope, x: np.nda
     scale = np.float32(1.0 / np.sqrt(D))
     out = np.empty((T, Hq * D), dtype=np.float32)
     row = 0
+    multi: list[tuple[int, Segment]] = []
     for s in segments:
         s.k[:, s.start:s.start + s.n] = k[row:row + s.n].transpose(1, 0, 2)
         s.v[:, s.start:s.start + s.n] = v[row:row + s.n].transpose(1, 0, 2)
-        for i in range(s.n):
-            L = s.start + i + 1
-            o = _attend_one(q[row + i].reshape(Hkv, g, D), s.k[:, :L], s.v[:, :L], scale)
-            out[row + i] = o.reshape(Hq * D)
+        if s.n > 1:
+            multi.append((row, s))
         row += s.n
+    if len(multi) < 2 or not _fast:
+        multi = []
+    grouped = {id(s) for _, s in multi}
+    row = 0
+    for s in segments:
+        if id(s) not in grouped:
+            for i in range(s.n):
+                L = s.start + i + 1
+                o = _attend(q[row + i].reshape(Hkv, g, D), s.k[:, :L], s.v[:, :L], scale)
+                out[row + i] = o.reshape(Hq * D)
+        row += s.n
+    if multi:
+        _attend_grouped(q, out, multi, scale)
     return x + linear(out, w.wo)
 
 
