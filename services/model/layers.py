@@ -72,24 +72,38 @@ def original_paths() -> Iterator[None]:
         _fast = saved
 
 
-def linear_tile8(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """The definition of ``linear``'s bits: every row computed in an 8-row BLAS call (rule 1).
+def _matmul_tiles(x: np.ndarray, w: np.ndarray, out: np.ndarray, sizes: tuple[int, ...]) -> None:
+    """``out = x @ w`` by row tiles: as many tiles of each size in ``sizes`` (largest first, last
+    ``TILE``) as fit, each size in one stacked ``matmul``; the rest zero-padded to ``TILE`` rows
+    (or to 16 if there are more than 8 and 16-row tiles are allowed).
 
-    Full tiles go to BLAS in one stacked ``matmul``, which numpy runs as one ``gemm`` call per
-    8-row item with the same arguments as a separate 2-D call; the last partial tile is
-    zero-padded to 8 rows.
+    numpy runs a stacked matmul as one gemm call per stacked item, with the arguments of a
+    separate 2-D call (numpy/_core/src/umath/matmul.c.src, the same loop in 1.26 and 2.x).
     """
-    x = np.ascontiguousarray(x, dtype=np.float32)
     m, k = x.shape
     n = w.shape[1]
-    out = np.empty((m, n), dtype=np.float32)
-    full = m - m % TILE
-    if full:
-        np.matmul(x[:full].reshape(-1, TILE, k), w, out=out[:full].reshape(-1, TILE, n))
-    if full < m:
-        pad = np.zeros((TILE, k), dtype=np.float32)
-        pad[: m - full] = x[full:]
-        out[full:] = (pad @ w)[: m - full]
+    i = 0
+    for t in sizes:
+        if t == TILE and m - i > TILE and 2 * TILE in sizes:
+            break  # 9..15 rows left: one zero-padded 16-row call costs less than two 8-row ones
+        cnt = (m - i) // t
+        if cnt == 1:
+            np.matmul(x[i:i + t], w, out=out[i:i + t])
+        elif cnt:
+            np.matmul(x[i:i + cnt * t].reshape(cnt, t, k), w, out=out[i:i + cnt * t].reshape(cnt, t, n))
+        i += cnt * t
+    if i < m:
+        pad = np.zeros((TILE if m - i <= TILE else 2 * TILE, k), dtype=np.float32)
+        pad[: m - i] = x[i:]
+        out[i:] = (pad @ w)[: m - i]
+
+
+def linear_tile8(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The definition of ``linear``'s bits: every row computed in an 8-row BLAS call (rule 1)."""
+    if not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)
+    out = np.empty((x.shape[0], w.shape[1]), dtype=np.float32)
+    _matmul_tiles(x, w, out, (TILE,))
     return out
 
 
@@ -116,12 +130,13 @@ def _calibrate(w: np.ndarray) -> tuple[int, ...]:
 
 
 def tile_sizes(w: np.ndarray) -> tuple[int, ...]:
-    """Row tiles ``linear`` may use for weights shaped and laid out like ``w`` (largest first)."""
-    key = (w.shape, w.strides, w.dtype.str)
+    """Row tiles ``linear`` uses for weights shaped and laid out like ``w``: the ``BIG_TILES``
+    proven equal by ``_calibrate``, largest first, then ``TILE``."""
+    key = (w.shape, w.strides)
     sizes = _tiles_for.get(key)
     if sizes is None:
         contiguous = w.flags.c_contiguous or w.flags.f_contiguous
-        sizes = _calibrate(w) if contiguous and w.dtype == np.float32 else ()
+        sizes = (*(_calibrate(w) if contiguous and w.dtype == np.float32 else ()), TILE)
         _tiles_for[key] = sizes
     return sizes
 
@@ -132,22 +147,11 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     Rows go greedily to the largest allowed tile (``tile_sizes``), then to 8-row tiles, the
     last partial tile zero-padded: a row's bits depend neither on its position nor on the batch.
     """
-    sizes = tile_sizes(w) if _fast else ()
-    if not sizes:
-        return linear_tile8(x, w)
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    m, k = x.shape
-    n = w.shape[1]
-    out = np.empty((m, n), dtype=np.float32)
-    i = 0
-    for t in sizes:
-        cnt = (m - i) // t
-        if cnt:
-            j = i + cnt * t
-            np.matmul(x[i:j].reshape(cnt, t, k), w, out=out[i:j].reshape(cnt, t, n))
-            i = j
-    if i < m:
-        out[i:] = linear_tile8(x[i:], w)
+    if not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)
+    m = x.shape[0]
+    out = np.empty((m, w.shape[1]), dtype=np.float32)
+    _matmul_tiles(x, w, out, tile_sizes(w) if _fast and m > TILE else (TILE,))
     return out
 
 

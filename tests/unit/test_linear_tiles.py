@@ -60,6 +60,17 @@ def test_linear_equals_original_for_every_row(shape: tuple[int, int], m: int, se
     assert np.array_equal(L.linear(other, w)[j], want[i])
 
 
+@pytest.mark.parametrize("k,n", [(512, 256), (64, 259), (16, 8)])
+def test_every_row_count_up_to_300(k: int, n: int) -> None:
+    """Every mix of tiles: greedy big tiles, 8-row tiles, the tail padded to 8 or to 16."""
+    rng = np.random.default_rng(k * n)
+    w = rng.standard_normal((k, n), dtype=np.float32)
+    x = rng.standard_normal((300, k), dtype=np.float32)
+    want = original_linear(x, w)
+    for m in range(1, 301):
+        assert np.array_equal(L.linear(x[300 - m:], w), want[300 - m:]), m
+
+
 @pytest.mark.parametrize("k,n", [(64, 64), (512, 1536), (512, 259), (1536, 512)])
 @pytest.mark.parametrize("rows", [8, 16, 64])
 def test_stacked_matmul_is_one_blas_call_per_item(k: int, n: int, rows: int) -> None:
@@ -77,7 +88,8 @@ def test_tile_sizes_are_proven_and_cached() -> None:
     rng = np.random.default_rng(3)
     w = rng.standard_normal((512, 259), dtype=np.float32)
     sizes = L.tile_sizes(w)
-    assert set(sizes) <= set(L.BIG_TILES) and list(sizes) == sorted(sizes, reverse=True)
+    assert sizes[-1] == L.TILE and set(sizes[:-1]) <= set(L.BIG_TILES)
+    assert list(sizes) == sorted(sizes, reverse=True)
     assert L.tile_sizes(w.copy()) is sizes  # one probe per shape and layout
     x = rng.standard_normal((L.BIG_TILES[0] * 2, 512), dtype=np.float32)
     want = original_linear(x, w)
@@ -85,7 +97,7 @@ def test_tile_sizes_are_proven_and_cached() -> None:
         got = np.matmul(x.reshape(-1, t, 512), w).reshape(want.shape)
         assert np.array_equal(got, want)
     # Neither contiguous layout: no probe, 8-row tiles only.
-    assert L.tile_sizes(np.ones((40, 30), np.float32)[::2, ::3]) == ()
+    assert L.tile_sizes(np.ones((40, 30), np.float32)[::2, ::3]) == (L.TILE,)
 
 
 @pytest.fixture(scope="module", params=["tiny", "small"])
