@@ -141,6 +141,20 @@ def tile_sizes(w: np.ndarray) -> tuple[int, ...]:
     return sizes
 
 
+def warm_tiles(w: ModelWeights) -> None:
+    """Run ``tile_sizes``'s probe for every weight shape of the model now (a few ms per shape)
+    rather than inside the first large request."""
+    mats = [w.lm_head]
+    for lw in w.layers:
+        mats += [lw.attn.wq, lw.attn.wk, lw.attn.wv, lw.attn.wo]
+        mats += [m for m in (lw.router,) if m is not None]
+        for f in [lw.dense, lw.shared, *lw.experts]:
+            if f is not None:
+                mats += [f.gate, f.up, f.down]
+    for m in mats:
+        tile_sizes(m)
+
+
 def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """``x @ w`` with the bits of ``linear_tile8`` (rule 1), in the largest row tiles proven equal.
 
