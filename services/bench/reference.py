@@ -12,6 +12,7 @@ These are the numbers the pod is compared with. Ratios measured in the same run:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -91,26 +92,40 @@ def _gemm_cost_ratio(engine: ReferenceEngine, m: int = 256, reps: int = 20) -> d
             "new_over_original_by_rows": by_rows}
 
 
+def _one_run(engine: ReferenceEngine, b: int, prompt_len: int, steps: int) -> tuple[float, float, list]:
+    seqs = _sequences(engine, b, prompt_len, steps)
+    t0 = time.perf_counter()
+    engine.prefill(seqs)
+    t_pre = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.decode_step(seqs)
+    return t_pre, time.perf_counter() - t0, [list(s.output) for s in seqs]
+
+
 def _throughput(engine: ReferenceEngine, batch_sizes: list[int], prompt_len: int, steps: int,
-                repeats: int) -> tuple[dict, dict, dict]:
-    """Prefill and decode tokens/s per batch size, and the generated tokens (to compare paths)."""
-    prefill, decode, tokens = {}, {}, {}
+                repeats: int, compare_original: bool) -> dict[str, tuple[dict, dict, dict]]:
+    """Prefill and decode tokens/s per batch size, and the generated tokens, for the new paths
+    and (if asked) the original ones; the two alternate run by run, so that load changes on the
+    machine hit both alike."""
+    paths = {"new": contextlib.nullcontext}
+    if compare_original:
+        paths["original"] = L.original_paths
+    res: dict[str, tuple[dict, dict, dict]] = {name: ({}, {}, {}) for name in paths}
     for b in batch_sizes:
-        pre_t, dec_t = [], []
+        times: dict[str, tuple[list, list]] = {name: ([], []) for name in paths}
         for _ in range(repeats):
-            seqs = _sequences(engine, b, prompt_len, steps)
-            t0 = time.perf_counter()
-            engine.prefill(seqs)
-            pre_t.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                engine.decode_step(seqs)
-            dec_t.append(time.perf_counter() - t0)
-        pm, dm = statistics.median(pre_t), statistics.median(dec_t)
-        prefill[str(b)] = {"tokens_per_s": b * prompt_len / pm, "median_s": pm}
-        decode[str(b)] = {"tokens_per_s": b * steps / dm, "step_ms": 1000 * dm / steps}
-        tokens[str(b)] = [list(s.output) for s in seqs]
-    return prefill, decode, tokens
+            for name, ctx in paths.items():
+                with ctx():
+                    t_pre, t_dec, out = _one_run(engine, b, prompt_len, steps)
+                times[name][0].append(t_pre)
+                times[name][1].append(t_dec)
+                res[name][2][str(b)] = out
+        for name, (pre_t, dec_t) in times.items():
+            pm, dm = statistics.median(pre_t), statistics.median(dec_t)
+            res[name][0][str(b)] = {"tokens_per_s": b * prompt_len / pm, "median_s": pm}
+            res[name][1][str(b)] = {"tokens_per_s": b * steps / dm, "step_ms": 1000 * dm / steps}
+    return res
 
 
 def measure(preset: str, batch_sizes: list[int], prompt_len: int, steps: int, repeats: int,
@@ -119,7 +134,8 @@ def measure(preset: str, batch_sizes: list[int], prompt_len: int, steps: int, re
     if prompt_len + steps + 1 > engine.cfg.max_position_embeddings:
         raise SystemExit(f"prompt-len + decode-steps exceeds the model's {engine.cfg.max_position_embeddings} positions")
     engine.prefill(_sequences(engine, 1, 8, 1))  # warm up allocations and code paths
-    prefill, decode, tokens = _throughput(engine, batch_sizes, prompt_len, steps, repeats)
+    runs = _throughput(engine, batch_sizes, prompt_len, steps, repeats, compare_original)
+    prefill, decode, tokens = runs["new"]
     lo, hi = str(min(batch_sizes)), str(max(batch_sizes))
     result = {
         "bench": "reference", "preset": preset, "prompt_len": prompt_len, "decode_steps": steps,
@@ -132,8 +148,7 @@ def measure(preset: str, batch_sizes: list[int], prompt_len: int, steps: int, re
     if compare_original:
         # The same engine on the original paths (8-row tiles, per-query prefill attention):
         # same tokens, so the ratios are the speed bought by the new paths alone.
-        with L.original_paths():
-            o_pre, o_dec, o_tokens = _throughput(engine, batch_sizes, prompt_len, steps, repeats)
+        o_pre, o_dec, o_tokens = runs["original"]
         result["original_paths"] = {"prefill": o_pre, "decode": o_dec, "same_tokens": o_tokens == tokens}
         for b in batch_sizes:
             result["ratios"][f"prefill_tps_new_over_original_b{b}"] = \
