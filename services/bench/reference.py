@@ -94,15 +94,16 @@ def _gemm_cost_ratio(engine: ReferenceEngine, m: int = 256, reps: int = 20) -> d
             "new_over_original_by_rows": by_rows}
 
 
-def _one_run(engine: ReferenceEngine, b: int, prompt_len: int, steps: int) -> tuple[float, float, list]:
+def _one_run(engine: ReferenceEngine, b: int, prompt_len: int, steps: int) -> tuple[list[float], list]:
+    """(prefill wall s, decode wall s, prefill CPU s, decode CPU s), generated tokens."""
     seqs = _sequences(engine, b, prompt_len, steps)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     engine.prefill(seqs)
-    t_pre = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         engine.decode_step(seqs)
-    return t_pre, time.perf_counter() - t0, [list(s.output) for s in seqs]
+    t2, c2 = time.perf_counter(), time.process_time()
+    return [t1 - t0, t2 - t1, c1 - c0, c2 - c1], [list(s.output) for s in seqs]
 
 
 def _throughput(engine: ReferenceEngine, batch_sizes: list[int], prompt_len: int, steps: int,
@@ -115,18 +116,18 @@ def _throughput(engine: ReferenceEngine, batch_sizes: list[int], prompt_len: int
         paths["original"] = L.original_paths
     res: dict[str, tuple[dict, dict, dict]] = {name: ({}, {}, {}) for name in paths}
     for b in batch_sizes:
-        times: dict[str, tuple[list, list]] = {name: ([], []) for name in paths}
+        times: dict[str, list[list[float]]] = {name: [] for name in paths}
         for _ in range(repeats):
             for name, ctx in paths.items():
                 with ctx():
-                    t_pre, t_dec, out = _one_run(engine, b, prompt_len, steps)
-                times[name][0].append(t_pre)
-                times[name][1].append(t_dec)
+                    t, out = _one_run(engine, b, prompt_len, steps)
+                times[name].append(t)
                 res[name][2][str(b)] = out
-        for name, (pre_t, dec_t) in times.items():
-            pm, dm = statistics.median(pre_t), statistics.median(dec_t)
-            res[name][0][str(b)] = {"tokens_per_s": b * prompt_len / pm, "median_s": pm}
-            res[name][1][str(b)] = {"tokens_per_s": b * steps / dm, "step_ms": 1000 * dm / steps}
+        for name, runs in times.items():
+            pm, dm, pc, dc = (statistics.median(col) for col in zip(*runs))
+            res[name][0][str(b)] = {"tokens_per_s": b * prompt_len / pm, "median_s": pm, "cpu_s": pc}
+            res[name][1][str(b)] = {"tokens_per_s": b * steps / dm, "step_ms": 1000 * dm / steps,
+                                    "cpu_step_ms": 1000 * dc / steps}
     return res
 
 
@@ -157,6 +158,11 @@ def measure(preset: str, batch_sizes: list[int], prompt_len: int, steps: int, re
                 prefill[str(b)]["tokens_per_s"] / o_pre[str(b)]["tokens_per_s"]
             result["ratios"][f"decode_tps_new_over_original_b{b}"] = \
                 decode[str(b)]["tokens_per_s"] / o_dec[str(b)]["tokens_per_s"]
+            # The same in CPU time (one BLAS thread): steadier when other work shares the cores.
+            result["ratios"][f"prefill_cpu_original_over_new_b{b}"] = \
+                o_pre[str(b)]["cpu_s"] / prefill[str(b)]["cpu_s"]
+            result["ratios"][f"decode_cpu_original_over_new_b{b}"] = \
+                o_dec[str(b)]["cpu_step_ms"] / decode[str(b)]["cpu_step_ms"]
     result["invariant_gemm"] = _gemm_cost_ratio(engine)
     return result
 
