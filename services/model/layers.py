@@ -55,7 +55,7 @@ pin_blas_threads()
 
 
 TILE = 8
-# Larger row tiles tried per weight shape (rule 1b); each is used only where it gives the same bits.
+# Larger row tiles tried per weight shape (rule 1); each is used only where it gives the same bits.
 BIG_TILES = (256, 128, 64, 32, 16)
 _PROBE_ROWS = max(BIG_TILES)
 _tiles_for: dict[tuple, tuple[int, ...]] = {}
@@ -65,7 +65,8 @@ _fast = True
 @contextmanager
 def original_paths() -> Iterator[None]:
     """Run with the original (slower, same-bits) paths inside: 8-row tiles only, per-query
-    prefill attention. For before/after benchmarks (services/bench/reference.py)."""
+    prefill attention. For before/after benchmarks (services/bench/reference.py); a module
+    switch, so not for concurrent use."""
     global _fast
     saved, _fast = _fast, False
     try:
@@ -173,7 +174,8 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """``x @ w`` with the bits of ``linear_tile8`` (rule 1), in the largest row tiles proven equal.
 
     Rows go greedily to the largest allowed tile (``tile_sizes``), then to 8-row tiles, the
-    last partial tile zero-padded: a row's bits depend neither on its position nor on the batch.
+    leftover zero-padded (to 8 rows, or 16): a row's bits depend neither on its position nor on
+    the batch. Up to 8 rows it is exactly one 8-row call, as before.
     """
     if not x.flags.c_contiguous:
         x = np.ascontiguousarray(x)
