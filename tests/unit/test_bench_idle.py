@@ -42,5 +42,5 @@ def test_summarise_takes_medians_excludes_the_floor_and_judges_the_goal():
     assert r["processes"] == 2 and r["total_cpu_pct_per_window"] == [3.5, 5.5, 11.0]
     assert r["total_cpu_pct_of_one_core"] == 5.5 and r["goal_met"] is False
     assert list(r["per_service"]) == ["y", "x"] and r["per_service"]["x"]["cpu_pct"] == 2.0
-    assert r["floor"]["cpu_pct_times_processes"] == 0.2 and r["total_over_floor"] == 25.0
+    assert r["floor"]["cpu_pct_times_processes"] == 0.2 and r["total_over_floor"] == 27.5
     assert summarise([w(1.0, 1.0, 0.0)], goal_pct=5.0)["goal_met"] is True
