@@ -102,3 +102,14 @@ def test_ticking_only_at_next_due_detects_exactly_when_fixed_ticks_would() -> No
     assert [(p, s) for _, p, s in got_lazy] == [(p, s) for _, p, s in got_fixed]
     assert all(abs(a[0] - b[0]) <= 0.0011 for a, b in zip(got_lazy, got_fixed))
     assert wakeups < 8000 / 100
+
+
+def test_next_slot_is_on_the_shared_grid_and_never_closer_than_half_an_interval() -> None:
+    from services.common.heartbeat import next_slot
+    assert next_slot(10.0, 0.2) == pytest.approx(10.2)          # on time: one interval
+    assert next_slot(10.05, 0.2) == pytest.approx(10.2)         # late: back onto the grid
+    assert next_slot(9.9995, 0.2) == pytest.approx(10.2)        # a timer that fired early: no double beat
+    assert next_slot(10.11, 0.2) == pytest.approx(10.4)         # late by over half: the slot after
+    for now in (0.0, 3.33, 7.19999, 123.456):
+        t = next_slot(now, 0.2)
+        assert 0.1 <= t - now <= 0.3 and abs(t / 0.2 - round(t / 0.2)) < 1e-6
