@@ -2,8 +2,10 @@
 
 Every pod process (the services and fabric simulator by the PIDs in the ready file, plus the
 `xds up` supervisor, their parent) is sampled from /proc before and after each window of
-``--seconds``: CPU time (utime + stime of the whole process, every thread) and wake-ups
-(voluntary + involuntary context switches summed over every thread in /proc/PID/task).
+``--seconds``: CPU time and wake-ups (voluntary + involuntary context switches), both summed
+over every thread in /proc/PID/task (CPU from schedstat's nanoseconds where the kernel has it,
+else utime + stime ticks). On this kind of VM every wake-up of a process costs ~100 µs of CPU
+(a bare uvloop timer included), so wake-ups are what to cut.
 The floor, measured over the same windows: one bare process sleeping in uvloop
 (``uvloop.run(asyncio.sleep(S))``), the least any asyncio service can cost.
 
@@ -35,8 +37,9 @@ _FLOOR_CODE = ("import asyncio, sys, uvloop\nprint('ready', flush=True)\n"
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """One process at one instant: CPU seconds (all threads, living and exited), context
-    switches (the living threads'), thread count and start time (to notice a PID reused)."""
+    """One process at one instant: CPU seconds and context switches of its living threads
+    (CPU from schedstat, in ns, else from stat's 10 ms ticks), thread count and start time
+    (to notice a PID reused)."""
 
     cpu_s: float
     switches: int
@@ -65,13 +68,17 @@ def sample(pid: int, hz: int = os.sysconf("SC_CLK_TCK")) -> Sample:
         ticks, threads, start, _ = parse_stat(Path(f"/proc/{pid}/stat").read_text())
     except FileNotFoundError:
         raise ProcessLookupError(pid) from None
-    switches = 0
+    switches, run_ns, have_ns = 0, 0, True
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             switches += parse_switches((task / "status").read_text())
+            if have_ns:
+                run_ns += int((task / "schedstat").read_text().split()[0])
         except (FileNotFoundError, ProcessLookupError):
             pass   # a thread that ended between listing and reading
-    return Sample(ticks / hz, switches, threads, start)
+        except (OSError, ValueError, IndexError):
+            have_ns = False   # no schedstat (kernel without it): the ticks will do
+    return Sample(run_ns / 1e9 if have_ns else ticks / hz, switches, threads, start)
 
 
 def window(before: dict[str, Sample], after: dict[str, Sample], seconds: float) -> dict[str, dict[str, float]]:
