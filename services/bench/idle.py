@@ -176,7 +176,11 @@ def run(args: argparse.Namespace) -> int:
     if args.seconds <= 0 or args.repeat < 1:
         print("bench idle: --seconds must be > 0 and --repeat >= 1", file=sys.stderr)
         return 2
-    ready = json.loads(Path(args.ready_file).read_text())
+    try:
+        ready = json.loads(Path(args.ready_file).read_text())
+    except (OSError, ValueError) as exc:
+        print(f"bench idle: cannot read the ready file (is `xds up --ready-file` running?): {exc}", file=sys.stderr)
+        return 2
     try:
         windows = measure(pod_pids(ready), args.seconds, args.repeat)
     except (ProcessLookupError, KeyError) as exc:
