@@ -198,13 +198,16 @@ class Endpoint(ABC):
 
     # ---------------------------------------------------------------- public API
     async def probe_path(self, dst_npu: int, *, timeout_s: float | None = None) -> None:
-        """Ask the fabric whether a transfer to ``dst_npu`` would go through now (a 0-byte
-        reservation, no data, no notification): raises ``LinkDown`` when it is refused."""
+        """Ask the fabric whether transfers to ``dst_npu`` *and back* would go through now
+        (0-byte reservations, no data, no notification): raises ``LinkDown`` when either way
+        is refused. Both ways, because a peer that answers needs the way back: a one-way
+        fault (its transmit port down) otherwise only shows as answers that never come."""
         self._check_open()
         fab = self._fabric
         if fab is None or fab.is_ideal:
             return
         await fab.reserve(dst_npu, 0, timeout_s=timeout_s)
+        await fab.reserve(fab.npu, 0, timeout_s=timeout_s, src_npu=dst_npu)
 
     async def send(self, peer: str, frames: Sequence[Any], *, timeout_s: float = 5.0) -> None:
         self._check_open()

@@ -260,8 +260,8 @@ class FabricClient:
         self._local = None
         self._stats["table_detaches"] += 1
 
-    def _reserve_local(self, model: FabricModel, dst_npu: int, nbytes: int, plane: str) -> float:
-        out = model.reserve(TransferRequest(self._npu, dst_npu, nbytes, plane), time.monotonic())
+    def _reserve_local(self, model: FabricModel, src_npu: int, dst_npu: int, nbytes: int, plane: str) -> float:
+        out = model.reserve(TransferRequest(src_npu, dst_npu, nbytes, plane), time.monotonic())
         s = self._stats
         s["local_reserves"] += 1
         if isinstance(out, Grant):
@@ -269,23 +269,28 @@ class FabricClient:
             return out.delay_s
         if isinstance(out, Refusal):
             s["refusals"] += 1
-            raise LinkDown(f"fabric refused transfer from npu{self._npu}: {out.reason}", link=out.link)
+            raise LinkDown(f"fabric refused transfer from npu{src_npu}: {out.reason}", link=out.link)
         s["failures"] += 1
         kind = PeerUnreachable if "npu" in out.reason else FabricRequestError
         raise kind(f"fabric simulator rejected the request: {out.reason}")
 
     # ---- API ----------------------------------------------------------------------------
-    async def reserve(self, dst_npu: int, nbytes: int, *, plane: str = "ub", timeout_s: float | None = None) -> float:
+    async def reserve(self, dst_npu: int, nbytes: int, *, plane: str = "ub", timeout_s: float | None = None,
+                      src_npu: int | None = None) -> float:
         """Wall seconds after this reply until the transfer is complete at ``dst_npu``.
 
         0.0 when the simulator is unreachable (the transfer is unmodelled, and counted); a
-        link fault it reports raises ``LinkDown``. ``timeout_s`` overrides ``deadline_s``."""
+        link fault it reports raises ``LinkDown``. ``timeout_s`` overrides ``deadline_s``.
+        ``src_npu`` (default: this client's NPU) asks about another sender's path: a path
+        probe of the way back (0 bytes)."""
+        src = self._npu if src_npu is None else src_npu
         if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
             raise ValueError(f"nbytes must be an integer >= 0, got {nbytes!r}")
         if plane not in PLANES:
             raise ValueError(f"unknown plane {plane!r} (known: {', '.join(PLANES)})")
-        if isinstance(dst_npu, bool) or not isinstance(dst_npu, int) or dst_npu < 0:
-            raise ValueError(f"dst_npu must be an integer >= 0, got {dst_npu!r}")
+        for what, v in (("dst_npu", dst_npu), ("src_npu", src)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{what} must be an integer >= 0, got {v!r}")
         if self._closed:
             raise EndpointClosed(f"fabric client {self.name} is closed")
         self._stats["reserves"] += 1
@@ -295,7 +300,7 @@ class FabricClient:
         local = self._local
         if local is not None:
             if local.table.is_open:
-                return self._reserve_local(local, dst_npu, nbytes, plane)
+                return self._reserve_local(local, src, dst_npu, nbytes, plane)
             log.info("fabric_client.table_closed", name=self.name, npu=self._npu,
                      note="the simulator stopped: asking it over the network until it is back")
             self._detach()
@@ -303,7 +308,7 @@ class FabricClient:
             self._notify()
             return 0.0
         rid = next(self._ids)
-        delay = await self._request(rid, Reserve(rid, self._npu, dst_npu, nbytes, plane),
+        delay = await self._request(rid, Reserve(rid, src, dst_npu, nbytes, plane),
                                     self.deadline_s if timeout_s is None else timeout_s, degrade=True)
         return 0.0 if delay is None else delay
 

@@ -168,6 +168,36 @@ async def test_a_link_down_then_latency_and_a_bandwidth_cut_change_timing_never_
         await streams.check(reference, time.monotonic())
 
 
+async def test_a_one_way_fault_costs_each_rank_one_answer_timeout_not_one_per_step(pod, reference) -> None:
+    """expert-3's transmit port down: blocks reach it, its answers cannot come back. Each rank
+    waits out one answer timeout, finds the way back refused by a two-way path probe, and cuts
+    the pair; the steps after that do not wait for expert-3 again."""
+    e3 = npu(pod, "expert-3")
+    ranks = [f"attention-{g}-0" for g in range(2)]
+    async with InferenceClient(pod.routers, timeout_s=120) as client, Loads(pod) as loads, Fabric(pod) as fab:
+        streams = Streams(client, "oneway")
+        await streams.all_have(4)
+        fault_at = time.monotonic()
+        await fab.stub.SetLinkState(pb.SetLinkStateRequest(link=f"npu{e3}.tx", up=False))
+        assert (await fab.faults())[1] == [(f"npu{e3}.tx", False, 0.0, 1.0)]
+        await until_beat(loads, lambda: all(int(load(loads, r).get("experts_cut_mask", 0)) & (1 << 3)
+                                            for r in ranks), 30)
+        await streams.check(reference, fault_at)
+        failures = {r: (await loads.fresh(r))["expert_failures"] for r in ranks}
+        steps = {r: load(loads, r)["steps"] for r in ranks}
+        during = Streams(client, "oneway-during")
+        await during.check(reference, time.monotonic())
+        for r in ranks:
+            now = await loads.fresh(r)
+            assert int(now["experts_cut_mask"]) & (1 << 3), (r, now)
+            assert now["expert_failures"] == failures[r], f"{r} waited for expert-3's answers again"
+        after = [(await loads.fresh(r))["steps"] - steps[r] for r in ranks]
+        assert sum(after) > 0, "no step ran while the pair was cut"
+        await fab.stub.SetLinkState(pb.SetLinkStateRequest(link=f"npu{e3}.tx", up=True))
+        assert (await fab.faults())[1] == []
+        await until_beat(loads, lambda: all(load(loads, r)["experts_cut_mask"] == 0 for r in ranks), 10)
+
+
 async def test_a_straggler_expert_is_read_back_and_ranks_prefer_its_replica(pod, reference) -> None:
     ex = "expert-1"
     async with InferenceClient(pod.routers, timeout_s=120) as client, Loads(pod) as loads:
