@@ -11,6 +11,11 @@ Invariants:
   the ring instead of losing data;
 - with a non-ideal fabric, bytes become visible to the receiver no earlier than the
   delay the fabric reserved (``fabric.wait_until`` never returns early).
+
+Receiving into the caller's buffer (``recv_into`` / ``post_recv``, see ``PostedRecv``): while
+a receive from peer P is posted, P's next message goes into that buffer -- on shm the ring
+chunks are gathered straight into it (one copy, no allocation); a message of P that was
+already (being) received into a fresh buffer before the post is copied into it once.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from services.common.config import ConfigError
-from xccl_net.errors import EndpointClosed, PeerUnreachable, WindowError, XcclError, XcclTimeout
-from xccl_net.p2p_core import KIND_DATA, as_byte_views, frame_prefix
+from xccl_net.errors import BufferTooSmall, EndpointClosed, PeerUnreachable, WindowError, XcclError, XcclTimeout
+from xccl_net.p2p_core import KIND_DATA, as_byte_views, frame_prefix, pack_into, split_message
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,48}$")
 MAX_WINDOWS = 16
@@ -89,9 +94,115 @@ class Notification(NamedTuple):
     notify: bytes
 
 
+class Received(NamedTuple):
+    """What ``recv_into`` returns: ``frames`` are views into the caller's buffer, which holds
+    the message as on the wire (frame table, then the frames) in its first ``nbytes`` bytes."""
+
+    src: str
+    frames: list[memoryview]
+    nbytes: int
+
+
 def _resolve(fut: asyncio.Future[bool], value: bool) -> None:
     if not fut.done():
         fut.set_result(value)
+
+
+class PostedRecv:
+    """One receive from ``peer`` into a caller buffer (``Endpoint.post_recv``).
+
+    | state    | event                                                  | next                 |
+    |----------|--------------------------------------------------------|----------------------|
+    | posted   | P's next message starts and fits: chunks go to buffer  | filling              |
+    | posted   | P's message completed in a fresh buffer / in the inbox | done (copied once)   |
+    | posted   | that message is larger than the buffer                 | failed BufferTooSmall, message kept for the next recv |
+    | filling  | last chunk copied                                      | done (direct)        |
+    | posted, filling | protocol error of P, endpoint closed            | failed               |
+    | filling  | P died or restarted mid-message (shm)                  | failed PeerUnreachable |
+    | not collected | ``wait`` times out / is cancelled, ``cancel()``   | released: a partial message moves to a fresh buffer and continues there; a done one is copied back to the front of the inbox |
+
+    After ``wait`` returned or raised, nothing more is written into the buffer.
+    """
+
+    def __init__(self, ep: Endpoint, peer: str, buffer: np.ndarray) -> None:
+        self.peer = peer
+        self.buffer = buffer
+        self.state = "posted"
+        self.result: Received | None = None
+        self.error: XcclError | None = None
+        self.holder: Any = None          # reassembler gathering into ``target`` (state filling)
+        self.holder_tag: Any = None      # transport detail: which writer incarnation
+        self.target: np.ndarray | None = None
+        self._ep = ep
+        self._done = ep._loop.create_future()
+        self._waiting = False
+        self._collected = False
+
+    def _finish(self, result: Received | None, error: XcclError | None) -> None:
+        if self.state in ("done", "failed", "released"):
+            return
+        if self._ep._posts.get(self.peer) is self:
+            del self._ep._posts[self.peer]
+        if error is not None:
+            self._unhold()
+        self.result, self.error = result, error
+        self.state = "done" if error is None else "failed"
+        _resolve(self._done, True)
+
+    def _unhold(self) -> None:
+        if self.holder is not None and self.target is not None:
+            self.holder.release(self.target)
+
+    def cancel(self) -> None:
+        """Take the buffer back now: nothing is written into it afterwards and no message is
+        lost (a partial one is finished in a fresh buffer, a delivered one is requeued)."""
+        if self._collected or self.state in ("failed", "released"):
+            return
+        ep = self._ep
+        if ep._posts.get(self.peer) is self:
+            del ep._posts[self.peer]
+        self._unhold()
+        if self.state == "done" and self.result is not None:
+            copy = np.array(self.buffer[:self.result.nbytes])  # still ours: copy before giving it back
+            ep._inbox.appendleft((self.peer, split_message(copy), None))
+            ep._wake(ep._recv_waiters)
+        self.state = "released"
+        _resolve(self._done, True)
+
+    async def wait(self, *, timeout_s: float = 5.0) -> Received:
+        """The message, in the buffer; ``XcclTimeout`` after ``timeout_s`` (buffer released)."""
+        if self._waiting or self._collected:
+            raise XcclError(f"receive from {self.peer} is already being waited for")
+        self._waiting = True
+        ep = self._ep
+        deadline = ep._loop.time() + timeout_s
+        ok = False
+        try:
+            while self.state in ("posted", "filling"):
+                remaining = deadline - ep._loop.time()
+                if remaining <= 0:
+                    raise XcclTimeout(f"{ep.name}: nothing received into the buffer from {self.peer} "
+                                      f"in {timeout_s} s")
+                try:
+                    async with asyncio.timeout(min(remaining, ep.cfg.poll_s)):
+                        await asyncio.shield(self._done)
+                except TimeoutError:
+                    ep._check_open()
+                    ep._poll()
+                    if self.state == "filling":
+                        err = ep._writer_error(self)
+                        if err is not None:
+                            self._finish(None, err)
+            if self.error is not None:
+                raise self.error
+            if self.state != "done" or self.result is None:
+                raise XcclError(f"receive from {self.peer} into the buffer was cancelled")
+            ok = self._collected = True
+            return self.result
+        finally:
+            self._waiting = False
+            if not ok:
+                self.cancel()
 
 
 class Endpoint(ABC):
@@ -109,10 +220,12 @@ class Endpoint(ABC):
         self._notes: deque[Notification] = deque()
         self._recv_waiters: list[asyncio.Future[bool]] = []
         self._note_waiters: list[asyncio.Future[bool]] = []
+        self._posts: dict[str, PostedRecv] = {}
         self.stats: dict[str, int] = dict.fromkeys((
             "bytes_sent", "bytes_received", "sends", "recvs", "puts", "gets", "put_bytes", "get_bytes",
             "notifies_received", "ring_waits", "doorbells_rung", "doorbells_received",
-            "duplicates_discarded", "protocol_errors", "inbox_peak"), 0)
+            "duplicates_discarded", "protocol_errors", "inbox_peak", "recvs_into_direct",
+            "recvs_into_copied", "recvs_into_too_small"), 0)
 
     # ---------------------------------------------------------------- subclass hooks
     @abstractmethod
@@ -139,12 +252,47 @@ class Endpoint(ABC):
     def _on_inbox_space(self) -> None:
         """The application consumed from a full inbox: resume copying out of the rings."""
 
+    def _writer_error(self, post: PostedRecv) -> XcclError | None:
+        """A message is being gathered into ``post``'s buffer: is its writer gone? (None: no)"""
+        return None
+
+    # ---------------------------------------------------------------- posted receives (used by subclasses)
+    def _take_post(self, src: str, total: int, holder: Any, tag: Any = None) -> np.ndarray | None:
+        """A ``Reassembler`` claim: the posted buffer of ``src`` for a message of ``total`` bytes
+        starting now, or None (no post, or too small: the message goes to a fresh buffer and
+        the post fails with BufferTooSmall when it completes)."""
+        post = self._posts.get(src)
+        if post is None or total > post.buffer.nbytes:
+            return None
+        if post.state == "filling" and post.holder is not holder:
+            return None
+        # posted, or filling by the same reassembler whose partial message the sender abandoned
+        post.state, post.holder, post.holder_tag = "filling", holder, tag
+        post.target = post.buffer[:total]
+        return post.target
+
+    def _abandon(self, holder: Any, why: XcclError) -> None:
+        """``holder`` (a reassembler) is discarded: a post it was filling fails with ``why``."""
+        for post in list(self._posts.values()):
+            if post.holder is holder and post.state == "filling":
+                post._finish(None, why)
+
     # ---------------------------------------------------------------- inbox (used by subclasses)
     def _inbox_has_room(self, kind: int = KIND_DATA) -> bool:
         q = self._inbox if kind == KIND_DATA else self._notes
         return len(q) < self.cfg.inbox_max
 
-    def _deliver(self, src: str, frames: list[memoryview], nbytes: int) -> None:
+    def _deliver(self, src: str, frames: list[memoryview], nbytes: int, into: bool = False) -> None:
+        post = self._posts.get(src)
+        if into:  # gathered straight into the posted buffer
+            assert post is not None and post.state == "filling"
+            self.stats["bytes_received"] += nbytes
+            self.stats["recvs_into_direct"] += 1
+            post._finish(Received(src, frames, nbytes), None)
+            return
+        if post is not None and post.state == "posted" and self._fill(post, src, frames):
+            self.stats["bytes_received"] += nbytes
+            return
         self._inbox.append((src, frames, None))
         self.stats["bytes_received"] += nbytes
         self.stats["inbox_peak"] = max(self.stats["inbox_peak"], len(self._inbox))
@@ -154,6 +302,10 @@ class Endpoint(ABC):
         # Errors bypass the bound: there is at most one per violating chunk already consumed.
         exc.peer = src  # type: ignore[attr-defined]
         self.stats["protocol_errors"] += 1
+        post = self._posts.get(src)
+        if post is not None:  # the error is about the message the post waits for
+            post._finish(None, exc)
+            return
         self._inbox.append((src, None, exc))
         self._wake(self._recv_waiters)
 
@@ -238,6 +390,59 @@ class Endpoint(ABC):
             if not woken:
                 self._poll()
 
+    def _fill(self, post: PostedRecv, src: str, frames: list[memoryview]) -> bool:
+        """Copy a message received in a fresh buffer into ``post`` (once); False when it does
+        not fit: the post fails with BufferTooSmall and the message stays for the next recv."""
+        try:
+            views, used = pack_into(post.buffer, frames)
+        except BufferTooSmall as exc:
+            self.stats["recvs_into_too_small"] += 1
+            post._finish(None, BufferTooSmall(exc.needed, exc.have, src))
+            return False
+        self.stats["recvs_into_copied"] += 1
+        post._finish(Received(src, views, used), None)
+        return True
+
+    def post_recv(self, peer: str, buffer: Any) -> PostedRecv:
+        """Post ``buffer`` (writable, C-contiguous) for the next message from ``peer``; collect
+        it with ``await posted.wait(timeout_s=...)``. Posting before the peer sends is what
+        makes the receive direct (ring -> buffer). One post per peer at a time."""
+        self._check_open()
+        mv = memoryview(buffer)
+        if mv.readonly or not mv.c_contiguous:
+            raise WindowError("recv_into needs a writable C-contiguous buffer")
+        arr = np.frombuffer(mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv, dtype=np.uint8)
+        if peer in self._posts:
+            raise WindowError(f"{self.name}: a receive from {peer} is already posted")
+        post = PostedRecv(self, peer, arr)
+        for i, (src, frames, err) in enumerate(self._inbox):
+            if src != peer:
+                continue
+            # P's oldest waiting message is the next one: copy it now (once) or leave it.
+            if err is not None or self._fill_ok(post, src, frames):  # type: ignore[arg-type]
+                was_full = len(self._inbox) >= self.cfg.inbox_max
+                del self._inbox[i]
+                if was_full:
+                    self._on_inbox_space()
+                if err is not None:
+                    post._finish(None, err)
+            return post
+        self._posts[peer] = post
+        return post
+
+    def _fill_ok(self, post: PostedRecv, src: str, frames: list[memoryview]) -> bool:
+        self._posts[src] = post  # _finish unregisters it
+        return self._fill(post, src, frames)
+
+    async def recv_into(self, peer: str, buffer: Any, *, timeout_s: float = 5.0) -> Received:
+        """Receive the next message from ``peer`` into ``buffer`` (see ``PostedRecv``):
+        ``BufferTooSmall`` names both sizes and keeps the message for the next recv;
+        ``XcclTimeout`` releases the buffer (a later message is never written into it)."""
+        post = self.post_recv(peer, buffer)
+        msg = await post.wait(timeout_s=timeout_s)
+        self.stats["recvs"] += 1
+        return msg
+
     async def recv_notify(self, *, timeout_s: float = 5.0) -> Notification:
         self._check_open()
         deadline = self._loop.time() + timeout_s
@@ -279,6 +484,8 @@ class Endpoint(ABC):
         if self._closed:
             return
         self._closed = True
+        for post in list(self._posts.values()):
+            post._finish(None, EndpointClosed(f"endpoint {self.name} is closed"))
         self._wake(self._recv_waiters)
         self._wake(self._note_waiters)
         await self._close()
@@ -338,4 +545,5 @@ async def open_endpoint(cfg: EndpointConfig, fabric: Any = None, hub: Any = None
     return ep
 
 
-__all__ = ["Endpoint", "EndpointConfig", "Notification", "open_endpoint", "PeerUnreachable", "window_slice"]
+__all__ = ["Endpoint", "EndpointConfig", "Notification", "PostedRecv", "Received", "open_endpoint",
+           "PeerUnreachable", "window_slice"]

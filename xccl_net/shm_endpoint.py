@@ -3,7 +3,8 @@
 send: the sender copies the payload into the ring that lives in the RECEIVER's segment
 (one memcpy per chunk), publishes the tail, rings the receiver's doorbell; the receiver
 checks each slot (p2p_core.Reassembler), copies ring -> a fresh buffer handed to the
-application, and acknowledges by writing head / acked event (or a NACK) into the SENDER's
+application (or, when the application posted a buffer for that peer with ``recv_into`` /
+``post_recv``, straight into that buffer: one copy, no allocation), and acknowledges by writing head / acked event (or a NACK) into the SENDER's
 segment, then rings the sender. put/get are plain memcpys into/out of the peer's window.
 
 Wake-ups are the cost (MEASUREMENTS.md), so doorbells are coalesced: a ringer sets the
@@ -271,7 +272,10 @@ class ShmEndpoint(Endpoint):
             return
         st = self._inbound.get(idx)
         if st is None or st.writer_inc != inc:
-            st = _Inbound(entry_name(buf, geo, idx), inc, Reassembler(geo.slot_bytes, self.cfg.max_message_bytes))
+            if st is not None:
+                self._abandon(st.reasm, PeerUnreachable(
+                    f"{self.name}: {st.name} restarted in the middle of a message to a posted buffer"))
+            st = self._new_inbound(entry_name(buf, geo, idx), inc)
             self._inbound[idx] = st
             pretouch(self._seg.mm, geo.ring_off(idx), geo.ring_bytes, write=False)
         tail_word = geo.entry_word(idx, P_TAIL)
@@ -315,12 +319,33 @@ class ShmEndpoint(Endpoint):
         if st.head != start or nack is not None:
             self._acknowledge(st, nack)
 
+    def _new_inbound(self, name: str, writer_inc: int) -> _Inbound:
+        reasm = Reassembler(self._geo.slot_bytes, self.cfg.max_message_bytes,
+                            claim=lambda total: self._take_post(name, total, reasm, writer_inc))
+        return _Inbound(name, writer_inc, reasm)
+
+    def _writer_error(self, post: object) -> XcclError | None:
+        """The writer of a message half-gathered into a posted buffer died or restarted?"""
+        peer, inc = post.peer, post.holder_tag  # type: ignore[attr-defined]
+        link = self._links.get(peer)
+        try:
+            if link is None:
+                link = self._link(peer)
+            else:
+                self._check_link(link)
+        except PeerUnreachable as exc:
+            return PeerUnreachable(f"{self.name}: {peer} died in the middle of a message to a posted "
+                                   f"buffer ({exc})")
+        if link.incarnation != inc:
+            return PeerUnreachable(f"{self.name}: {peer} restarted in the middle of a message to a posted buffer")
+        return None
+
     def _apply(self, src: str, eff: object) -> tuple[int, int] | None:
         """Carry out one reassembler effect; returns (event, nack code) for a violation."""
         if isinstance(eff, Delivered):
             try:
                 if eff.kind == KIND_DATA:
-                    self._deliver(src, split_message(eff.data), memoryview(eff.data).nbytes)
+                    self._deliver(src, split_message(eff.data), memoryview(eff.data).nbytes, eff.into)
                 else:
                     win, off, nbytes, note = msgpack.unpackb(eff.data)
                     self._deliver_notify(Notification(src, str(win), int(off), int(nbytes), bytes(note)))
