@@ -134,7 +134,7 @@ class PostedRecv:
         self.holder_tag: Any = None      # transport detail: which writer incarnation
         self.target: np.ndarray | None = None
         self._ep = ep
-        self._done = ep._loop.create_future()
+        self._waiters: list[asyncio.Future[bool]] = []
         self._waiting = False
         self._collected = False
 
@@ -147,7 +147,7 @@ class PostedRecv:
             self._unhold()
         self.result, self.error = result, error
         self.state = "done" if error is None else "failed"
-        _resolve(self._done, True)
+        self._ep._wake(self._waiters)
 
     def _unhold(self) -> None:
         if self.holder is not None and self.target is not None:
@@ -167,7 +167,7 @@ class PostedRecv:
             ep._inbox.appendleft((self.peer, split_message(copy), None))
             ep._wake(ep._recv_waiters)
         self.state = "released"
-        _resolve(self._done, True)
+        ep._wake(self._waiters)
 
     async def wait(self, *, timeout_s: float = 5.0) -> Received:
         """The message, in the buffer; ``XcclTimeout`` after ``timeout_s`` (buffer released)."""
@@ -183,10 +183,7 @@ class PostedRecv:
                 if remaining <= 0:
                     raise XcclTimeout(f"{ep.name}: nothing received into the buffer from {self.peer} "
                                       f"in {timeout_s} s")
-                try:
-                    async with asyncio.timeout(min(remaining, ep.cfg.poll_s)):
-                        await asyncio.shield(self._done)
-                except TimeoutError:
+                if not await ep._park(self._waiters, min(remaining, ep.cfg.poll_s)):
                     ep._check_open()
                     ep._poll()
                     if self.state == "filling":
@@ -251,6 +248,10 @@ class Endpoint(ABC):
 
     def _on_inbox_space(self) -> None:
         """The application consumed from a full inbox: resume copying out of the rings."""
+
+    def _on_post(self, post: PostedRecv) -> None:
+        """A receive was posted and nothing of its peer waits in the inbox: a message of that
+        peer already being gathered into a fresh buffer may move into it (``adopt``)."""
 
     def _writer_error(self, post: PostedRecv) -> XcclError | None:
         """A message is being gathered into ``post``'s buffer: is its writer gone? (None: no)"""
@@ -428,6 +429,7 @@ class Endpoint(ABC):
                     post._finish(None, err)
             return post
         self._posts[peer] = post
+        self._on_post(post)
         return post
 
     def _fill_ok(self, post: PostedRecv, src: str, frames: list[memoryview]) -> bool:

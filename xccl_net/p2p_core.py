@@ -163,6 +163,8 @@ class Reassembler:
     buffer is allocated, as without ``claim``). ``release(target)`` hands a claimed buffer
     back mid-message: the part already received moves to a fresh buffer and the rest of the
     message goes there, so nothing is written into the buffer afterwards and nothing is lost.
+    ``adopt()`` is the converse: a message already in progress in a fresh buffer moves into a
+    buffer posted late (the received part is copied once) and continues there.
     """
 
     def __init__(self, chunk_bytes: int, max_message_bytes: int, claim: Claim | None = None) -> None:
@@ -178,6 +180,21 @@ class Reassembler:
     def holds(self, target: np.ndarray) -> bool:
         """Is a message in progress being gathered into ``target``?"""
         return self._into and self._buf is target
+
+    def adopt(self) -> bool:
+        """A buffer was posted while a data message is being gathered into a fresh one: ask
+        ``claim`` for it, move the part received so far there (the one copy of those bytes)
+        and gather the rest straight into it. False: nothing in progress, or no buffer."""
+        cur = self._cur
+        if cur is None or self._into or self._buf is None or cur.kind != KIND_DATA:
+            return False
+        target = self._target(cur)
+        if target is None:
+            return False
+        done = min(self._next_chunk * self.chunk_bytes, cur.total_bytes)
+        target[:done] = self._buf[:done]
+        self._buf, self._into = target, True
+        return True
 
     def release(self, target: np.ndarray) -> bool:
         """Stop writing into ``target``: a partial message in it moves to a fresh buffer."""

@@ -324,6 +324,11 @@ class ShmEndpoint(Endpoint):
                             claim=lambda total: self._take_post(name, total, reasm, writer_inc))
         return _Inbound(name, writer_inc, reasm)
 
+    def _on_post(self, post: object) -> None:
+        for st in self._inbound.values():
+            if st.name == post.peer and st.reasm.adopt():  # type: ignore[attr-defined]
+                return
+
     def _writer_error(self, post: object) -> XcclError | None:
         """The writer of a message half-gathered into a posted buffer died or restarted?"""
         peer, inc = post.peer, post.holder_tag  # type: ignore[attr-defined]
