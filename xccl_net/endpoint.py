@@ -114,14 +114,19 @@ class PostedRecv:
     | state    | event                                                  | next                 |
     |----------|--------------------------------------------------------|----------------------|
     | posted   | P's next message starts and fits: chunks go to buffer  | filling              |
+    | posted   | (shm, buffer in a window) P wrote it into the buffer   | done (zero copies here) |
     | posted   | P's message completed in a fresh buffer / in the inbox | done (copied once)   |
     | posted   | that message is larger than the buffer                 | failed BufferTooSmall, message kept for the next recv |
     | filling  | last chunk copied                                      | done (direct)        |
     | posted, filling | protocol error of P, endpoint closed            | failed               |
     | filling  | P died or restarted mid-message (shm)                  | failed PeerUnreachable |
+    | posted   | ``wait`` times out, but P is writing into the buffer   | incoming: wait on (at most ``timeout_s`` more) for P to finish |
     | not collected | ``wait`` times out / is cancelled, ``cancel()``   | released: a partial message moves to a fresh buffer and continues there; a done one is copied back to the front of the inbox |
 
-    After ``wait`` returned or raised, nothing more is written into the buffer.
+    After ``wait`` returned or raised, nothing more is written into the buffer. Exception: a
+    buffer in a registered window that P already started writing when ``cancel()`` (or a task
+    cancellation) released it receives the rest of that one message (a copy's time; windows are
+    remotely writable memory anyway), which then goes back to the inbox as a copy.
     """
 
     def __init__(self, ep: Endpoint, peer: str, buffer: np.ndarray) -> None:
@@ -133,6 +138,9 @@ class PostedRecv:
         self.holder: Any = None          # reassembler gathering into ``target`` (state filling)
         self.holder_tag: Any = None      # transport detail: which writer incarnation
         self.target: np.ndarray | None = None
+        self.published: Any = None       # transport detail: the buffer was offered to P (shm windows)
+        self.direct_seq = 0
+        self.taken_at = 0
         self._ep = ep
         self._waiters: list[asyncio.Future[bool]] = []
         self._waiting = False
@@ -143,6 +151,8 @@ class PostedRecv:
             return
         if self._ep._posts.get(self.peer) is self:
             del self._ep._posts[self.peer]
+        if self._ep._withdraw(self) and error is not None:
+            self._ep._draining[self.direct_seq] = self  # P is writing it: a copy goes to the inbox
         if error is not None:
             self._unhold()
         self.result, self.error = result, error
@@ -162,6 +172,8 @@ class PostedRecv:
         if ep._posts.get(self.peer) is self:
             del ep._posts[self.peer]
         self._unhold()
+        if ep._withdraw(self) or self.state == "incoming":
+            ep._draining[self.direct_seq] = self  # P is writing it: requeue a copy when it is complete
         if self.state == "done" and self.result is not None:
             copy = np.array(self.buffer[:self.result.nbytes])  # still ours: copy before giving it back
             ep._inbox.appendleft((self.peer, split_message(copy), None))
@@ -178,15 +190,23 @@ class PostedRecv:
         deadline = ep._loop.time() + timeout_s
         ok = False
         try:
-            while self.state in ("posted", "filling"):
+            while self.state in ("posted", "filling", "incoming"):
                 remaining = deadline - ep._loop.time()
+                if remaining <= 0 and self.state == "posted" and ep._withdraw(self):
+                    # P took the buffer and is writing into it right now: it is not ours to give
+                    # back before P finishes (or dies).
+                    self.state = "incoming"
+                    deadline += timeout_s
+                    continue
                 if remaining <= 0:
                     raise XcclTimeout(f"{ep.name}: nothing received into the buffer from {self.peer} "
                                       f"in {timeout_s} s")
                 if not await ep._park(self._waiters, min(remaining, ep.cfg.poll_s)):
                     ep._check_open()
                     ep._poll()
-                    if self.state == "filling":
+                    if self.state == "incoming" and not ep._taken(self):
+                        self.state = "posted"  # P saw the withdrawal in time and wrote nothing
+                    if self.state in ("filling", "incoming"):
                         err = ep._writer_error(self)
                         if err is not None:
                             self._finish(None, err)
@@ -218,11 +238,12 @@ class Endpoint(ABC):
         self._recv_waiters: list[asyncio.Future[bool]] = []
         self._note_waiters: list[asyncio.Future[bool]] = []
         self._posts: dict[str, PostedRecv] = {}
+        self._draining: dict[int, PostedRecv] = {}  # released posts a peer is still writing into
         self.stats: dict[str, int] = dict.fromkeys((
             "bytes_sent", "bytes_received", "sends", "recvs", "puts", "gets", "put_bytes", "get_bytes",
             "notifies_received", "ring_waits", "doorbells_rung", "doorbells_received",
             "duplicates_discarded", "protocol_errors", "inbox_peak", "recvs_into_direct",
-            "recvs_into_copied", "recvs_into_too_small"), 0)
+            "recvs_into_copied", "recvs_into_too_small", "recvs_into_sender_wrote"), 0)
 
     # ---------------------------------------------------------------- subclass hooks
     @abstractmethod
@@ -253,6 +274,15 @@ class Endpoint(ABC):
         """A receive was posted and nothing of its peer waits in the inbox: a message of that
         peer already being gathered into a fresh buffer may move into it (``adopt``)."""
 
+    def _withdraw(self, post: PostedRecv) -> bool:
+        """Stop offering ``post``'s buffer to its peer; True when the peer already took it (it
+        is writing a message into it). Transports without direct writes: always False."""
+        return False
+
+    def _taken(self, post: PostedRecv) -> bool:
+        """Does the peer (still) claim ``post``'s withdrawn buffer?"""
+        return False
+
     def _writer_error(self, post: PostedRecv) -> XcclError | None:
         """A message is being gathered into ``post``'s buffer: is its writer gone? (None: no)"""
         return None
@@ -263,9 +293,12 @@ class Endpoint(ABC):
         starting now, or None (no post, or too small: the message goes to a fresh buffer and
         the post fails with BufferTooSmall when it completes)."""
         post = self._posts.get(src)
-        if post is None or total > post.buffer.nbytes:
+        if post is None or total > post.buffer.nbytes or post.state == "incoming":
             return None
         if post.state == "filling" and post.holder is not holder:
+            return None
+        if post.state == "posted" and self._withdraw(post):
+            post.state = "incoming"  # cannot happen (a writer only takes it with nothing unacked)
             return None
         # posted, or filling by the same reassembler whose partial message the sender abandoned
         post.state, post.holder, post.holder_tag = "filling", holder, tag
@@ -283,12 +316,13 @@ class Endpoint(ABC):
         q = self._inbox if kind == KIND_DATA else self._notes
         return len(q) < self.cfg.inbox_max
 
-    def _deliver(self, src: str, frames: list[memoryview], nbytes: int, into: bool = False) -> None:
+    def _deliver(self, src: str, frames: list[memoryview], nbytes: int, into: bool = False,
+                 how: str = "direct") -> None:
         post = self._posts.get(src)
-        if into:  # gathered straight into the posted buffer
+        if into:  # gathered straight into the posted buffer ("direct"), or written there by src
             assert post is not None and post.state == "filling"
             self.stats["bytes_received"] += nbytes
-            self.stats["recvs_into_direct"] += 1
+            self.stats[f"recvs_into_{how}"] += 1
             post._finish(Received(src, frames, nbytes), None)
             return
         if post is not None and post.state == "posted" and self._fill(post, src, frames):
@@ -390,6 +424,18 @@ class Endpoint(ABC):
             self._check_open()
             if not woken:
                 self._poll()
+
+    def _direct_post(self, src: str, seq: int) -> tuple[PostedRecv, bool] | None:
+        """The post ``src`` wrote a message into (published as ``seq``), and whether it was
+        released meanwhile (then the message is copied out to the inbox)."""
+        post = self._posts.get(src)
+        if post is not None and seq and post.direct_seq == seq and post.state in ("posted", "incoming"):
+            return post, False
+        post = self._draining.get(seq) if seq else None
+        if post is not None and post.peer == src:
+            del self._draining[seq]
+            return post, True
+        return None
 
     def _fill(self, post: PostedRecv, src: str, frames: list[memoryview]) -> bool:
         """Copy a message received in a fresh buffer into ``post`` (once); False when it does

@@ -32,12 +32,17 @@ KIND_NOTIFY = 1
 KINDS = (KIND_DATA, KIND_NOTIFY)
 
 FLAG_RESET = 1
+# The message itself was written straight into the receiver's posted buffer; the ring carries
+# only ``direct_record(post_seq, nbytes)``.
+FLAG_DIRECT = 2
 
 NACK_NONE = 0
 NACK_CODES: dict[type[ProtocolError], int] = {EventIdMismatch: 1, ChunkOrderError: 2, CorruptMetadata: 3}
 NACK_ERRORS: dict[int, type[ProtocolError]] = {v: k for k, v in NACK_CODES.items()}
 
 _COUNT = struct.Struct("<I")
+_DIRECT = struct.Struct("<QQ")
+DIRECT_RECORD_BYTES = _DIRECT.size
 MAX_FRAMES = 4096
 
 
@@ -57,6 +62,7 @@ class Delivered:
     kind: int
     data: np.ndarray | bytes
     into: bool = False      # ``data`` is the buffer ``claim`` returned (the caller's), not a fresh one
+    direct: bool = False    # ``data`` is a direct record: the message is in the posted buffer already
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +78,15 @@ class Discarded:
 
 
 Effect = Delivered | Violation | Discarded
+
+
+def direct_record(post_seq: int, nbytes: int) -> bytes:
+    return _DIRECT.pack(post_seq, nbytes)
+
+
+def parse_direct(data: bytes | np.ndarray) -> tuple[int, int]:
+    """(post_seq, nbytes) of a direct record."""
+    return _DIRECT.unpack(bytes(data))
 
 
 def n_chunks_for(total_bytes: int, chunk_bytes: int) -> int:
@@ -230,6 +245,8 @@ class Reassembler:
             return CorruptMetadata(f"message size {h.total_bytes} B outside 0..{self.max_message_bytes}")
         if h.n_chunks != n_chunks_for(h.total_bytes, self.chunk_bytes) or not 0 <= h.chunk_id < h.n_chunks:
             return CorruptMetadata(f"chunk {h.chunk_id}/{h.n_chunks} impossible for {h.total_bytes} B")
+        if h.flags & FLAG_DIRECT and (h.kind != KIND_DATA or h.total_bytes != DIRECT_RECORD_BYTES):
+            return CorruptMetadata(f"direct record of {h.total_bytes} B (kind {h.kind})")
         want = min(self.chunk_bytes, h.total_bytes - h.chunk_id * self.chunk_bytes)
         if nbytes != want:
             return CorruptMetadata(f"chunk {h.chunk_id} holds {nbytes} B, expected {want}")
@@ -274,6 +291,10 @@ class Reassembler:
             self.last_event = h.event_id
             effects.append(Violation(h.event_id, ChunkOrderError(
                 f"event {h.event_id}: first chunk seen is {h.chunk_id}, expected 0")))
+            return effects
+        if h.flags & FLAG_DIRECT:
+            self.last_event = h.event_id
+            effects.append(Delivered(h.event_id, h.kind, bytes(payload), direct=True))
             return effects
         target = self._target(h)
         if h.n_chunks == 1:

@@ -190,8 +190,10 @@ async def _xccl_echo_peer(kind: str, namespace: str, run_dir: str, *, fabric_add
     """ECHO: send the frames back; SINK: swallow (bandwidth runs); STAMP: reply with the
     ``time.monotonic()`` at which the message became visible here (fidelity runs).
     ``[INTO, b"1"]``: from now on receive that sender's messages with ``recv_into`` into one
-    pre-touched reused buffer (posted before the reply, so the next message goes straight in);
-    ``[INTO, b"0"]``: back to ``recv``; both are answered ``[INTO, json of our stats]``."""
+    pre-touched reused private buffer (posted before the reply, so the next message goes
+    straight in); ``[INTO, b"w"]``: the same into a buffer in our registered window "into"
+    (shm: the sender writes the message straight into it); ``[INTO, b"0"]``: back to ``recv``;
+    each is answered ``[INTO, json of our stats]``."""
     from xccl_net.endpoint import open_endpoint
     from xccl_net.errors import XcclTimeout
 
@@ -200,12 +202,14 @@ async def _xccl_echo_peer(kind: str, namespace: str, run_dir: str, *, fabric_add
         from xccl_net.fabric_client import FabricClient
         fabric = await FabricClient.connect(fabric_address, name="echo", npu=1, timeout_s=5.0)
     cfg = endpoint_config(kind, "echo", namespace, 1, run_dir, slot_bytes=P2P_SLOT_BYTES,
-                          ring_slots=P2P_RING_SLOTS, directory=directory, windows={"bulk": BULK_WINDOW_BYTES})
+                          ring_slots=P2P_RING_SLOTS, directory=directory,
+                          windows={"bulk": BULK_WINDOW_BYTES, "into": INTO_BUFFER_BYTES})
     ep = await open_endpoint(cfg, fabric=fabric)
     _announce(getattr(ep, "address", "") or "echo")
 
-    into_buf = np.empty(INTO_BUFFER_BYTES, dtype=np.uint8)
-    into_buf[:] = 0  # pre-touched: the caller's buffer of a real receiver is warm and reused
+    private_buf = np.empty(INTO_BUFFER_BYTES, dtype=np.uint8)
+    private_buf[:] = 0  # pre-touched: the caller's buffer of a real receiver is warm and reused
+    into_buf = private_buf
 
     async def serve() -> None:
         into_src: str | None = None
@@ -229,7 +233,9 @@ async def _xccl_echo_peer(kind: str, namespace: str, run_dir: str, *, fabric_add
             elif tag == STAMP:
                 await ep.send(src, [STAMP, np.array([seen_at], dtype=np.float64)], timeout_s=30.0)
             elif tag == INTO:
-                into_src = src if bytes(frames[1]) == b"1" else None
+                mode = bytes(frames[1])
+                into_src = None if mode == b"0" else src
+                into_buf = ep.window("into") if mode == b"w" else private_buf
                 reply = [INTO, json.dumps(ep.stats).encode()]
                 if into_src is not None:
                     # Post before replying: the sender's next message goes straight into the buffer.
