@@ -29,7 +29,7 @@ from xccl_net.endpoint import Endpoint, EndpointConfig, Notification, PostedRecv
 from xccl_net.errors import CorruptMetadata, PeerUnreachable, ProtocolError, WindowError, XcclError
 from xccl_net.layout import (
     H_BELL_PENDING, H_INCARNATION, H_STATE, P_CHUNK, P_CLAIMED, P_EVENT, P_NACK_CODE, P_NACK_EVENT,
-    P_OUT_ACKED, P_OUT_HEAD, P_POST_LEN, P_POST_OFF, P_POST_SEQ, P_READER_INC, P_TAIL, P_TAKEN, P_WRITER_INC, S_CHECK, S_CHUNK, S_EVENT, S_FLAGS,
+    P_OUT_ACKED, P_OUT_HEAD, P_POST_INC, P_POST_LEN, P_POST_OFF, P_POST_SEQ, P_READER_INC, P_TAIL, P_TAKEN, P_WRITER_INC, S_CHECK, S_CHUNK, S_EVENT, S_FLAGS,
     S_KIND, S_NBYTES, S_NCHUNKS, S_TOTAL, SLOT_HEADER_BYTES, STATE_CLOSED, STATE_OPEN, Geometry,
     claim_entry, entry_name, slot_check,
 )
@@ -157,7 +157,7 @@ class ShmEndpoint(Endpoint):
                 raise PeerUnreachable(f"peer table full ({self.name} <-> {peer}, max_peers)")
             ow, pw, pg = self._seg.words, seg.words, hdr.geometry
             # Acks for the new peer incarnation start from zero.
-            for f in (P_OUT_HEAD, P_OUT_ACKED, P_NACK_EVENT, P_NACK_CODE, P_POST_SEQ):
+            for f in (P_OUT_HEAD, P_OUT_ACKED, P_NACK_EVENT, P_NACK_CODE):
                 ow[self._geo.entry_word(local_idx, f)] = 0
             ow[self._geo.entry_word(local_idx, P_READER_INC)] = hdr.incarnation
             if pw[pg.entry_word(remote_idx, P_WRITER_INC)] != self._incarnation:
@@ -349,6 +349,7 @@ class ShmEndpoint(Endpoint):
             return  # not there yet: its message will come through the ring
         self._post_seq += 1
         pw, e = link.seg.words, lambda f: link.geo.entry_word(link.remote_idx, f)
+        pw[e(P_POST_INC)] = self._incarnation  # a restarted us never inherits an old offer
         pw[e(P_POST_OFF)] = off
         pw[e(P_POST_LEN)] = post.buffer.nbytes
         pw[e(P_POST_SEQ)] = self._post_seq  # commit: the writer reads the offset after this
@@ -500,7 +501,8 @@ class ShmEndpoint(Endpoint):
         headed for that buffer). Returns the ring record, or None (use the ring)."""
         ow, e = self._seg.words, lambda f: self._geo.entry_word(link.local_idx, f)  # type: ignore[union-attr]
         seq = ow[e(P_POST_SEQ)]
-        if not seq or seq == link.taken or ow[e(P_OUT_ACKED)] != ev - 1 or ow[e(P_POST_LEN)] < total:
+        if (not seq or seq == link.taken or ow[e(P_OUT_ACKED)] != ev - 1 or ow[e(P_POST_LEN)] < total
+                or ow[e(P_POST_INC)] != link.incarnation):
             return None
         off = ow[e(P_POST_OFF)]
         if off < link.geo.windows_off or off + total > link.geo.total_bytes:

@@ -111,3 +111,25 @@ async def test_peer_killed_mid_message_fails_the_posted_receive_typed_and_fast(n
             await parent.recv("child", timeout_s=0.2)
     finally:
         await parent.close()
+
+
+async def test_16_mib_written_by_the_peer_process_straight_into_a_window_buffer(namespace, children):
+    from xccl_net.endpoint import EndpointConfig, open_endpoint
+
+    cfg = EndpointConfig(name="parent", namespace=namespace, kind="shm", npu=0, ring_slots=8, slot_bytes=64 * 1024,
+                         windows={"rx": 16 * MIB + 4096}, poll_s=0.02)
+    parent = await open_endpoint(cfg)
+    try:
+        child = children("shm", namespace, "child")
+        await child.ready()
+        win = parent.window("rx")
+        big = np.random.default_rng(10).integers(0, 256, 16 * MIB, dtype=np.uint8)
+        for frames in ([big], [b"a", big[:300_001].tobytes(), b"", b"z"]):
+            posted = parent.post_recv("child", win)
+            await parent.send("child", frames, timeout_s=10)
+            src, got, _ = await posted.wait(timeout_s=10)
+            assert [bytes(f) for f in got] == [bytes(memoryview(f)) for f in frames]
+            assert all(np.shares_memory(np.frombuffer(f, dtype=np.uint8), win) for f in got if f.nbytes)
+        assert parent.stats["recvs_into_sender_wrote"] == 2
+    finally:
+        await parent.close()

@@ -133,3 +133,66 @@ async def test_misuse_and_close_are_typed(xnet: XNet):
     await b.close()
     with pytest.raises(EndpointClosed):
         await asyncio.wait_for(waiter, 2)
+
+
+# ---------------------------------------------------------------- shm: buffers posted in a window
+
+
+async def _window_pair(xnet: XNet):
+    if xnet.kind != "shm":
+        pytest.skip("direct writes into a posted window buffer are an shm feature")
+    return await xnet.open("a"), await xnet.open("b", windows={"kv": 64 * 1024, "rx": 256 * 1024})
+
+
+async def test_a_buffer_in_a_window_is_written_by_the_sender_directly(xnet: XNet):
+    a, b = await _window_pair(xnet)
+    win = b.window("rx")
+    big = os.urandom(100_000)  # > one slot: worth a direct write
+    for frames in ([b"x", big], [b"small"], [big, b"", big[:5000]]):
+        posted = b.post_recv("a", win[1000:])  # any part of a window
+        await a.send("b", frames, timeout_s=5)
+        got = await posted.wait(timeout_s=5)
+        assert _b(got.frames) == frames and _in(win, got.frames)
+    assert b.stats["recvs_into_sender_wrote"] == 2 and b.stats["recvs_into_direct"] == 1  # small: ring
+    posted = b.post_recv("a", win[:1000])  # too small for the sender: ring, then BufferTooSmall
+    await a.send("b", [big], timeout_s=5)
+    with pytest.raises(BufferTooSmall):
+        await posted.wait(timeout_s=5)
+    assert _b((await b.recv("a", timeout_s=2))[1]) == [big]
+
+
+async def test_a_withdrawn_window_buffer_is_never_written(xnet: XNet):
+    a, b = await _window_pair(xnet)
+    win = b.window("rx")
+    win[:] = 0xEE
+    with pytest.raises(XcclTimeout):
+        await b.recv_into("a", win, timeout_s=0.05)
+    posted = b.post_recv("a", win)
+    posted.cancel()
+    big = os.urandom(100_000)
+    await a.send("b", [big], timeout_s=5)
+    assert _b((await b.recv("a", timeout_s=2))[1]) == [big]
+    assert not np.any(win != 0xEE) and b.stats["recvs_into_sender_wrote"] == 0
+
+
+async def test_a_timeout_waits_while_the_writer_claims_the_buffer(xnet: XNet):
+    """The writer claimed the buffer (P_TAKEN, written here by hand as the writer would) just as
+    the receive timed out: wait() must not hand the buffer back while the writer may be writing;
+    once the writer takes its claim back (it saw the withdrawal), the timeout is raised."""
+    from xccl_net.layout import P_TAKEN
+
+    a, b = await _window_pair(xnet)
+    await a.send("b", [b"hello"], timeout_s=5)  # a's entry in b's segment exists
+    await b.recv("a", timeout_s=2)
+    posted = b.post_recv("a", b.window("rx"))
+    taken = b._geo.entry_word(b._links["a"].local_idx, P_TAKEN)
+    b._seg.words[taken] = posted.direct_seq
+    waiter = asyncio.create_task(posted.wait(timeout_s=0.1))
+    deadline = asyncio.get_running_loop().time() + 5
+    while posted.state != "incoming":  # no event to wait on: the post's own state is the signal
+        assert asyncio.get_running_loop().time() < deadline and not waiter.done()
+        await asyncio.sleep(0.01)
+    b._seg.words[taken] = 0  # the writer's abort
+    with pytest.raises(XcclTimeout):
+        await asyncio.wait_for(waiter, 5)
+    assert posted.state == "released"
