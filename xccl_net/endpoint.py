@@ -37,6 +37,7 @@ from xccl_net.p2p_core import KIND_DATA, as_byte_views, frame_prefix, pack_into,
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,48}$")
 MAX_WINDOWS = 16
+INCOMING_GRACE_S = 1.0  # PostedRecv: how long a timed-out wait still waits for a writer mid-copy
 
 
 @dataclass(frozen=True)
@@ -120,13 +121,15 @@ class PostedRecv:
     | filling  | last chunk copied                                      | done (direct)        |
     | posted, filling | protocol error of P, endpoint closed            | failed               |
     | filling  | P died or restarted mid-message (shm)                  | failed PeerUnreachable |
-    | posted   | ``wait`` times out, but P is writing into the buffer   | incoming: wait on (at most ``timeout_s`` more) for P to finish |
+    | posted   | ``wait`` times out, but P is writing into the buffer   | incoming: wait on (``max(timeout_s, 1 s)`` more at most) for P to finish |
+    | incoming | P's record arrives / P took its claim back / P died    | done / released (XcclTimeout) / failed PeerUnreachable |
     | not collected | ``wait`` times out / is cancelled, ``cancel()``   | released: a partial message moves to a fresh buffer and continues there; a done one is copied back to the front of the inbox |
 
     After ``wait`` returned or raised, nothing more is written into the buffer. Exception: a
     buffer in a registered window that P already started writing when ``cancel()`` (or a task
-    cancellation) released it receives the rest of that one message (a copy's time; windows are
-    remotely writable memory anyway), which then goes back to the inbox as a copy.
+    cancellation, or the end of the grace in state incoming) released it receives the rest of
+    that one message (a copy's time; windows are remotely writable memory anyway), which then
+    goes back to the inbox as a copy.
     """
 
     def __init__(self, ep: Endpoint, peer: str, buffer: np.ndarray) -> None:
@@ -151,7 +154,8 @@ class PostedRecv:
             return
         if self._ep._posts.get(self.peer) is self:
             del self._ep._posts[self.peer]
-        if self._ep._withdraw(self) and error is not None:
+        taken = self._ep._withdraw(self) or self.state == "incoming"
+        if taken and error is not None:
             self._ep._draining[self.direct_seq] = self  # P is writing it: a copy goes to the inbox
         if error is not None:
             self._unhold()
@@ -196,7 +200,7 @@ class PostedRecv:
                     # P took the buffer and is writing into it right now: it is not ours to give
                     # back before P finishes (or dies).
                     self.state = "incoming"
-                    deadline += timeout_s
+                    deadline += max(timeout_s, INCOMING_GRACE_S)
                     continue
                 if remaining <= 0:
                     raise XcclTimeout(f"{ep.name}: nothing received into the buffer from {self.peer} "

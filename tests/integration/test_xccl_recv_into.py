@@ -17,7 +17,7 @@ import pytest
 
 from tests.integration.test_xccl_processes import _open_parent, children, namespace  # noqa: F401  (fixtures)
 from xccl_net.errors import PeerUnreachable, XcclTimeout
-from xccl_net.layout import P_TAIL
+from xccl_net.layout import P_TAIL, P_TAKEN
 
 pytestmark = pytest.mark.integration
 MIB = 1 << 20
@@ -131,5 +131,52 @@ async def test_16_mib_written_by_the_peer_process_straight_into_a_window_buffer(
             assert [bytes(f) for f in got] == [bytes(memoryview(f)) for f in frames]
             assert all(np.shares_memory(np.frombuffer(f, dtype=np.uint8), win) for f in got if f.nbytes)
         assert parent.stats["recvs_into_sender_wrote"] == 2
+    finally:
+        await parent.close()
+
+
+def _hold_loop_until_taken(ep, posted, timeout_s: float = 10.0) -> None:
+    """Keep ep's loop from running until the peer claimed ``posted``'s window buffer (it then
+    writes the message into it; its ring record waits for our loop)."""
+    word = ep._geo.entry_word(ep._links[posted.peer].local_idx, P_TAKEN)
+    deadline = time.monotonic() + timeout_s
+    while ep._seg.words[word] != posted.direct_seq:
+        assert time.monotonic() < deadline, "the child never claimed the offered buffer"
+        os.sched_yield()
+
+
+async def test_offers_withdrawn_while_the_peer_process_writes_lose_and_duplicate_nothing(namespace, children):
+    """Withdraw window offers while the child's echo has claimed them (cancel, or a wait whose
+    timeout has passed) or may be claiming them: every echo arrives exactly once, in order,
+    byte-exact; a claimed buffer is never handed back while the child may write into it."""
+    from xccl_net.endpoint import EndpointConfig, open_endpoint
+
+    cfg = EndpointConfig(name="parent", namespace=namespace, kind="shm", npu=0, ring_slots=8, slot_bytes=64 * 1024,
+                         windows={"rx": 1 * MIB}, poll_s=0.02)
+    parent = await open_endpoint(cfg)
+    try:
+        child = children("shm", namespace, "child")
+        await child.ready()
+        win = parent.window("rx")
+        for i in range(45):
+            msg = i.to_bytes(4, "little") * 50_000  # 200 KB: the child writes it directly when offered
+            posted = parent.post_recv("child", win)
+            await parent.send("child", [msg], timeout_s=10)
+            mode = i % 3
+            if mode == 0:  # claimed, then cancelled: the message goes to the inbox as a copy
+                _hold_loop_until_taken(parent, posted)
+                posted.cancel()
+                got = (await parent.recv("child", timeout_s=10))[1]
+            elif mode == 1:  # claimed, and the timeout has passed: wait for the writer anyway
+                _hold_loop_until_taken(parent, posted)
+                got = (await posted.wait(timeout_s=1e-6)).frames
+                assert posted.state == "done"
+            else:  # cancelled at once: races with the claim
+                posted.cancel()
+                got = (await parent.recv("child", timeout_s=10))[1]
+            assert [bytes(f) for f in got] == [msg], f"message {i}"
+        with pytest.raises(XcclTimeout):  # and nothing extra
+            await parent.recv("child", timeout_s=0.2)
+        assert parent.stats["recvs_into_sender_wrote"] >= 15 and not parent._draining
     finally:
         await parent.close()

@@ -102,3 +102,17 @@ def test_pack_into_lays_out_the_wire_format_or_writes_nothing():
         pack_into(small, as_byte_views(frames))
     assert (err.value.needed, err.value.have) == (len(want), len(want) - 1)
     assert str(len(want)) in str(err.value) and bytes(small) == b"\xee" * small.nbytes
+
+
+def test_a_direct_record_is_delivered_as_such_and_never_claims():
+    from xccl_net.errors import CorruptMetadata
+    from xccl_net.p2p_core import DIRECT_RECORD_BYTES, FLAG_DIRECT, KIND_DATA, Violation, direct_record, parse_direct
+
+    posts = Posts(100)
+    r = Reassembler(CB, 1 << 20, claim=posts.claim)
+    rec = direct_record(7, 12345)
+    (eff,) = r.on_chunk(ChunkHeader(1, 0, 1, DIRECT_RECORD_BYTES, KIND_DATA, FLAG_DIRECT), memoryview(rec))
+    assert eff.direct and not eff.into and parse_direct(eff.data) == (7, 12345) and posts.asked == []
+    assert r.last_event == 1
+    (bad,) = r.on_chunk(ChunkHeader(2, 0, 1, 5, KIND_DATA, FLAG_DIRECT), memoryview(b"12345"))
+    assert isinstance(bad, Violation) and isinstance(bad.error, CorruptMetadata)
