@@ -123,7 +123,10 @@ class PostedRecv:
     | filling  | P died or restarted mid-message (shm)                  | failed PeerUnreachable |
     | posted   | ``wait`` times out, but P is writing into the buffer   | incoming: wait on (``max(timeout_s, 1 s)`` more at most) for P to finish |
     | incoming | P's record arrives / P took its claim back / P died    | done / released (XcclTimeout) / failed PeerUnreachable |
-    | not collected | ``wait`` times out / is cancelled, ``cancel()``   | released: a partial message moves to a fresh buffer and continues there; a done one is copied back to the front of the inbox |
+    | not collected | ``wait`` times out / is cancelled, ``cancel()``   | released (1)         |
+
+    (1) a partial message moves to a fresh buffer and continues there; a done one is copied
+    back to the front of the inbox.
 
     After ``wait`` returned or raised, nothing more is written into the buffer. Exception: a
     buffer in a registered window that P already started writing when ``cancel()`` (or a task

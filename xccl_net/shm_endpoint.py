@@ -4,8 +4,11 @@ send: the sender copies the payload into the ring that lives in the RECEIVER's s
 (one memcpy per chunk), publishes the tail, rings the receiver's doorbell; the receiver
 checks each slot (p2p_core.Reassembler), copies ring -> a fresh buffer handed to the
 application (or, when the application posted a buffer for that peer with ``recv_into`` /
-``post_recv``, straight into that buffer: one copy, no allocation), and acknowledges by writing head / acked event (or a NACK) into the SENDER's
-segment, then rings the sender. put/get are plain memcpys into/out of the peer's window.
+``post_recv``, straight into that buffer: one copy, no allocation), and acknowledges by
+writing head / acked event (or a NACK) into the SENDER's segment, then rings the sender.
+A posted buffer inside one of the receiver's windows is offered to the sender instead
+(``_publish``): the sender writes the message into it and rings only a 16 B record.
+put/get are plain memcpys into/out of the peer's window.
 
 Wake-ups are the cost (MEASUREMENTS.md), so doorbells are coalesced: a ringer sets the
 owner's bell-pending word and only sends a datagram if it was clear; rings issued while
@@ -29,8 +32,9 @@ from xccl_net.endpoint import Endpoint, EndpointConfig, Notification, PostedRecv
 from xccl_net.errors import CorruptMetadata, PeerUnreachable, ProtocolError, WindowError, XcclError
 from xccl_net.layout import (
     H_BELL_PENDING, H_INCARNATION, H_STATE, P_CHUNK, P_CLAIMED, P_EVENT, P_NACK_CODE, P_NACK_EVENT,
-    P_OUT_ACKED, P_OUT_HEAD, P_POST_INC, P_POST_LEN, P_POST_OFF, P_POST_SEQ, P_READER_INC, P_TAIL, P_TAKEN, P_WRITER_INC, S_CHECK, S_CHUNK, S_EVENT, S_FLAGS,
-    S_KIND, S_NBYTES, S_NCHUNKS, S_TOTAL, SLOT_HEADER_BYTES, STATE_CLOSED, STATE_OPEN, Geometry,
+    P_OUT_ACKED, P_OUT_HEAD, P_POST_INC, P_POST_LEN, P_POST_OFF, P_POST_SEQ, P_READER_INC, P_TAIL, P_TAKEN,
+    P_WRITER_INC, S_CHECK, S_CHUNK, S_EVENT, S_FLAGS, S_KIND, S_NBYTES, S_NCHUNKS, S_TOTAL,
+    SLOT_HEADER_BYTES, STATE_CLOSED, STATE_OPEN, Geometry,
     claim_entry, entry_name, slot_check,
 )
 from xccl_net.p2p_core import (
@@ -384,7 +388,8 @@ class ShmEndpoint(Endpoint):
             return PeerUnreachable(f"{self.name}: {peer} died in the middle of a message to a posted "
                                    f"buffer ({exc})")
         if link.incarnation != inc:
-            return PeerUnreachable(f"{self.name}: {peer} restarted in the middle of a message to a posted buffer")
+            return PeerUnreachable(f"{self.name}: {peer} restarted in the middle of a message to a "
+                                   "posted buffer")
         return None
 
     def _apply(self, src: str, eff: object) -> tuple[int, int] | None:
@@ -413,7 +418,8 @@ class ShmEndpoint(Endpoint):
         seq, nbytes = parse_direct(eff.data)
         found = self._direct_post(src, seq)
         if found is None or nbytes > found[0].buffer.nbytes:
-            raise CorruptMetadata(f"{src} wrote {nbytes} B directly into post {seq}, which is not one it was offered")
+            raise CorruptMetadata(f"{src} wrote {nbytes} B directly into post {seq}, "
+                                  "which is not one it was offered")
         post, released = found
         view = post.buffer[:nbytes]
         if released:  # the caller took the buffer back while src was writing: a copy, to the inbox
