@@ -468,6 +468,9 @@ class Endpoint(ABC):
         arr = np.frombuffer(mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv, dtype=np.uint8)
         if peer in self._posts:
             raise WindowError(f"{self.name}: a receive from {peer} is already posted")
+        for seq, old in list(self._draining.items()):
+            if old.peer == peer and not self._taken(old):  # the writer's claim was taken back
+                del self._draining[seq]
         post = PostedRecv(self, peer, arr)
         for i, (src, frames, err) in enumerate(self._inbox):
             if src != peer:
