@@ -15,7 +15,9 @@ Invariants:
 Receiving into the caller's buffer (``recv_into`` / ``post_recv``, see ``PostedRecv``): while
 a receive from peer P is posted, P's next message goes into that buffer -- on shm the ring
 chunks are gathered straight into it (one copy, no allocation); a message of P that was
-already (being) received into a fresh buffer before the post is copied into it once.
+already (being) received into a fresh buffer before the post is copied into it once. A shm
+buffer inside one of our windows is offered to P, which writes its message straight into it
+(one copy end to end, as put).
 """
 
 from __future__ import annotations
