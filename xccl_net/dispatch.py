@@ -183,6 +183,7 @@ class A2EDispatcher:
         self.probe = probe    # raises LinkDown when the fabric path to expert rank r is refused
         self.rows_to = [0] * layout.num_ranks     # rows sent to each expert rank (all attempts)
         self._changed = asyncio.Event()   # set on every health change: waits for a replica re-plan
+        self._cut = asyncio.Event()       # set when a rank becomes CUT: wakes watch_paths
         self.stats = {"layers": 0, "stale_notices": 0, "rows_sent": 0, "retries": 0, "rank_failures": 0,
                       "refusals": 0, "replica_waits": 0, "unavailable": 0, "bad_notices": 0,
                       "pair_cuts": 0, "pair_heals": 0, "cut_off": 0}
@@ -212,6 +213,7 @@ class A2EDispatcher:
         change = self.health.unreachable(rank, why)
         if change is not None:
             self.stats["pair_cuts"] += 1
+            self._cut.set()
         self._changed_to(change)
 
     def cut_off_experts(self) -> list[int]:
@@ -221,10 +223,14 @@ class A2EDispatcher:
 
     async def watch_paths(self, interval_s: float) -> None:
         """Probe the fabric path to every CUT rank each ``interval_s``; one that goes through
-        brings the rank back for this source. Runs until cancelled (needs ``probe``)."""
+        brings the rank back for this source. Sleeps while no rank is CUT (an idle pod's ranks
+        do not wake for it). Runs until cancelled (needs ``probe``)."""
         if self.probe is None:
             raise RuntimeError("watch_paths needs a probe")
         while True:
+            if not self.health.cut:
+                self._cut.clear()
+                await self._cut.wait()
             await asyncio.sleep(interval_s)
             for r in sorted(self.health.cut):
                 try:

@@ -248,6 +248,9 @@ class Endpoint(ABC):
         self._note_waiters: list[asyncio.Future[bool]] = []
         self._posts: dict[str, PostedRecv] = {}
         self._draining: dict[int, PostedRecv] = {}  # released posts a peer is still writing into
+        # The safety-net period of parked receives: cfg.poll_s; a transport that knows it is
+        # idle may stretch it (ShmEndpoint._tick) and shrinks it back on activity.
+        self._idle_poll_s = cfg.poll_s
         self.stats: dict[str, int] = dict.fromkeys((
             "bytes_sent", "bytes_received", "sends", "recvs", "puts", "gets", "put_bytes", "get_bytes",
             "notifies_received", "ring_waits", "doorbells_rung", "doorbells_received",
@@ -429,7 +432,7 @@ class Endpoint(ABC):
             remaining = deadline - self._loop.time()
             if remaining <= 0:
                 raise XcclTimeout(f"{self.name}: nothing received from {peer or 'any peer'} in {timeout_s} s")
-            woken = await self._park(self._recv_waiters, min(remaining, self.cfg.poll_s))
+            woken = await self._park(self._recv_waiters, min(remaining, self._idle_poll_s))
             self._check_open()
             if not woken:
                 self._poll()
@@ -510,7 +513,7 @@ class Endpoint(ABC):
             remaining = deadline - self._loop.time()
             if remaining <= 0:
                 raise XcclTimeout(f"{self.name}: no notification in {timeout_s} s")
-            woken = await self._park(self._note_waiters, min(remaining, self.cfg.poll_s))
+            woken = await self._park(self._note_waiters, min(remaining, self._idle_poll_s))
             self._check_open()
             if not woken:
                 self._poll()

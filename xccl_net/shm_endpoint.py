@@ -14,7 +14,9 @@ Wake-ups are the cost (MEASUREMENTS.md), so doorbells are coalesced: a ringer se
 owner's bell-pending word and only sends a datagram if it was clear; rings issued while
 handling an event are deferred to the end of the loop iteration, so an ack and the reply
 the application sends right after recv() share one wake-up. A timer every ``poll_s``
-re-scans as a safety net (lost wake-up, crashed ringer) and checks peer liveness.
+re-scans as a safety net (lost wake-up, crashed ringer) and checks peer liveness; while no
+doorbell arrives the period doubles up to ``IDLE_POLL_MAX_S`` (an idle pod must not wake 20
+times a second per endpoint), and the first doorbell brings it back to ``poll_s``.
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ class _Inbound:
     bad_tail: int = -1
 
 
+IDLE_POLL_MAX_S = 1.0   # the safety-net period of an endpoint that hears no doorbell
+
+
 class ShmEndpoint(Endpoint):
     def __init__(self, cfg: EndpointConfig, fabric: object = None) -> None:
         super().__init__(cfg, fabric)
@@ -89,7 +94,8 @@ class ShmEndpoint(Endpoint):
         self._windows: dict[str, np.ndarray] = {}
         self._deferred: dict[str, _Link] = {}
         self._flush_scheduled = False
-        self._tick_handle: object = None
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._bells_at_tick = 0
         self._claimed_words = [self._geo.entry_word(i, P_CLAIMED) for i in range(cfg.max_peers)]
         self._seg_addr = 0
         self._post_seq = 0
@@ -245,6 +251,10 @@ class ShmEndpoint(Endpoint):
         self.stats["doorbells_received"] += self._bell.drain()
         self._seg.words[H_BELL_PENDING] = 0
         full_fence()
+        if self._idle_poll_s > self.cfg.poll_s and self._tick_handle is not None:   # idle no more
+            self._idle_poll_s = self.cfg.poll_s
+            self._tick_handle.cancel()
+            self._tick_handle = self._loop.call_later(self._idle_poll_s, self._tick)
         self._pump()
 
     def _tick(self) -> None:
@@ -253,7 +263,11 @@ class ShmEndpoint(Endpoint):
         self._seg.words[H_BELL_PENDING] = 0
         full_fence()
         self._pump()
-        self._tick_handle = self._loop.call_later(self.cfg.poll_s, self._tick)
+        bells = self.stats["doorbells_received"]
+        quiet = bells == self._bells_at_tick
+        self._bells_at_tick = bells
+        self._idle_poll_s = min(self._idle_poll_s * 2, max(IDLE_POLL_MAX_S, self.cfg.poll_s)) if quiet else self.cfg.poll_s
+        self._tick_handle = self._loop.call_later(self._idle_poll_s, self._tick)
 
     def _poll(self) -> None:
         self._pump()

@@ -20,6 +20,7 @@ from services.common.runtime import ServiceRuntime
 from services.expert.geometry import pod_dispatch
 from services.kvpool.client import KVPoolClient
 from services.model.cache import ensure_model
+from services.model.layers import warm_tiles
 from services.model.weights import load_model
 from services.pod.spec import PodSpec, service
 from xccl_net.dispatch import A2EDispatcher, DispatchWindows, Failover
@@ -36,6 +37,7 @@ async def serve(spec: PodSpec, name: str) -> None:
                                                                      block_size=spec.kv_pool.block_size),
                          max_batch=spec.decode.max_batch)
     del weights
+    warm_tiles(core.weights)   # probe the GEMM tiles now, not inside the first steps
     windows = DispatchWindows()
     server: AttentionServer | None = None
 

@@ -54,13 +54,14 @@ class StepProfile:
     overlaps it and is counted in local).
     """
     steps: int = 0
+    moe_layers: int = 0
     local_s: float = 0.0
     dispatch_s: float = 0.0
     wait_s: float = 0.0
     metrics: AttentionMetrics | None = None   # per-layer A2E/E2A histograms (the pod's ranks)
 
     def as_load(self) -> dict[str, float]:
-        return {"prof_steps": self.steps, "prof_local_ms": self.local_s * 1e3,
+        return {"prof_steps": self.steps, "prof_moe_layers": self.moe_layers, "prof_local_ms": self.local_s * 1e3,
                 "prof_dispatch_ms": self.dispatch_s * 1e3, "prof_wait_ms": self.wait_s * 1e3}
 
 
@@ -89,6 +90,7 @@ async def run_step(core: AttentionCore, dispatcher: A2EDispatcher, step_no: int,
         p.local_s += (t1 - t) + (t3 - t2)
         p.dispatch_s += t2 - t1
         p.wait_s += t4 - t3
+        p.moe_layers += 1
         if p.metrics is not None:
             p.metrics.layer(call.layer, t2 - t1, t4 - t3)
         t = t4

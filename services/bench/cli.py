@@ -10,6 +10,7 @@ from services.cli import add_lazy_subcommands
 KINDS: dict[str, tuple[str, str]] = {
     "fabric": ("fabric_sim.bench", "fabric simulator: reserve round trip vs raw zmq, pipelining, fidelity"),
     "http": ("services.bench.http", "OpenAI HTTP vs gRPC on the same router: added latency per streamed token"),
+    "idle": ("services.bench.idle", "CPU and wake-ups of an idle pod started by `xds up`, vs a bare-uvloop floor"),
     "kvpool": ("services.kvpool.bench", "KV pool store/load/fetch vs a same-run pack+memcpy baseline"),
     "reference": ("services.bench.reference", "reference-engine prefill/decode throughput"),
     "soak": ("services.bench.soak", "constant load for --duration against xds up: errors, exactness, RSS/fd/shm growth"),

@@ -70,6 +70,9 @@ def step_profile(before: dict[str, dict[str, float]], after: dict[str, dict[str,
         },
         "expert_compute_ms_per_attention_step": per("expert-", "compute_ms", rank_steps),
     }
+    moe_layers = delta("attention-", "prof_moe_layers")
+    if moe_layers:   # the yardstick: A2E dispatch of one MoE layer of one rank
+        out["a2e_dispatch_ms_per_moe_layer"] = per("attention-", "prof_dispatch_ms", moe_layers)
     a = out["attention_ms_per_step"]
     attention_total = a["local_compute"] + a["a2e_dispatch"] + a["wait_for_experts"]
     out["derived_ms_per_step"] = {

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from services.bench import serve_core as core
+from services.bench.cpu import cpu_report, cpu_seconds
 
 HELP = "load a running pod or an OpenAI server: throughput, TTFT, TPOT, ITL, goodput, plots; --compare-reference"
 
@@ -195,11 +196,16 @@ async def run_all(args: argparse.Namespace, rates: list[float], prompts: Prompts
 
             probe = ProfileProbe(load_pod(args.pod))
             await probe.__aenter__()
+        pids = getattr(args, "pids", None) or {}
         try:
             for k, rate in enumerate(rates):
                 before = await probe.snapshot() if probe else None
+                cpu0 = cpu_seconds(pids)
                 records, t0, duration = await run_rate(args, backend, prompts, rate, args.seed + 1 + k)
                 run: dict[str, Any] = {"rate": rate, "records": records, "t0": t0, "duration": duration}
+                if pids:   # a local pod (its ready file names the processes)
+                    run["cpu"] = cpu_report(cpu0, cpu_seconds(pids), duration,
+                                            sum(sum(r.chunk_tokens) for r in records))
                 if probe:
                     from services.bench.profile import step_profile
 
@@ -222,12 +228,14 @@ def run_reference(args: argparse.Namespace, prompts: Prompts, n: int) -> tuple[d
     reqs = [GenerationRequest(f"ref-{i}", prompts.get(i)[1], SamplingParams(
         temperature=args.temperature, max_tokens=args.max_tokens,
         seed=args.seed + i if args.temperature else None)) for i in range(n)]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     results = engine.generate(reqs)
-    duration = time.perf_counter() - t0
+    duration, cpu = time.perf_counter() - t0, time.process_time() - c0
     out_tokens = sum(len(res.token_ids) for res in results)
     return ({"requests": n, "max_batch": batch, "duration_s": duration, "output_tokens": out_tokens,
-             "output_tokens_per_s": out_tokens / duration}, [res.token_ids for res in results])
+             "output_tokens_per_s": out_tokens / duration,
+             "cpu_ms_per_output_token": 1e3 * cpu / out_tokens if out_tokens else None},
+            [res.token_ids for res in results])
 
 
 async def run_pod(args: argparse.Namespace, prompts: list[str]) -> tuple[list[core.Record], float]:
@@ -271,6 +279,7 @@ def _resolve(args: argparse.Namespace) -> str | None:
     if args.ready_file:
         info = json.loads(Path(args.ready_file).read_text())
         args.endpoint = args.endpoint or info["routers"]
+        args.pids = info.get("pids") or {}
         args.base_url = args.base_url or (info.get("http") or [None])[0]
     if args.compare_reference and not (args.preset or args.model):
         return "--compare-reference needs the pod's model: --preset NAME or --model DIR"
@@ -309,8 +318,8 @@ def run(args: argparse.Namespace) -> int:
         "max_concurrency": args.max_concurrency, "concurrency": args.max_concurrency,
         "request_rate": rates[0] if len(rates) == 1 else rates, "burstiness": args.burstiness,
         "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "percentiles": percentiles,
-        "runs": [{"request_rate": r["rate"], "pod": s, **({"step_profile": r["step_profile"]}
-                                                         if "step_profile" in r else {})}
+        "runs": [{"request_rate": r["rate"], "pod": s,
+                  **{k: r[k] for k in ("step_profile", "cpu") if k in r}}
                  for r, s in zip(runs, summaries)],
     }
     differing = 0
@@ -322,13 +331,19 @@ def run(args: argparse.Namespace) -> int:
             entry["streams_differing_from_reference"] = len(bad)
             entry["differing_ids"] = bad[:5]
             entry["pod_over_reference_tokens_per_s"] = entry["pod"]["output_tokens_per_s"] / ref["output_tokens_per_s"]
+            if "cpu" in entry and entry["cpu"]["cpu_ms_per_output_token"] and ref["cpu_ms_per_output_token"]:
+                entry["pod_over_reference_cpu_per_token"] = (entry["cpu"]["cpu_ms_per_output_token"]
+                                                             / ref["cpu_ms_per_output_token"])
         result["reference"] = {**ref, "streams_differing_from_pod": differing}
     if len(runs) == 1:   # the single-rate shape of earlier versions, kept for scripts
         result["pod"] = result["runs"][0]["pod"]
-        if "step_profile" in result["runs"][0]:
-            result["step_profile"] = result["runs"][0]["step_profile"]
+        for key in ("step_profile", "cpu"):
+            if key in result["runs"][0]:
+                result[key] = result["runs"][0][key]
         if args.compare_reference:
-            result["ratios"] = {"pod_over_reference_tokens_per_s": result["runs"][0]["pod_over_reference_tokens_per_s"]}
+            result["ratios"] = {k: result["runs"][0][k] for k in ("pod_over_reference_tokens_per_s",
+                                                                 "pod_over_reference_cpu_per_token")
+                                if k in result["runs"][0]}
     if args.plot:
         from services.bench.serve_plot import plot_all
 

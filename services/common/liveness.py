@@ -112,15 +112,31 @@ class FailureDetector:
         for peer, view in self.peers.items():
             if view.state is Liveness.DEAD:
                 continue
-            silent = now - view.last_beat
-            event = (Event.SILENT_DEAD if silent >= self.cfg.dead_after_s
-                     else Event.SILENT_SUSPECT if silent >= self.cfg.suspect_after_s and view.state is Liveness.ALIVE
+            # Deadlines as ``next_due`` computes them (the same float sums): ticking at the due
+            # time must change the state, never find it a rounding error short.
+            event = (Event.SILENT_DEAD if now >= view.last_beat + self.cfg.dead_after_s
+                     else Event.SILENT_SUSPECT if (view.state is Liveness.ALIVE
+                                                   and now >= view.last_beat + self.cfg.suspect_after_s)
                      else None)
             if event is not None:
                 change = self._apply(peer, view, event)
                 if change:
                     changes.append(change)
         return changes
+
+    def next_due(self) -> float | None:
+        """The earliest time at which ``tick`` could change a state if no beat arrives first
+        (a live peer's suspect deadline, a suspect one's dead deadline); None when no peer
+        can change by silence (none known, or all dead). A driver that ticks at this time,
+        rather than on a fixed period, detects on time and sleeps while all is well."""
+        due = None
+        for view in self.peers.values():
+            if view.state is Liveness.DEAD:
+                continue
+            t = view.last_beat + (self.cfg.suspect_after_s if view.state is Liveness.ALIVE else self.cfg.dead_after_s)
+            if due is None or t < due:
+                due = t
+        return due
 
     def alive(self) -> dict[str, PeerView]:
         return {p: v for p, v in self.peers.items() if v.state is Liveness.ALIVE}

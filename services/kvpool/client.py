@@ -83,6 +83,7 @@ class KVPoolClient:
         self._down: dict[str, tuple[float, str]] = {}   # node -> (skip until, why)
         self.probe_interval_s = probe_interval_s if probe_interval_s is not None else spec.kv_pool.probe_interval_s
         self._watching = False
+        self._some_down = asyncio.Event()   # set when a node is marked down: the watch wakes only then
         self.marked_down = 0                            # times a node was found dead or hung
 
     # ------------------------------------------------------------------ liveness
@@ -100,6 +101,9 @@ class KVPoolClient:
         self._watching = True
         try:
             while True:
+                if not self._down:   # nothing to probe: sleep until a node is marked down
+                    self._some_down.clear()
+                    await self._some_down.wait()
                 await asyncio.sleep(self.probe_interval_s)
                 down = [n for n in self.nodes if n in self._down]
                 if down:
@@ -420,6 +424,7 @@ class KVPoolClient:
             self.marked_down += 1
             log.warning("kvpool.node_down", node=node, why=why)
         self._down[node] = (until, why)
+        self._some_down.set()
 
 
 async def _gather(coros: list[Coroutine[Any, Any, T]]) -> list[T]:

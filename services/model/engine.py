@@ -106,6 +106,7 @@ class ReferenceEngine:
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, *, max_batch: int = 32) -> None:
         self.cfg, self.weights, self.max_batch = cfg, weights, max_batch
         self.rope = L.Rope.build(cfg)
+        L.warm_tiles(weights)
 
     @classmethod
     def from_preset(cls, name: str, seed: int = 0, **kw) -> ReferenceEngine:

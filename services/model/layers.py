@@ -5,10 +5,17 @@ MoE expert, decode master), which is what lets the disaggregated pod reproduce t
 tokens bit for bit. The invariance rules that make that hold (measured on this machine's
 OpenBLAS, see tests/unit/test_model_invariance.py):
 
-1. Every GEMM goes through ``linear``, which always calls BLAS with exactly ``TILE`` rows
-   (zero-padded). OpenBLAS picks kernels by problem size, so ``x[:3] @ w`` and ``x @ w`` give
-   different bits for the same row; with a fixed 8-row call, a row's result depends neither on
-   its position in the tile nor on the other rows. (16- and 32-row tiles were *not* invariant.)
+1. Every GEMM goes through ``linear``, whose bits are defined by ``linear_tile8``: BLAS calls
+   of exactly ``TILE`` = 8 rows (zero-padded). OpenBLAS picks kernels by problem size, so
+   ``x[:3] @ w`` and ``x @ w`` give different bits for the same row; with a fixed 8-row call, a
+   row's result depends neither on its position in the tile nor on the other rows.
+   Speed without new bits: full tiles go to BLAS in one stacked ``matmul`` (numpy runs one gemm
+   per stacked item, with the arguments of a separate 2-D call), and ``linear`` uses larger row
+   tiles (``BIG_TILES``) only for the weight shapes where a start-up probe (``tile_sizes``)
+   shows them bit-identical to 8-row tiles on this machine's BLAS (the code path is chosen from
+   shapes, never values), and faster. Shapes reject sizes: here 128/256-row tiles change the
+   bits for 512x16 (the router) and 64/128/256 for 64x259 (tiny's lm_head); 16- and 32-row
+   tiles were once seen *not* invariant on another machine.
 2. BLAS runs single-threaded in every process (``pin_blas_threads``): the thread split changes
    the bits too. Costs ~2x GEMM throughput versus one big multi-threaded call.
 3. Attention for a query at position p is computed alone, over exactly the keys 0..p, with
@@ -21,15 +28,16 @@ OpenBLAS, see tests/unit/test_model_invariance.py):
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from services.model.config import ModelConfig
 from services.model.weights import AttentionWeights, FFNWeights, LayerWeights, ModelWeights
 
-TILE = 8
 _pinned = False
 
 
@@ -46,17 +54,134 @@ def pin_blas_threads() -> None:
 pin_blas_threads()
 
 
+TILE = 8
+# Larger row tiles tried per weight shape (rule 1); each is used only where it gives the same bits.
+BIG_TILES = (256, 128, 64, 32, 16)
+_PROBE_ROWS = max(BIG_TILES)
+_tiles_for: dict[tuple, tuple[int, ...]] = {}
+_fast = True
+
+
+@contextmanager
+def original_paths() -> Iterator[None]:
+    """Run with the original (slower, same-bits) paths inside: 8-row tiles only, per-query
+    prefill attention. For before/after benchmarks (services/bench/reference.py); a module
+    switch, so not for concurrent use."""
+    global _fast
+    saved, _fast = _fast, False
+    try:
+        yield
+    finally:
+        _fast = saved
+
+
+def _matmul_tiles(x: np.ndarray, w: np.ndarray, out: np.ndarray, sizes: tuple[int, ...]) -> None:
+    """``out = x @ w`` by row tiles: as many tiles of each size in ``sizes`` (largest first, last
+    ``TILE``) as fit, each size in one stacked ``matmul``; the rest zero-padded to ``TILE`` rows
+    (or to 16 if there are more than 8 and 16-row tiles are allowed).
+
+    numpy runs a stacked matmul as one gemm call per stacked item, with the arguments of a
+    separate 2-D call (numpy/_core/src/umath/matmul.c.src, the same loop in 1.26 and 2.x).
+    """
+    m, k = x.shape
+    n = w.shape[1]
+    i = 0
+    for t in sizes:
+        if t == TILE and m - i > TILE and 2 * TILE in sizes:
+            break  # 9..15 rows left: one zero-padded 16-row call costs less than two 8-row ones
+        cnt = (m - i) // t
+        if cnt == 1:
+            np.matmul(x[i:i + t], w, out=out[i:i + t])
+        elif cnt:
+            np.matmul(x[i:i + cnt * t].reshape(cnt, t, k), w, out=out[i:i + cnt * t].reshape(cnt, t, n))
+        i += cnt * t
+    if i < m:
+        pad = np.zeros((TILE if m - i <= TILE else 2 * TILE, k), dtype=np.float32)
+        pad[: m - i] = x[i:]
+        out[i:] = (pad @ w)[: m - i]
+
+
+def linear_tile8(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The definition of ``linear``'s bits: every row computed in an 8-row BLAS call (rule 1)."""
+    if not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)
+    out = np.empty((x.shape[0], w.shape[1]), dtype=np.float32)
+    _matmul_tiles(x, w, out, (TILE,))
+    return out
+
+
+def _best_of_3(fn) -> tuple[float, np.ndarray]:
+    best, res = float("inf"), None
+    for _ in range(3):
+        t0 = time.perf_counter()
+        res = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, res
+
+
+def _calibrate(w: np.ndarray) -> tuple[int, ...]:
+    """The tile sizes of BIG_TILES whose rows equal 8-row tiles bit for bit for w's shape and
+    layout, and that are faster than 8-row tiles for it.
+
+    BLAS picks its code path (small-matrix kernel, edge kernels, K blocking) from the call's
+    shapes and layout only, never from the values, so one random probe over every row position
+    of the tile decides for every input of that shape: a different summation order would show
+    in practically every one of the probe's ``T * N`` outputs. Speed decides only among sizes
+    with equal bits (small weights run 8-row calls through OpenBLAS's fast small-matrix kernel,
+    where bigger tiles are slower), so a noisy timing can cost speed, never exactness.
+    """
+    k, n = w.shape
+    rng = np.random.default_rng(k * 7919 + n)
+    probe_w = np.empty_like(w, order="K")
+    probe_w[...] = rng.standard_normal((k, n), dtype=np.float32)
+    probe_x = rng.standard_normal((_PROBE_ROWS, k), dtype=np.float32)
+    t8, want = _best_of_3(lambda: linear_tile8(probe_x, probe_w))
+    ok = []
+    for t in BIG_TILES:
+        tt, got = _best_of_3(lambda: np.matmul(probe_x.reshape(-1, t, k), probe_w))
+        if np.array_equal(got.reshape(_PROBE_ROWS, n), want) and tt < 0.95 * t8:
+            ok.append(t)
+    return tuple(ok)
+
+
+def tile_sizes(w: np.ndarray) -> tuple[int, ...]:
+    """Row tiles ``linear`` uses for weights shaped and laid out like ``w``: the ``BIG_TILES``
+    proven equal by ``_calibrate``, largest first, then ``TILE``."""
+    key = (w.shape, w.strides)
+    sizes = _tiles_for.get(key)
+    if sizes is None:
+        contiguous = w.flags.c_contiguous or w.flags.f_contiguous
+        sizes = (*(_calibrate(w) if contiguous and w.dtype == np.float32 else ()), TILE)
+        _tiles_for[key] = sizes
+    return sizes
+
+
+def warm_tiles(w: ModelWeights) -> None:
+    """Run ``tile_sizes``'s probe for every weight shape of the model now (a few ms per shape)
+    rather than inside the first large request."""
+    mats = [w.lm_head]
+    for lw in w.layers:
+        mats += [lw.attn.wq, lw.attn.wk, lw.attn.wv, lw.attn.wo]
+        mats += [m for m in (lw.router,) if m is not None]
+        for f in [lw.dense, lw.shared, *lw.experts]:
+            if f is not None:
+                mats += [f.gate, f.up, f.down]
+    for m in mats:
+        tile_sizes(m)
+
+
 def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """``x @ w`` computed in fixed TILE-row BLAS calls (rule 1)."""
+    """``x @ w`` with the bits of ``linear_tile8`` (rule 1), in the largest row tiles proven equal.
+
+    Rows go greedily to the largest allowed tile (``tile_sizes``), then to 8-row tiles, the
+    leftover zero-padded (to 8 rows, or 16): a row's bits depend neither on its position nor on
+    the batch. Up to 8 rows it is exactly one 8-row call, as before.
+    """
+    if not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)
     m = x.shape[0]
     out = np.empty((m, w.shape[1]), dtype=np.float32)
-    full = m - m % TILE
-    for i in range(0, full, TILE):
-        np.matmul(x[i:i + TILE], w, out=out[i:i + TILE])
-    if full < m:
-        pad = np.zeros((TILE, x.shape[1]), dtype=np.float32)
-        pad[: m - full] = x[full:]
-        out[full:] = (pad @ w)[: m - full]
+    _matmul_tiles(x, w, out, tile_sizes(w) if _fast and m > TILE else (TILE,))
     return out
 
 
@@ -100,13 +225,54 @@ class Segment:
     n: int
 
 
-def _attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: np.float32) -> np.ndarray:
-    """One query position over its keys (rule 3). q: [Hkv, g, D]; k, v: [Hkv, L, D]."""
-    s = np.matmul(q, k.transpose(0, 2, 1)) * scale
+def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: np.float32) -> np.ndarray:
+    """Queries over their keys (rule 3). q: [..., Hkv, g, D]; k, v: [..., Hkv, L, D].
+
+    A leading batch axis (queries of several sequences that all have L keys) gives each query
+    the bits it gets alone: numpy's matmul makes one BLAS call per (query, head) item with the
+    arguments of the lone call, the element-wise ops are per element, and max/sum reduce each
+    row's L contiguous values alike (tests/unit/test_attention_groups.py).
+    """
+    s = np.matmul(q, np.swapaxes(k, -1, -2)) * scale
     s = s - s.max(axis=-1, keepdims=True)
     e = np.exp(s)
     p = e / e.sum(axis=-1, keepdims=True)
     return np.matmul(p, v)
+
+
+def _attend_grouped(q: np.ndarray, out: np.ndarray, segs: Sequence[tuple[int, Segment]],
+                    scale: np.float32) -> None:
+    """Prefill of several sequences: the queries with the same number of keys L, one per
+    sequence, go through ``_attend`` together (one Python round per L instead of one per query).
+
+    The segments' KV (rows 0..start+n-1) is first copied once into one stacked array, so that a
+    group covering every segment is a plain view ``[:, :, :L]``.
+    """
+    _, Hq, D = q.shape
+    Hkv = segs[0][1].k.shape[0]
+    g = Hq // Hkv
+    S = len(segs)
+    lmax = max(s.start + s.n for _, s in segs)
+    kall = np.zeros((S, Hkv, lmax, D), dtype=np.float32)
+    vall = np.zeros((S, Hkv, lmax, D), dtype=np.float32)
+    by_len: dict[int, tuple[list[int], list[int]]] = {}  # L -> (segment indices, rows)
+    for b, (r0, s) in enumerate(segs):
+        end = s.start + s.n
+        kall[b, :, :end] = s.k[:, :end]
+        vall[b, :, :end] = s.v[:, :end]
+        for i in range(s.n):
+            idx, rows = by_len.setdefault(s.start + i + 1, ([], []))
+            idx.append(b)
+            rows.append(r0 + i)
+    for L, (idx, rows) in by_len.items():
+        if len(idx) == S:
+            ks, vs = kall[:, :, :L], vall[:, :, :L]
+        elif len(idx) == 1:
+            ks, vs = kall[idx[0]:idx[0] + 1, :, :L], vall[idx[0]:idx[0] + 1, :, :L]
+        else:
+            ks, vs = kall[idx, :, :L], vall[idx, :, :L]
+        o = _attend(q[rows].reshape(len(rows), Hkv, g, D), ks, vs, scale)
+        out[rows] = o.reshape(len(rows), Hq * D)
 
 
 def attention_block(cfg: ModelConfig, w: AttentionWeights, rope: Rope, x: np.ndarray,
@@ -114,7 +280,9 @@ def attention_block(cfg: ModelConfig, w: AttentionWeights, rope: Rope, x: np.nda
     """Pre-norm self-attention with residual: returns ``x + o_proj(attn(norm(x)))``.
 
     Rows of ``x`` are the segments' tokens, concatenated in order. New keys/values are written
-    into each segment's KV arrays at positions ``start .. start+n-1``.
+    into each segment's KV arrays at positions ``start .. start+n-1``. Multi-token segments
+    (prefill chunks) of several sequences are attended in groups of equal key count
+    (``_attend_grouped``); single tokens (decode) one by one over their own KV arrays.
     """
     T = x.shape[0]
     Hq, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -130,14 +298,26 @@ def attention_block(cfg: ModelConfig, w: AttentionWeights, rope: Rope, x: np.nda
     scale = np.float32(1.0 / np.sqrt(D))
     out = np.empty((T, Hq * D), dtype=np.float32)
     row = 0
+    multi: list[tuple[int, Segment]] = []
     for s in segments:
         s.k[:, s.start:s.start + s.n] = k[row:row + s.n].transpose(1, 0, 2)
         s.v[:, s.start:s.start + s.n] = v[row:row + s.n].transpose(1, 0, 2)
-        for i in range(s.n):
-            L = s.start + i + 1
-            o = _attend_one(q[row + i].reshape(Hkv, g, D), s.k[:, :L], s.v[:, :L], scale)
-            out[row + i] = o.reshape(Hq * D)
+        if s.n > 1:
+            multi.append((row, s))
         row += s.n
+    if len(multi) < 2 or not _fast:
+        multi = []
+    grouped = {id(s) for _, s in multi}
+    row = 0
+    for s in segments:
+        if id(s) not in grouped:
+            for i in range(s.n):
+                L = s.start + i + 1
+                o = _attend(q[row + i].reshape(Hkv, g, D), s.k[:, :L], s.v[:, :L], scale)
+                out[row + i] = o.reshape(Hq * D)
+        row += s.n
+    if multi:
+        _attend_grouped(q, out, multi, scale)
     return x + linear(out, w.wo)
 
 

@@ -40,6 +40,7 @@ from services.kvpool.layout import BlockLayout, kv_ref
 from services.kvpool.staging import StagingArea
 from services.model.cache import ensure_model
 from services.model.engine import SequenceState
+from services.model.layers import warm_tiles
 from services.model.weights import load_model
 from services.pod.spec import PodSpec
 from services.prefill.core import InvalidPrefill, Job, PrefillModel, Result, check, plan_pass
@@ -317,6 +318,7 @@ async def serve(spec: PodSpec, name: str, cfg: PrefillConfig | None = None) -> N
     cfg = cfg or PrefillConfig(batch_max_requests=spec.prefill_batch.max_requests,
                                batch_max_tokens=spec.prefill_batch.max_tokens)
     model_cfg, weights = load_model(ensure_model(spec.model.dir, spec.model.preset, spec.model.seed, spec.cache_dir))
+    warm_tiles(weights)   # probe the GEMM tiles now, not inside the first prompts' TTFT
     server = PrefillServer(PrefillModel(model_cfg, weights), cfg)
     layout = BlockLayout.of(model_cfg, spec.kv_pool.block_size)
     if layout.num_blocks(model_cfg.max_position_embeddings - 1) > spec.kv_pool.staging_blocks:

@@ -62,8 +62,12 @@ async def serve(spec: PodSpec, name: str) -> None:
         front = HttpFront(router, ready=lambda: ready.is_set() and not rt.draining)
         http_bind_host, http_bind_port = bind_address(spec, name, "http").rsplit(":", 1)
         http_port = await front.start(http_bind_host, int(http_bind_port))
+        # Only the roles the router's core acts on (backends, and other routers' queues):
+        # every beat heard costs a wake-up, and experts/attention/KV pool are watched by
+        # the decode masters and attention ranks that use them.
         subscriber = HeartbeatSubscriber(
-            [address(spec, s.name, "heartbeat") for s in services(spec) if s.name != name and s.role != "fabric"],
+            [address(spec, s.name, "heartbeat") for s in services(spec)
+             if s.name != name and s.role in ("router", "prefill", "decode")],
             detector=FailureDetector(DetectorConfig(spec.heartbeat.suspect_after_s, spec.heartbeat.dead_after_s)),
             on_change=router.on_change, on_beat=router.on_beat)
 

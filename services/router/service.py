@@ -18,6 +18,7 @@ import grpc
 
 from services.api.xds.v1 import inference_pb2 as pb
 from services.api.xds.v1 import inference_pb2_grpc as pb_grpc
+from services.common.heartbeat import next_slot
 from services.common.logging import get_logger
 from services.common.rpc import RemoteError, RpcClient, RpcTimeout
 from services.common.status import Code
@@ -44,7 +45,7 @@ def grpc_code(code: Code) -> grpc.StatusCode:
 class Router(pb_grpc.InferenceServicer):
     def __init__(self, name: str, core: RouterCore, model_cfg: ModelConfig, model_name: str,
                  rpc_address: Any, *, prefill_timeout_s: float = 30.0, admit_timeout_s: float = 10.0,
-                 tick_s: float = 0.25) -> None:
+                 tick_s: float = 0.2) -> None:
         self.name, self.core, self.model_cfg, self.model_name = name, core, model_cfg, model_name
         self._rpc_address = rpc_address       # service name -> its rpc address
         self.prefill_timeout_s, self.admit_timeout_s = prefill_timeout_s, admit_timeout_s
@@ -132,7 +133,8 @@ class Router(pb_grpc.InferenceServicer):
                 self._tg = tg
                 self.started.set()
                 while True:
-                    await asyncio.sleep(self._tick_s)
+                    now = time.monotonic()   # on the heartbeats' slots: one wake-up for both
+                    await asyncio.sleep(next_slot(now, self._tick_s) - now)
                     self.apply(self.core.tick(time.monotonic()))
         finally:
             for c in self._clients.values():

@@ -75,3 +75,20 @@ def test_openai_backend_on_the_routers_http_api_matches_the_reference(pod: TestP
                 "--temperature", "0.8", "--compare-reference", "--model", pod.model_dir)
     check_runs(res, ["inf"], 5)
     assert res["backend"] == "openai" and res["pod"]["output_tokens"] == res["reference"]["output_tokens"]
+
+
+def test_ready_file_run_reports_cpu_per_token_and_the_step_profile(pod: TestPod, tmp_path: Path) -> None:
+    """With the pod's ready file (its PIDs) and spec, the JSON says how much CPU each role spent,
+    per output token against the reference's, and what one MoE layer's dispatch cost."""
+    ready = tmp_path / "ready.json"
+    ready.write_text(json.dumps(pod.ready_info()))
+    res = bench("--ready-file", str(ready), "--pod", str(pod.spec_file), "--num-prompts", "6",
+                "--max-concurrency", "3", "--max-tokens", "8", "--prompt-len", "24", "--compare-reference",
+                "--model", pod.model_dir, "--goodput", "ttft:60000")
+    check_runs(res, ["inf"], 6)
+    cpu = res["cpu"]
+    assert cpu["cpu_s"] > 0 and cpu["cores_busy"] > 0 and cpu["cpu_ms_per_output_token"] > 0
+    assert {"expert", "attention", "decode", "router", "prefill"} <= set(cpu["cpu_s_by_role"])
+    assert res["reference"]["cpu_ms_per_output_token"] > 0 and res["ratios"]["pod_over_reference_cpu_per_token"] > 0
+    prof = res["step_profile"]
+    assert prof["attention_steps"] > 0 and prof["a2e_dispatch_ms_per_moe_layer"] > 0

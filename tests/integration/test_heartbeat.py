@@ -62,7 +62,7 @@ async def test_detects_hang_ignores_wakeup_and_sees_restart(address) -> None:
     changes: asyncio.Queue = asyncio.Queue()
     beats: asyncio.Queue = asyncio.Queue()
     sub = HeartbeatSubscriber([address], detector=FailureDetector(DetectorConfig(0.2, 0.5)),
-                              on_change=changes.put_nowait, on_beat=beats.put_nowait, tick_s=0.02)
+                              on_change=changes.put_nowait, on_beat=beats.put_nowait)
     task = asyncio.create_task(sub.run())
     try:
         procs.append(start_publisher(address))
@@ -114,7 +114,7 @@ async def test_a_publisher_silent_past_dead_after_ends_its_incarnation(address) 
     changes: asyncio.Queue = asyncio.Queue()
     beats: asyncio.Queue = asyncio.Queue()
     sub = HeartbeatSubscriber([address], detector=FailureDetector(DetectorConfig(0.2, 0.5)),
-                              on_change=changes.put_nowait, on_beat=beats.put_nowait, tick_s=0.02)
+                              on_change=changes.put_nowait, on_beat=beats.put_nowait)
     task = asyncio.create_task(sub.run())
     p = subprocess.Popen([sys.executable, "-c", STALE_PUBLISHER, address], stdout=subprocess.PIPE, text=True)
     try:

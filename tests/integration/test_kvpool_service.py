@@ -299,7 +299,9 @@ async def test_lru_eviction_and_a_full_pool(make_pod, open_sides, engine) -> Non
     assert beat.load == {"free_blocks": 0.0, "ready_blocks": 8.0, "pinned_blocks": 8.0, "writing_blocks": 0.0,
                          "hits": float(st.hits), "misses": float(st.misses), "evictions": 8.0,
                          # every XCCL service's beat also carries its fabric client's state
-                         "fabric_modelled": 1.0, "fabric_unmodelled_transfers": 0.0, "fabric_outages": 0.0}
+                         "fabric_modelled": 1.0, "fabric_unmodelled_transfers": 0.0, "fabric_outages": 0.0,
+                         # on the shared link table (the pool itself starts no transfer)
+                         "fabric_local": 1.0, "fabric_local_reserves": 0.0}
     await c.release("c")
     ref = await c.store(seqs["e"], kvs["e"], "e")
     assert_bitwise(await c.load(ref, "e"), kvs["e"], 4 * BS)

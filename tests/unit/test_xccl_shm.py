@@ -188,3 +188,19 @@ def test_closing_a_file_doorbell_never_removes_a_successors_file(bell_dir):
     ringer.close()
     second.close()
     assert os.listdir(bell_dir) == []
+
+
+async def test_idle_safety_poll_backs_off_and_a_doorbell_restores_it(shm: XNet, monkeypatch):
+    """An endpoint that hears no doorbell stretches its safety-net poll (an idle pod must not wake
+    every poll_s); the first doorbell brings it back, and nothing is missed meanwhile."""
+    import xccl_net.shm_endpoint as se
+    from xccl_net.errors import XcclTimeout
+    monkeypatch.setattr(se, "IDLE_POLL_MAX_S", 0.08)
+    a, b = await shm.open("a"), await shm.open("b")
+    with pytest.raises(XcclTimeout):
+        await a.recv(timeout_s=0.4)                  # idle: ticks at 0.02, 0.04, 0.08, 0.08 ...
+    assert a._idle_poll_s == 0.08
+    await b.send("a", [b"wake"])                     # acked only once a heard the doorbell
+    src, frames = await a.recv(timeout_s=1.0)
+    assert (src, bytes(frames[0])) == ("b", b"wake")
+    assert a._idle_poll_s == a.cfg.poll_s
