@@ -180,3 +180,22 @@ async def test_offers_withdrawn_while_the_peer_process_writes_lose_and_duplicate
         assert parent.stats["recvs_into_sender_wrote"] >= 15 and not parent._draining
     finally:
         await parent.close()
+
+
+async def test_a_message_half_received_into_a_fresh_buffer_moves_into_a_late_post(namespace, children):
+    parent = await _open_parent("shm", namespace)
+    try:
+        child = children("shm", namespace, "child")
+        await child.ready()
+        big = np.random.default_rng(11).integers(0, 256, 16 * MIB, dtype=np.uint8)
+        await parent.send("child", [big], timeout_s=10)  # nothing posted: the echo starts fresh
+        _hold_loop_until_ring_full(parent, "child")
+        parent._pump()  # consume what the ring holds now: a partial message in a fresh buffer
+        assert parent.stats["recvs_into_direct"] == 0 and not parent._inbox
+        buf = np.zeros(16 * MIB + 4096, dtype=np.uint8)
+        src, got, _ = await parent.recv_into("child", buf, timeout_s=10)  # adopts it: copied once
+        assert [bytes(f) for f in got] == [big.tobytes()]
+        assert np.shares_memory(np.frombuffer(got[0], dtype=np.uint8), buf)
+        assert parent.stats["recvs_into_direct"] == 1 and parent.stats["recvs_into_copied"] == 0
+    finally:
+        await parent.close()
