@@ -209,10 +209,10 @@ async def _xccl_echo_peer(kind: str, namespace: str, run_dir: str, *, fabric_add
 
     private_buf = np.empty(INTO_BUFFER_BYTES, dtype=np.uint8)
     private_buf[:] = 0  # pre-touched: the caller's buffer of a real receiver is warm and reused
-    into_buf = private_buf
 
     async def serve() -> None:
         into_src: str | None = None
+        into_buf = private_buf
         posted = None  # the receive posted for into_src ahead of its next message
         while True:
             try:
