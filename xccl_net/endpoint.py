@@ -11,6 +11,13 @@ Invariants:
   the ring instead of losing data;
 - with a non-ideal fabric, bytes become visible to the receiver no earlier than the
   delay the fabric reserved (``fabric.wait_until`` never returns early).
+
+Receiving into the caller's buffer (``recv_into`` / ``post_recv``, see ``PostedRecv``): while
+a receive from peer P is posted, P's next message goes into that buffer -- on shm the ring
+chunks are gathered straight into it (one copy, no allocation); a message of P that was
+already (being) received into a fresh buffer before the post is copied into it once. A shm
+buffer inside one of our windows is offered to P, which writes its message straight into it
+(one copy end to end, as put).
 """
 
 from __future__ import annotations
@@ -27,8 +34,9 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from services.common.config import ConfigError
-from xccl_net.errors import EndpointClosed, PeerUnreachable, WindowError, XcclError, XcclTimeout
-from xccl_net.p2p_core import KIND_DATA, as_byte_views, frame_prefix
+from xccl_net.errors import BufferTooSmall, EndpointClosed, PeerUnreachable, WindowError, XcclError, XcclTimeout
+from xccl_net.p2p_core import KIND_DATA, as_byte_views, frame_prefix, pack_into
+from xccl_net.posted_recv import PostedRecv, Received
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,48}$")
 MAX_WINDOWS = 16
@@ -109,13 +117,16 @@ class Endpoint(ABC):
         self._notes: deque[Notification] = deque()
         self._recv_waiters: list[asyncio.Future[bool]] = []
         self._note_waiters: list[asyncio.Future[bool]] = []
+        self._posts: dict[str, PostedRecv] = {}
+        self._draining: dict[int, PostedRecv] = {}  # released posts a peer is still writing into
         # The safety-net period of parked receives: cfg.poll_s; a transport that knows it is
         # idle may stretch it (ShmEndpoint._tick) and shrinks it back on activity.
         self._idle_poll_s = cfg.poll_s
         self.stats: dict[str, int] = dict.fromkeys((
             "bytes_sent", "bytes_received", "sends", "recvs", "puts", "gets", "put_bytes", "get_bytes",
             "notifies_received", "ring_waits", "doorbells_rung", "doorbells_received",
-            "duplicates_discarded", "protocol_errors", "inbox_peak"), 0)
+            "duplicates_discarded", "protocol_errors", "inbox_peak", "recvs_into_direct",
+            "recvs_into_copied", "recvs_into_too_small", "recvs_into_sender_wrote"), 0)
 
     # ---------------------------------------------------------------- subclass hooks
     @abstractmethod
@@ -142,12 +153,64 @@ class Endpoint(ABC):
     def _on_inbox_space(self) -> None:
         """The application consumed from a full inbox: resume copying out of the rings."""
 
+    def _on_post(self, post: PostedRecv) -> None:
+        """A receive was posted and nothing of its peer waits in the inbox: a message of that
+        peer already being gathered into a fresh buffer may move into it (``adopt``)."""
+
+    def _withdraw(self, post: PostedRecv) -> bool:
+        """Stop offering ``post``'s buffer to its peer; True when the peer already took it (it
+        is writing a message into it). Transports without direct writes: always False."""
+        return False
+
+    def _taken(self, post: PostedRecv) -> bool:
+        """Does the peer (still) claim ``post``'s withdrawn buffer?"""
+        return False
+
+    def _writer_error(self, post: PostedRecv) -> XcclError | None:
+        """A message is being gathered into ``post``'s buffer: is its writer gone? (None: no)"""
+        return None
+
+    # ---------------------------------------------------------------- posted receives (used by subclasses)
+    def _take_post(self, src: str, total: int, holder: Any, tag: Any = None) -> np.ndarray | None:
+        """A ``Reassembler`` claim: the posted buffer of ``src`` for a message of ``total`` bytes
+        starting now, or None (no post, or too small: the message goes to a fresh buffer and
+        the post fails with BufferTooSmall when it completes)."""
+        post = self._posts.get(src)
+        if post is None or total > post.buffer.nbytes or post.state == "incoming":
+            return None
+        if post.state == "filling" and post.holder is not holder:
+            return None
+        if post.state == "posted" and self._withdraw(post):
+            post.state = "incoming"  # cannot happen (a writer only takes it with nothing unacked)
+            return None
+        # posted, or filling by the same reassembler whose partial message the sender abandoned
+        post.state, post.holder, post.holder_tag = "filling", holder, tag
+        post.target = post.buffer[:total]
+        return post.target
+
+    def _abandon(self, holder: Any, why: XcclError) -> None:
+        """``holder`` (a reassembler) is discarded: a post it was filling fails with ``why``."""
+        for post in list(self._posts.values()):
+            if post.holder is holder and post.state == "filling":
+                post._finish(None, why)
+
     # ---------------------------------------------------------------- inbox (used by subclasses)
     def _inbox_has_room(self, kind: int = KIND_DATA) -> bool:
         q = self._inbox if kind == KIND_DATA else self._notes
         return len(q) < self.cfg.inbox_max
 
-    def _deliver(self, src: str, frames: list[memoryview], nbytes: int) -> None:
+    def _deliver(self, src: str, frames: list[memoryview], nbytes: int, into: bool = False,
+                 how: str = "direct") -> None:
+        post = self._posts.get(src)
+        if into:  # gathered straight into the posted buffer ("direct"), or written there by src
+            assert post is not None and post.state == "filling"
+            self.stats["bytes_received"] += nbytes
+            self.stats[f"recvs_into_{how}"] += 1
+            post._finish(Received(src, frames, nbytes), None)
+            return
+        if post is not None and post.state == "posted" and self._fill(post, src, frames):
+            self.stats["bytes_received"] += nbytes
+            return
         self._inbox.append((src, frames, None))
         self.stats["bytes_received"] += nbytes
         self.stats["inbox_peak"] = max(self.stats["inbox_peak"], len(self._inbox))
@@ -157,6 +220,10 @@ class Endpoint(ABC):
         # Errors bypass the bound: there is at most one per violating chunk already consumed.
         exc.peer = src  # type: ignore[attr-defined]
         self.stats["protocol_errors"] += 1
+        post = self._posts.get(src)
+        if post is not None:  # the error is about the message the post waits for
+            post._finish(None, exc)
+            return
         self._inbox.append((src, None, exc))
         self._wake(self._recv_waiters)
 
@@ -244,6 +311,75 @@ class Endpoint(ABC):
             if not woken:
                 self._poll()
 
+    def _direct_post(self, src: str, seq: int) -> tuple[PostedRecv, bool] | None:
+        """The post ``src`` wrote a message into (published as ``seq``), and whether it was
+        released meanwhile (then the message is copied out to the inbox)."""
+        post = self._posts.get(src)
+        if post is not None and seq and post.direct_seq == seq and post.state in ("posted", "incoming"):
+            return post, False
+        post = self._draining.get(seq) if seq else None
+        if post is not None and post.peer == src:
+            del self._draining[seq]
+            return post, True
+        return None
+
+    def _fill(self, post: PostedRecv, src: str, frames: list[memoryview]) -> bool:
+        """Copy a message received in a fresh buffer into ``post`` (once); False when it does
+        not fit: the post fails with BufferTooSmall and the message stays for the next recv."""
+        try:
+            views, used = pack_into(post.buffer, frames)
+        except BufferTooSmall as exc:
+            self.stats["recvs_into_too_small"] += 1
+            post._finish(None, BufferTooSmall(exc.needed, exc.have, src))
+            return False
+        self.stats["recvs_into_copied"] += 1
+        post._finish(Received(src, views, used), None)
+        return True
+
+    def post_recv(self, peer: str, buffer: Any) -> PostedRecv:
+        """Post ``buffer`` (writable, C-contiguous) for the next message from ``peer``; collect
+        it with ``await posted.wait(timeout_s=...)``. Posting before the peer sends is what
+        makes the receive direct (ring -> buffer). One post per peer at a time."""
+        self._check_open()
+        mv = memoryview(buffer)
+        if mv.readonly or not mv.c_contiguous:
+            raise WindowError("recv_into needs a writable C-contiguous buffer")
+        arr = np.frombuffer(mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv, dtype=np.uint8)
+        if peer in self._posts:
+            raise WindowError(f"{self.name}: a receive from {peer} is already posted")
+        for seq, old in list(self._draining.items()):
+            if old.peer == peer and not self._taken(old):  # the writer's claim was taken back
+                del self._draining[seq]
+        post = PostedRecv(self, peer, arr)
+        for i, (src, frames, err) in enumerate(self._inbox):
+            if src != peer:
+                continue
+            # P's oldest waiting message is the next one: copy it now (once) or leave it.
+            if err is not None or self._fill_ok(post, src, frames):  # type: ignore[arg-type]
+                was_full = len(self._inbox) >= self.cfg.inbox_max
+                del self._inbox[i]
+                if was_full:
+                    self._on_inbox_space()
+                if err is not None:
+                    post._finish(None, err)
+            return post
+        self._posts[peer] = post
+        self._on_post(post)
+        return post
+
+    def _fill_ok(self, post: PostedRecv, src: str, frames: list[memoryview]) -> bool:
+        self._posts[src] = post  # _finish unregisters it
+        return self._fill(post, src, frames)
+
+    async def recv_into(self, peer: str, buffer: Any, *, timeout_s: float = 5.0) -> Received:
+        """Receive the next message from ``peer`` into ``buffer`` (see ``PostedRecv``):
+        ``BufferTooSmall`` names both sizes and keeps the message for the next recv;
+        ``XcclTimeout`` releases the buffer (a later message is never written into it)."""
+        post = self.post_recv(peer, buffer)
+        msg = await post.wait(timeout_s=timeout_s)
+        self.stats["recvs"] += 1
+        return msg
+
     async def recv_notify(self, *, timeout_s: float = 5.0) -> Notification:
         self._check_open()
         deadline = self._loop.time() + timeout_s
@@ -285,6 +421,8 @@ class Endpoint(ABC):
         if self._closed:
             return
         self._closed = True
+        for post in list(self._posts.values()):
+            post._finish(None, EndpointClosed(f"endpoint {self.name} is closed"))
         self._wake(self._recv_waiters)
         self._wake(self._note_waiters)
         await self._close()
@@ -344,4 +482,5 @@ async def open_endpoint(cfg: EndpointConfig, fabric: Any = None, hub: Any = None
     return ep
 
 
-__all__ = ["Endpoint", "EndpointConfig", "Notification", "open_endpoint", "PeerUnreachable", "window_slice"]
+__all__ = ["Endpoint", "EndpointConfig", "Notification", "PostedRecv", "Received", "open_endpoint",
+           "PeerUnreachable", "window_slice"]

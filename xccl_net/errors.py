@@ -63,6 +63,15 @@ class WindowError(XcclError):
     """Bad window name, offset or size for put/get (local misuse)."""
 
 
+class BufferTooSmall(XcclError):
+    """A received message does not fit the buffer given to ``recv_into`` (the message is kept:
+    the next ``recv``/``recv_into`` from that peer gets it)."""
+
+    def __init__(self, needed: int, have: int, peer: str = "") -> None:
+        super().__init__(f"message{' from ' + peer if peer else ''} needs {needed} B, buffer holds {have} B")
+        self.needed, self.have, self.peer = needed, have, peer
+
+
 class ProtocolError(XcclError):
     """A peer violated the XCCL protocol."""
 

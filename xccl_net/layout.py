@@ -48,6 +48,9 @@ H_MAX_PEERS, H_RING_SLOTS, H_SLOT_BYTES, H_N_WINDOWS, H_BELL_PENDING, H_TOTAL = 
 # peer entry words (u64 index relative to the first word after the name)
 P_CLAIMED, P_WRITER_INC, P_TAIL, P_EVENT, P_CHUNK = 0, 1, 2, 3, 4
 P_OUT_HEAD, P_OUT_ACKED, P_NACK_EVENT, P_NACK_CODE, P_READER_INC = 5, 6, 7, 8, 9
+# A receive posted in a window of the peer (written by the peer, as the other fields): where the
+# writer may put its next message directly (shm_endpoint ``_publish``); and the writer's claim of it.
+P_POST_SEQ, P_POST_OFF, P_POST_LEN, P_TAKEN, P_POST_INC = 10, 11, 12, 13, 14
 
 # slot header words
 S_EVENT, S_CHUNK, S_NCHUNKS, S_TOTAL, S_NBYTES, S_KIND, S_FLAGS, S_CHECK = range(8)

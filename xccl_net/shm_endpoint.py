@@ -3,8 +3,12 @@
 send: the sender copies the payload into the ring that lives in the RECEIVER's segment
 (one memcpy per chunk), publishes the tail, rings the receiver's doorbell; the receiver
 checks each slot (p2p_core.Reassembler), copies ring -> a fresh buffer handed to the
-application, and acknowledges by writing head / acked event (or a NACK) into the SENDER's
-segment, then rings the sender. put/get are plain memcpys into/out of the peer's window.
+application (or, when the application posted a buffer for that peer with ``recv_into`` /
+``post_recv``, straight into that buffer: one copy, no allocation), and acknowledges by
+writing head / acked event (or a NACK) into the SENDER's segment, then rings the sender.
+A posted buffer inside one of the receiver's windows is offered to the sender instead
+(``_publish``): the sender writes the message into it and rings only a 16 B record.
+put/get are plain memcpys into/out of the peer's window.
 
 Wake-ups are the cost (MEASUREMENTS.md), so doorbells are coalesced: a ringer sets the
 owner's bell-pending word and only sends a datagram if it was clear; rings issued while
@@ -26,17 +30,18 @@ import msgpack
 import numpy as np
 
 from xccl_net.doorbell import Doorbell, Ringer, bell_address, full_fence
-from xccl_net.endpoint import Endpoint, EndpointConfig, Notification, window_slice
+from xccl_net.endpoint import Endpoint, EndpointConfig, Notification, PostedRecv, window_slice
 from xccl_net.errors import CorruptMetadata, PeerUnreachable, ProtocolError, WindowError, XcclError
 from xccl_net.layout import (
     H_BELL_PENDING, H_INCARNATION, H_STATE, P_CHUNK, P_CLAIMED, P_EVENT, P_NACK_CODE, P_NACK_EVENT,
-    P_OUT_ACKED, P_OUT_HEAD, P_READER_INC, P_TAIL, P_WRITER_INC, S_CHECK, S_CHUNK, S_EVENT, S_FLAGS,
-    S_KIND, S_NBYTES, S_NCHUNKS, S_TOTAL, SLOT_HEADER_BYTES, STATE_CLOSED, STATE_OPEN, Geometry,
+    P_OUT_ACKED, P_OUT_HEAD, P_POST_INC, P_POST_LEN, P_POST_OFF, P_POST_SEQ, P_READER_INC, P_TAIL, P_TAKEN,
+    P_WRITER_INC, S_CHECK, S_CHUNK, S_EVENT, S_FLAGS, S_KIND, S_NBYTES, S_NCHUNKS, S_TOTAL,
+    SLOT_HEADER_BYTES, STATE_CLOSED, STATE_OPEN, Geometry,
     claim_entry, entry_name, slot_check,
 )
 from xccl_net.p2p_core import (
-    FLAG_RESET, KIND_DATA, KIND_NOTIFY, NACK_CODES, NACK_ERRORS, ChunkHeader, Delivered, Discarded,
-    Reassembler, Violation, gather_into, n_chunks_for, split_message,
+    FLAG_DIRECT, FLAG_RESET, KIND_DATA, KIND_NOTIFY, NACK_CODES, NACK_ERRORS, ChunkHeader, Delivered,
+    Discarded, Reassembler, Violation, direct_record, gather_into, n_chunks_for, parse_direct, split_message,
 )
 from xccl_net.shm_segment import Segment, create_segment, map_peer, pid_alive, pretouch, segment_path
 
@@ -58,6 +63,7 @@ class _Link:
     tail: int = 0
     next_event: int = 1
     need_reset: bool = False
+    taken: int = 0          # last post of the peer we wrote a message straight into
     dead: XcclError | None = None
     waiters: list = field(default_factory=list)
     lock: object = None
@@ -91,6 +97,8 @@ class ShmEndpoint(Endpoint):
         self._tick_handle: asyncio.TimerHandle | None = None
         self._bells_at_tick = 0
         self._claimed_words = [self._geo.entry_word(i, P_CLAIMED) for i in range(cfg.max_peers)]
+        self._seg_addr = 0
+        self._post_seq = 0
 
     # ---------------------------------------------------------------- lifecycle
     async def _open(self) -> None:
@@ -99,6 +107,9 @@ class ShmEndpoint(Endpoint):
         self._bell = Doorbell(self.cfg.namespace, self.name, self.cfg.bell_dir)
         self._seg = create_segment(segment_path(self.cfg.namespace, self.name), self._geo,
                                    npu=self.npu, incarnation=self._incarnation)
+        probe = np.frombuffer(self._seg.mm, dtype=np.uint8, count=1)
+        self._seg_addr = probe.ctypes.data
+        del probe
         for wname, (off, size) in self._geo.window_offsets().items():
             if self.cfg.pretouch_windows:
                 pretouch(self._seg.mm, off, size, write=True)
@@ -285,7 +296,10 @@ class ShmEndpoint(Endpoint):
             return
         st = self._inbound.get(idx)
         if st is None or st.writer_inc != inc:
-            st = _Inbound(entry_name(buf, geo, idx), inc, Reassembler(geo.slot_bytes, self.cfg.max_message_bytes))
+            if st is not None:
+                self._abandon(st.reasm, PeerUnreachable(
+                    f"{self.name}: {st.name} restarted in the middle of a message to a posted buffer"))
+            st = self._new_inbound(entry_name(buf, geo, idx), inc)
             self._inbound[idx] = st
             pretouch(self._seg.mm, geo.ring_off(idx), geo.ring_bytes, write=False)
         tail_word = geo.entry_word(idx, P_TAIL)
@@ -329,12 +343,77 @@ class ShmEndpoint(Endpoint):
         if st.head != start or nack is not None:
             self._acknowledge(st, nack)
 
+    def _new_inbound(self, name: str, writer_inc: int) -> _Inbound:
+        reasm = Reassembler(self._geo.slot_bytes, self.cfg.max_message_bytes,
+                            claim=lambda total: self._take_post(name, total, reasm, writer_inc))
+        return _Inbound(name, writer_inc, reasm)
+
+    def _on_post(self, post: PostedRecv) -> None:
+        for st in self._inbound.values():
+            if st.name == post.peer and st.reasm.adopt():
+                return
+        self._publish(post)
+
+    def _publish(self, post: PostedRecv) -> None:
+        """A buffer inside one of our windows: offer it to the peer, which may then write its
+        next message straight into it (one copy end to end, as put) instead of into the ring."""
+        assert self._seg is not None
+        off = post.buffer.ctypes.data - self._seg_addr
+        if not (self._geo.windows_off <= off and off + post.buffer.nbytes <= self._geo.total_bytes):
+            return  # private memory: the ring path (one copy on each side)
+        try:
+            link = self._link(post.peer)
+        except PeerUnreachable:
+            return  # not there yet: its message will come through the ring
+        self._post_seq += 1
+        pw, e = link.seg.words, lambda f: link.geo.entry_word(link.remote_idx, f)
+        pw[e(P_POST_INC)] = self._incarnation  # a restarted us never inherits an old offer
+        pw[e(P_POST_OFF)] = off
+        pw[e(P_POST_LEN)] = post.buffer.nbytes
+        pw[e(P_POST_SEQ)] = self._post_seq  # commit: the writer reads the offset after this
+        post.published, post.direct_seq, post.holder_tag = link, self._post_seq, link.incarnation
+
+    def _withdraw(self, post: PostedRecv) -> bool:
+        link = post.published
+        if link is None:
+            return False
+        post.published = None
+        if link.dead is not None:
+            return False  # a dead writer writes nothing more
+        link.seg.words[link.geo.entry_word(link.remote_idx, P_POST_SEQ)] = 0
+        full_fence()  # Dekker with the writer's "store P_TAKEN, fence, re-read P_POST_SEQ"
+        post.taken_at = self._geo.entry_word(link.local_idx, P_TAKEN)
+        return self._taken(post)
+
+    def _taken(self, post: PostedRecv) -> bool:
+        return self._seg is not None and bool(self._seg.words[post.taken_at] == post.direct_seq)
+
+    def _writer_error(self, post: PostedRecv) -> XcclError | None:
+        """The writer of a message half-gathered into (or being written to) a posted buffer
+        died or restarted?"""
+        peer, inc = post.peer, post.holder_tag
+        link = self._links.get(peer)
+        try:
+            if link is None:
+                link = self._link(peer)
+            else:
+                self._check_link(link)
+        except PeerUnreachable as exc:
+            return PeerUnreachable(f"{self.name}: {peer} died in the middle of a message to a posted "
+                                   f"buffer ({exc})")
+        if link.incarnation != inc:
+            return PeerUnreachable(f"{self.name}: {peer} restarted in the middle of a message to a "
+                                   "posted buffer")
+        return None
+
     def _apply(self, src: str, eff: object) -> tuple[int, int] | None:
         """Carry out one reassembler effect; returns (event, nack code) for a violation."""
         if isinstance(eff, Delivered):
             try:
-                if eff.kind == KIND_DATA:
-                    self._deliver(src, split_message(eff.data), memoryview(eff.data).nbytes)
+                if eff.direct:
+                    self._apply_direct(src, eff)
+                elif eff.kind == KIND_DATA:
+                    self._deliver(src, split_message(eff.data), memoryview(eff.data).nbytes, eff.into)
                 else:
                     win, off, nbytes, note = msgpack.unpackb(eff.data)
                     self._deliver_notify(Notification(src, str(win), int(off), int(nbytes), bytes(note)))
@@ -348,6 +427,21 @@ class ShmEndpoint(Endpoint):
         if isinstance(eff, Discarded):
             self.stats["duplicates_discarded"] += 1
         return None
+
+    def _apply_direct(self, src: str, eff: Delivered) -> None:
+        seq, nbytes = parse_direct(eff.data)
+        found = self._direct_post(src, seq)
+        if found is None or nbytes > found[0].buffer.nbytes:
+            raise CorruptMetadata(f"{src} wrote {nbytes} B directly into post {seq}, "
+                                  "which is not one it was offered")
+        post, released = found
+        view = post.buffer[:nbytes]
+        if released:  # the caller took the buffer back while src was writing: a copy, to the inbox
+            self._deliver(src, split_message(np.array(view)), nbytes)
+            return
+        self._withdraw(post)
+        post.state = "filling"
+        self._deliver(src, split_message(view), nbytes, True, "sender_wrote")
 
     def _acknowledge(self, st: _Inbound, nack: tuple[int, int] | None, *, now: bool = False) -> None:
         try:
@@ -382,6 +476,10 @@ class ShmEndpoint(Endpoint):
             flags = FLAG_RESET if link.need_reset else 0
             link.need_reset = True  # until the last chunk is in: a timeout leaves a partial message
             pw, pbuf = link.seg.words, link.seg.buf
+            if kind == KIND_DATA and total > geo.slot_bytes:
+                record = self._send_direct(link, ev, pieces, total)
+                if record is not None:  # the message is in the peer's buffer: the ring says where
+                    pieces, total, n, flags = [memoryview(record)], len(record), 1, flags | FLAG_DIRECT
             for k in range(n):
                 while link.tail - ow[head_word] >= geo.ring_slots:
                     self.stats["ring_waits"] += 1
@@ -416,6 +514,29 @@ class ShmEndpoint(Endpoint):
             if ow[acked_word] >= ev:
                 return
             await self._wait_link(link)
+
+    def _send_direct(self, link: _Link, ev: int, pieces: list[memoryview], total: int) -> bytes | None:
+        """Write message ``ev`` straight into the buffer the peer posted for us, if it offered
+        one that fits and every earlier message was consumed (so none of them can still be
+        headed for that buffer). Returns the ring record, or None (use the ring)."""
+        ow, e = self._seg.words, lambda f: self._geo.entry_word(link.local_idx, f)  # type: ignore[union-attr]
+        seq = ow[e(P_POST_SEQ)]
+        if (not seq or seq == link.taken or ow[e(P_OUT_ACKED)] != ev - 1 or ow[e(P_POST_LEN)] < total
+                or ow[e(P_POST_INC)] != link.incarnation):
+            return None
+        off = ow[e(P_POST_OFF)]
+        if off < link.geo.windows_off or off + total > link.geo.total_bytes:
+            return None  # not in the peer's windows: never write there
+        link.seg.words[link.geo.entry_word(link.remote_idx, P_TAKEN)] = seq
+        link.taken = seq
+        full_fence()  # Dekker with the receiver's "clear P_POST_SEQ, fence, read P_TAKEN"
+        if ow[e(P_POST_SEQ)] != seq:
+            # Withdrawn meanwhile. The receiver may have seen our claim: take it back, so it
+            # stops waiting for a write that will not come.
+            link.seg.words[link.geo.entry_word(link.remote_idx, P_TAKEN)] = 0
+            return None
+        gather_into(link.seg.buf[off:off + total], pieces, 0)
+        return direct_record(seq, total)
 
     async def _put(self, peer: str, window: str, offset: int, data: memoryview, notify: bytes | None) -> None:
         link = self._link(peer)

@@ -28,7 +28,7 @@ READY_TIMEOUT_S = 20.0
 STOP_GRACE_S = 3.0
 P2P_SLOT_BYTES = MIB
 P2P_RING_SLOTS = 32
-ECHO, SINK, STAMP = b"E", b"S", b"T"
+ECHO, SINK, STAMP, INTO = b"E", b"S", b"T", b"I"
 GRPC_METHOD = "/xds.bench.Sink/Push"
 GRPC_MAX = 128 * MIB
 # Children log warnings only: stderr of the bench stays readable.
@@ -171,6 +171,8 @@ async def _grpc_sink_peer() -> None:
 
 # The echo peer's registered window: the target of one-sided put bandwidth runs.
 BULK_WINDOW_BYTES = 64 << 20
+# The echo peer's receive buffer in INTO mode: the largest bandwidth message plus its frame table.
+INTO_BUFFER_BYTES = (64 << 20) + 4096
 
 
 def endpoint_config(kind: str, name: str, namespace: str, npu: int, run_dir: str, *,
@@ -186,7 +188,12 @@ def endpoint_config(kind: str, name: str, namespace: str, npu: int, run_dir: str
 async def _xccl_echo_peer(kind: str, namespace: str, run_dir: str, *, fabric_address: str | None = None,
                           directory: dict[str, str] | None = None) -> None:
     """ECHO: send the frames back; SINK: swallow (bandwidth runs); STAMP: reply with the
-    ``time.monotonic()`` at which the message became visible here (fidelity runs)."""
+    ``time.monotonic()`` at which the message became visible here (fidelity runs).
+    ``[INTO, b"1"]``: from now on receive that sender's messages with ``recv_into`` into one
+    pre-touched reused private buffer (posted before the reply, so the next message goes
+    straight in); ``[INTO, b"w"]``: the same into a buffer in our registered window "into"
+    (shm: the sender writes the message straight into it); ``[INTO, b"0"]``: back to ``recv``;
+    each is answered ``[INTO, json of our stats]``."""
     from xccl_net.endpoint import open_endpoint
     from xccl_net.errors import XcclTimeout
 
@@ -195,22 +202,45 @@ async def _xccl_echo_peer(kind: str, namespace: str, run_dir: str, *, fabric_add
         from xccl_net.fabric_client import FabricClient
         fabric = await FabricClient.connect(fabric_address, name="echo", npu=1, timeout_s=5.0)
     cfg = endpoint_config(kind, "echo", namespace, 1, run_dir, slot_bytes=P2P_SLOT_BYTES,
-                          ring_slots=P2P_RING_SLOTS, directory=directory, windows={"bulk": BULK_WINDOW_BYTES})
+                          ring_slots=P2P_RING_SLOTS, directory=directory,
+                          windows={"bulk": BULK_WINDOW_BYTES, "into": INTO_BUFFER_BYTES})
     ep = await open_endpoint(cfg, fabric=fabric)
     _announce(getattr(ep, "address", "") or "echo")
 
+    private_buf = np.empty(INTO_BUFFER_BYTES, dtype=np.uint8)
+    private_buf[:] = 0  # pre-touched: the caller's buffer of a real receiver is warm and reused
+
     async def serve() -> None:
+        into_src: str | None = None
+        into_buf = private_buf
+        posted = None  # the receive posted for into_src ahead of its next message
         while True:
             try:
-                src, frames = await ep.recv(timeout_s=3600.0)
+                if into_src is not None:
+                    if posted is None:
+                        posted = ep.post_recv(into_src, into_buf)
+                    src, frames, _ = await posted.wait(timeout_s=3600.0)
+                else:
+                    src, frames = await ep.recv(timeout_s=3600.0)
             except XcclTimeout:
                 continue
+            finally:
+                posted = None  # waited for: done, or released by the timeout
             seen_at = time.monotonic()
             tag = bytes(frames[0])
             if tag == ECHO:
                 await ep.send(src, frames, timeout_s=30.0)
             elif tag == STAMP:
                 await ep.send(src, [STAMP, np.array([seen_at], dtype=np.float64)], timeout_s=30.0)
+            elif tag == INTO:
+                mode = bytes(frames[1])
+                into_src = None if mode == b"0" else src
+                into_buf = ep.window("into") if mode == b"w" else private_buf
+                reply = [INTO, json.dumps(ep.stats).encode()]
+                if into_src is not None:
+                    # Post before replying: the sender's next message goes straight into the buffer.
+                    posted = ep.post_recv(into_src, into_buf)
+                await ep.send(src, reply, timeout_s=30.0)
 
     try:
         await _serve_until_terminated(serve)

@@ -59,11 +59,17 @@ def test_bench_xccl_quick_reports_every_section(bench_run):
     for size in ("1048576", "16777216"):
         _positive(res["p2p"]["shm"]["bandwidth"][size], "median_us", "gbps")
         _positive(res["p2p"]["shm"]["put_bandwidth"][size], "median_us", "gbps")
+        for key in ("into_bandwidth", "into_window_bandwidth"):  # recv_into: private / window buffer
+            _positive(res["p2p"]["shm"][key][size], "median_us", "gbps")
+        # the window run really used the one-copy path (how often is reported, not asserted: a
+        # send may start before the peer re-posted its buffer)
+        assert res["p2p"]["shm"]["into_window_bandwidth"][size]["receives"]["sender_wrote"] >= 1
     assert res["dispatch"] and all(d["median_us"] > 0 and d["p99_us"] >= d["median_us"] for d in res["dispatch"])
     fid = res["fidelity"]
     assert fid["transfers"] > 0 and fid["target_min_ms"] >= 5.0
     assert 0 <= fid["rel_error_median"] <= fid["rel_error_max"]
-    _positive(res["ratios"], "bw16_p2p_over_shm_copy", "bw16_put_over_shm_copy", "rtt64_p2p_over_zmq_asyncio",
+    _positive(res["ratios"], "bw16_p2p_over_shm_copy", "bw16_p2p_into_over_shm_copy",
+              "bw16_p2p_into_window_over_shm_copy", "bw16_put_over_shm_copy", "rtt64_p2p_over_zmq_asyncio",
               "transfer16_grpc_over_p2p")
     names = {t["name"] for t in res["targets"]}
     assert len(names) == 5 and all(isinstance(t["pass"], bool) for t in res["targets"])
