@@ -23,6 +23,7 @@ import pytest
 from services.client.errors import DeadlineExceeded
 from services.client.sdk import InferenceClient
 from services.common.health import probe
+from services.common.liveness import Liveness
 from services.model.engine import GenerationRequest, ReferenceEngine
 from services.model.sampling import SamplingParams
 from services.model.tokenizer import encode
@@ -243,7 +244,7 @@ async def test_stream_on_a_hung_router_fails_over_while_it_is_still_stopped(pod,
     """A SIGSTOPped router keeps its TCP connections open and answers nothing: the SDK notices
     (a stalled stream whose router fails a health check) and resumes on the other router."""
     kw = {"max_tokens": 120}
-    async with InferenceClient(pod.routers, timeout_s=60, stall_s=1.0, probe_s=0.5) as c:
+    async with InferenceClient(pod.routers, timeout_s=60, stall_s=1.0, probe_s=0.5) as c, Loads(pod) as loads:
         tokens: list[int] = []
         pid = name = None
         async for d in c.generate("a router that hangs", request_id="rh-1", **kw):
@@ -256,8 +257,12 @@ async def test_stream_on_a_hung_router_fails_over_while_it_is_still_stopped(pod,
                 t_fault = time.monotonic()
         took = time.monotonic() - t_fault
         assert proc_state(pid) == "T", "the stream finished only after the router was continued"
-    assert tuple(tokens) == expected(reference, "rh-1", "a router that hangs", kw)
-    print(f"\nstream on a hung {name} finished {took:.2f}s after the stop")
+        assert tuple(tokens) == expected(reference, "rh-1", "a router that hangs", kw)
+        print(f"\nstream on a hung {name} finished {took:.2f}s after the stop")
+        # The hang lasts until its peers declare it dead (the stream may finish sooner): only
+        # then is its incarnation stale when it is continued.
+        await loads.until(lambda: loads.sub.detector.state(name) is Liveness.DEAD, 3 * DEAD_AFTER_S + 5)
+        assert proc_state(pid) == "T"
     resume(pid)
     assert await asyncio.to_thread(pod.procs[name].wait, 15) == EXIT_STALE
     await asyncio.to_thread(pod.start_service, name)

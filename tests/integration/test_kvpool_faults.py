@@ -15,6 +15,7 @@ import pytest
 
 from services.client.sdk import InferenceClient
 from services.common.health import probe
+from services.common.liveness import Liveness
 from services.model.engine import ReferenceEngine
 from services.pod.spec import address
 from services.run import EXIT_STALE
@@ -104,6 +105,11 @@ async def test_3_stopped_pool_costs_no_request_and_its_pins_come_back(pod, refer
             await all_exact(client, reference, "stopped")
             assert proc_state(pid) == "T", "the requests waited for the pool to be continued"
             await all_exact(client, reference, "stopped2")
+            # The fault lasts until the pool's peers declare it dead (the requests alone may be
+            # done sooner): only then is its incarnation stale when it is continued.
+            await loads.until(lambda: loads.sub.detector.state("kvpool-0") is Liveness.DEAD,
+                              3 * pod.spec.heartbeat.dead_after_s + 5)
+            assert proc_state(pid) == "T"
         finally:
             os.kill(pid, signal.SIGCONT)
         # Continued after its peers declared it dead, it ends its stale incarnation (exit 75)
