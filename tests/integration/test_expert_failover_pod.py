@@ -153,6 +153,7 @@ async def test_sigstop_of_an_expert_mid_stream_fails_over_and_late_answers_are_d
     pid = pod.procs[name].pid
     async with InferenceClient(pod.routers, timeout_s=120) as client, Loads(pod) as loads:
         await attention_uses(pod, loads, 2)
+        await until_beat(loads, lambda: name in loads.sub.latest, 10)   # the test's detector knows it
         streams = Streams(client, "stop")
         await streams.all_have(8)
         fault_at = time.monotonic()

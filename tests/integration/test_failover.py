@@ -245,6 +245,9 @@ async def test_stream_on_a_hung_router_fails_over_while_it_is_still_stopped(pod,
     (a stalled stream whose router fails a health check) and resumes on the other router."""
     kw = {"max_tokens": 120}
     async with InferenceClient(pod.routers, timeout_s=60, stall_s=1.0, probe_s=0.5) as c, Loads(pod) as loads:
+        # The test's detector must know both routers before one hangs (a SUB socket hears a
+        # publisher only some time after connecting): it is what says when the hang has lasted.
+        await loads.until(lambda: {"router-0", "router-1"} <= set(loads.sub.latest), 10)
         tokens: list[int] = []
         pid = name = None
         async for d in c.generate("a router that hangs", request_id="rh-1", **kw):
