@@ -27,7 +27,7 @@ from services.client.errors import XdsClientError
 from services.client.sdk import InferenceClient
 from services.common.health import HealthProbeError, probe
 from services.common.heartbeat import HeartbeatSubscriber
-from services.common.liveness import Change, DetectorConfig, FailureDetector
+from services.common.liveness import Change, DetectorConfig, FailureDetector, Liveness
 from services.pod.spec import Plane, PodSpec, address, load_pod, services
 
 WATCH_S = 0.05
@@ -92,11 +92,22 @@ class Watch:
         self.events: list[LivenessEvent] = []
         self.detector = FailureDetector(DetectorConfig(hb.suspect_after_s, hb.dead_after_s))
         self.sub = HeartbeatSubscriber([pod.address(n, "heartbeat") for n in self.names if n != "fabric"],
-                                       detector=self.detector, on_change=self._on_change, tick_s=WATCH_S)
+                                       detector=self.detector, on_change=self._on_change, on_beat=self._on_beat,
+                                       tick_s=WATCH_S)
         self.fabric_state = ""
+        self._epochs: dict[str, str] = {}   # the epoch of each service's latest event
 
     def _on_change(self, c: Change) -> None:
+        self._epochs[c.peer] = c.epoch
         self.events.append(LivenessEvent(self.clock(), c.peer, c.new.value, c.epoch))
+
+    def _on_beat(self, beat: Any) -> None:
+        # A restart faster than the suspect window never changes the state (alive -> alive),
+        # so the detector reports no change: the new epoch alone says the service is back.
+        last = self._epochs.get(beat.service)
+        if last is not None and beat.epoch != last and self.detector.state(beat.service) is Liveness.ALIVE:
+            self._epochs[beat.service] = beat.epoch
+            self.events.append(LivenessEvent(self.clock(), beat.service, "alive", beat.epoch))
 
     def epoch(self, name: str) -> str:
         view = self.detector.peers.get(name)

@@ -228,3 +228,34 @@ def test_the_readme_example_is_a_valid_scenario():
     block = section[section.index("```yaml\n") + 8:]
     s = scenario_from_mapping(yaml.safe_load(block[:block.index("```")]))
     assert plan(s, POD, 1.5).faults[1].services == ("decode-1",)
+
+
+def test_a_restart_faster_than_the_suspect_window_still_shows_as_back() -> None:
+    """A supervised service killed and restarted before its peers even suspect it: the detector
+    sees alive -> alive (no change), yet the new epoch is the service back, and the lane says so."""
+    import types
+
+    from services.chaos.runner import Watch
+    from services.common.heartbeat import Beat
+
+    pod = types.SimpleNamespace(spec=PodSpec(), address=lambda name, plane: f"ipc:///tmp/xds-nowhere-{name}")
+    t = [0.0]
+    watch = Watch(pod, clock=lambda: t[0])
+    try:
+        def beat(epoch: str, seq: int, now: float) -> None:
+            t[0] = now
+            b = Beat("kvpool-0", "kv-pool", epoch, seq)
+            for c in watch.detector.observe(b.service, b.epoch, now, {}):
+                watch._on_change(c)
+            watch._on_beat(b)
+
+        beat("old", 1, 0.0)
+        beat("old", 2, 0.2)
+        old = watch.epoch("kvpool-0")
+        beat("new", 1, 0.5)     # restarted within suspect_after_s of the last beat
+        beat("new", 2, 0.7)
+        assert [(e.t, e.state, e.epoch) for e in watch.events if e.service == "kvpool-0"] == \
+            [(0.0, "alive", "old"), (0.5, "alive", "new")]
+        assert back_s(watch.events, "kvpool-0", "kill", 0.3, old, None) == pytest.approx(0.2)
+    finally:
+        watch.sub._sock.close(0)
