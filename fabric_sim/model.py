@@ -213,10 +213,7 @@ class FabricModel:
         idx_paths = [[link.index for link in p] for p in paths]
         cap = {link.index: self._cap(link) for p in paths for link in p}
         sizes = [float(reqs[i].nbytes) for i in flows]
-        if len(flows) == 1:   # alone: at its bottleneck's full rate (what the fluid model gives)
-            finishes = [starts[0] + sizes[0] / min(cap[li] for li in idx_paths[0])]
-        else:
-            finishes = fluid_finish_times(starts, sizes, idx_paths, cap)
+        finishes = fluid_finish_times(starts, sizes, idx_paths, cap)
         batch_bytes: dict[int, int] = {}
         first_start: dict[int, float] = {}
         for k, i in enumerate(flows):

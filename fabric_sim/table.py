@@ -203,9 +203,6 @@ class LinkTable:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
-        for name in ("words", "_config", "slots", "bitmap", *LINK_FIELDS):
-            if hasattr(self, name):
-                delattr(self, name)
         if self._mm is not None:
             try:
                 self._mm.close()

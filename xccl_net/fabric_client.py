@@ -69,6 +69,13 @@ class FabricRequestError(XcclError):
     """The simulator rejected a request as impossible (e.g. this client's NPU is out of range)."""
 
 
+def _rejected(reason: str) -> XcclError:
+    """An impossible request, whether the shared table or the simulator judged it: a peer NPU
+    the fabric does not have is an unreachable peer; anything else this client's own bug."""
+    kind = PeerUnreachable if "npu" in reason else FabricRequestError
+    return kind(f"fabric simulator rejected the request: {reason}")
+
+
 @dataclass(slots=True)
 class _Pending:
     fut: asyncio.Future
@@ -271,8 +278,7 @@ class FabricClient:
             s["refusals"] += 1
             raise LinkDown(f"fabric refused transfer from npu{src_npu}: {out.reason}", link=out.link)
         s["failures"] += 1
-        kind = PeerUnreachable if "npu" in out.reason else FabricRequestError
-        raise kind(f"fabric simulator rejected the request: {out.reason}")
+        raise _rejected(out.reason)
 
     # ---- API ----------------------------------------------------------------------------
     async def reserve(self, dst_npu: int, nbytes: int, *, plane: str = "ub", timeout_s: float | None = None,
@@ -492,8 +498,8 @@ class FabricClient:
             self._registered(reply, now)
             self._settle(reply.req_id, result=reply)
         elif isinstance(reply, Failed):
-            kind = PeerUnreachable if reply.code == BAD_REQUEST and "npu" in reply.reason else FabricRequestError
-            self._settle(reply.req_id, exc=kind(f"fabric simulator rejected the request: {reply.reason}"))
+            self._settle(reply.req_id, exc=_rejected(reply.reason) if reply.code == BAD_REQUEST
+                         else FabricRequestError(f"fabric simulator rejected the request: {reply.reason}"))
 
     def _registered(self, reply: Registered, now: float) -> None:
         self._attach()   # a restarted simulator made a new table

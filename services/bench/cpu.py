@@ -9,7 +9,10 @@ many cores the pod kept busy, and the CPU per output token to compare with the r
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
+
+from services.bench.idle import parse_stat
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -19,11 +22,9 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, pid in pids.items():
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
+            out[name] = parse_stat(Path(f"/proc/{pid}/stat").read_text())[0] / _TICK
+        except (FileNotFoundError, ProcessLookupError):
             continue
-        out[name] = (int(fields[11]) + int(fields[12])) / _TICK
     return out
 
 

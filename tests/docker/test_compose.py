@@ -37,6 +37,7 @@ from pathlib import Path
 import pytest
 
 from services.client.sync import SyncInferenceClient
+from services.chaos.faults import gone
 from services.model.cache import ensure_model
 from services.model.engine import GenerationRequest, ReferenceEngine
 from services.model.sampling import SamplingParams
@@ -312,11 +313,7 @@ def _gone(pid: int, timeout_s: float = 10.0) -> bool:
     """The PID disappears (a zombie reaped by containerd's shim counts as gone)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                    return True
-        except (FileNotFoundError, ProcessLookupError):
+        if gone(pid):
             return True
         time.sleep(0.01)   # no event for another namespace's reaper; a bounded poll
     return False

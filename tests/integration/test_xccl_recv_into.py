@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.faults import proc_state
 from tests.integration.test_xccl_processes import _open_parent, children, namespace  # noqa: F401  (fixtures)
 from xccl_net.errors import PeerUnreachable, XcclTimeout
 from xccl_net.layout import P_TAIL, P_TAKEN
@@ -36,11 +37,6 @@ def _hold_loop_until_ring_full(ep, peer: str, timeout_s: float = 10.0) -> None:
     while _unread_slots(ep, peer) < ep.cfg.ring_slots:
         assert time.monotonic() < deadline, "the child never filled the ring"
         os.sched_yield()
-
-
-def _proc_state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 async def test_16_mib_and_small_messages_land_byte_exact_in_the_posted_buffer(namespace, children):
@@ -74,7 +70,7 @@ async def test_stopped_peer_mid_message_times_out_and_the_buffer_is_never_writte
         _hold_loop_until_ring_full(parent, "child")
         os.kill(child.proc.pid, signal.SIGSTOP)
         deadline = time.monotonic() + 5
-        while _proc_state(child.proc.pid) != "T":  # the stop proves itself before anything relies on it
+        while proc_state(child.proc.pid) != "T":  # the stop proves itself before anything relies on it
             assert time.monotonic() < deadline
             os.sched_yield()
         with pytest.raises(XcclTimeout):
