@@ -55,6 +55,7 @@ from xccl_net.dispatch_core import (
     run_block,
 )
 from xccl_net.dispatch_health import RankChange, RankHealth, RankState
+from xccl_net.endpoint import PutSpec
 from xccl_net.replica_choice import ReplicaChooser
 from xccl_net.errors import (
     CorruptMetadata,
@@ -364,21 +365,19 @@ class A2EDispatcher:
         """Put every rank's block concurrently; one failing peer never cancels the others (they
         would wait for a block that never comes). Returns the ranks whose put failed."""
         errors: dict[int, XcclError] = {}
-
-        async def one(r: int, rows: np.ndarray, meta: BlockMeta) -> None:
-            try:
-                await self.ep.put(self.expert_peers[r], self.windows.a2e, meta.offset, _flat_bytes(rows),
-                                  notify=encode_meta(meta), timeout_s=max(_remaining(deadline), 1e-3))
-            except _RANK_ERRORS as exc:
-                errors[r] = exc
-            else:
+        metas = [a2e_meta(plan, r, self.layout) for r in plan.ranks]
+        puts = [PutSpec(self.expert_peers[r], self.windows.a2e, meta.offset, _flat_bytes(pack_rows(x, plan, r)),
+                        encode_meta(meta)) for r, meta in zip(plan.ranks, metas)]
+        for meta in metas:
+            self.stats["rows_sent"] += meta.count
+        results = await self.ep.put_many(puts, timeout_s=max(_remaining(deadline), 1e-3))
+        for r, meta, err in zip(plan.ranks, metas, results):
+            if err is None:
                 self.rows_to[r] += meta.count
-
-        blocks = [(r, pack_rows(x, plan, r), a2e_meta(plan, r, self.layout)) for r in plan.ranks]
-        async with asyncio.TaskGroup() as tg:
-            for r, rows, meta in blocks:
-                self.stats["rows_sent"] += meta.count
-                tg.create_task(one(r, rows, meta))
+            elif isinstance(err, _RANK_ERRORS):
+                errors[r] = err
+            else:
+                raise err
         return dict(sorted(errors.items()))
 
     async def _collect(self, p: PendingLayer) -> None:
@@ -511,8 +510,10 @@ class E2AHandler:
             await asyncio.sleep(self.delay_s)
         answer = e2a_meta(meta.event_id, self.rank, y.shape[0], self.layout, meta.incarnation)
         put_timeout_s = max(_remaining(deadline), 1e-3) if answer_timeout_s is None else answer_timeout_s
-        await self.ep.put(self.source_peers[meta.sender], self.windows.e2a, answer.offset, _flat_bytes(y),
-                          notify=encode_meta(answer), timeout_s=put_timeout_s)
+        (err,) = await self.ep.put_many([PutSpec(self.source_peers[meta.sender], self.windows.e2a, answer.offset,
+                                                 _flat_bytes(y), encode_meta(answer))], timeout_s=put_timeout_s)
+        if err is not None:
+            raise err
         self.stats["events"] += 1
         self.stats["rows_served"] += answer.count
         self.per_source[meta.sender][0] += 1

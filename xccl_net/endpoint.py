@@ -97,6 +97,16 @@ class Notification(NamedTuple):
     notify: bytes
 
 
+class PutSpec(NamedTuple):
+    """One put of ``put_many``: ``data`` into ``peer``'s ``window`` at ``offset``, then ``notify``."""
+
+    peer: str
+    window: str
+    offset: int
+    data: Any
+    notify: bytes | None = None
+
+
 def _resolve(fut: asyncio.Future[bool], value: bool) -> None:
     if not fut.done():
         fut.set_result(value)
@@ -407,6 +417,24 @@ class Endpoint(ABC):
         self.stats["puts"] += 1
         self.stats["put_bytes"] += view.nbytes
 
+    async def put_many(self, puts: Sequence[PutSpec], *, timeout_s: float = 5.0) -> list[XcclError | None]:
+        """Puts that leave together (a dispatch: one block per expert rank): each one's outcome,
+        in order, is None or the ``XcclError`` that failed it, so a failing peer costs only its
+        own put and never holds the others. Each put means what ``put`` means, timing included;
+        a transport may do them with fewer wake-ups (shm: no task and no timer per put)."""
+        self._check_open()
+
+        async def one(p: PutSpec) -> XcclError | None:
+            try:
+                await self.put(p.peer, p.window, p.offset, p.data, notify=p.notify, timeout_s=timeout_s)
+            except XcclError as exc:
+                return exc
+            return None
+
+        if len(puts) == 1:
+            return [await one(puts[0])]
+        return list(await asyncio.gather(*(one(p) for p in puts)))
+
     async def get(self, peer: str, window: str, offset: int, nbytes: int, *,
                   timeout_s: float = 5.0) -> bytes | memoryview:
         self._check_open()
@@ -482,5 +510,5 @@ async def open_endpoint(cfg: EndpointConfig, fabric: Any = None, hub: Any = None
     return ep
 
 
-__all__ = ["Endpoint", "EndpointConfig", "Notification", "PostedRecv", "Received", "open_endpoint",
+__all__ = ["Endpoint", "EndpointConfig", "Notification", "PostedRecv", "PutSpec", "Received", "open_endpoint",
            "PeerUnreachable", "window_slice"]

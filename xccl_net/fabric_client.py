@@ -289,6 +289,22 @@ class FabricClient:
         link fault it reports raises ``LinkDown``. ``timeout_s`` overrides ``deadline_s``.
         ``src_npu`` (default: this client's NPU) asks about another sender's path: a path
         probe of the way back (0 bytes)."""
+        delay = self.reserve_now(dst_npu, nbytes, plane=plane, src_npu=src_npu)
+        if delay is not None:
+            return delay
+        if not self.link.admit():
+            self._notify()
+            return 0.0
+        rid = next(self._ids)
+        src = self._npu if src_npu is None else src_npu
+        delay = await self._request(rid, Reserve(rid, src, dst_npu, nbytes, plane),
+                                    self.deadline_s if timeout_s is None else timeout_s, degrade=True)
+        return 0.0 if delay is None else delay
+
+    def reserve_now(self, dst_npu: int, nbytes: int, *, plane: str = "ub", src_npu: int | None = None) -> float | None:
+        """``reserve`` without I/O, when it needs none (no simulator configured, or the shared
+        link table mapped): the same delay or the same errors. None: only the simulator can
+        answer now (its table is not mapped), so ``await reserve``."""
         src = self._npu if src_npu is None else src_npu
         if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
             raise ValueError(f"nbytes must be an integer >= 0, got {nbytes!r}")
@@ -310,13 +326,7 @@ class FabricClient:
             log.info("fabric_client.table_closed", name=self.name, npu=self._npu,
                      note="the simulator stopped: asking it over the network until it is back")
             self._detach()
-        if not self.link.admit():
-            self._notify()
-            return 0.0
-        rid = next(self._ids)
-        delay = await self._request(rid, Reserve(rid, src, dst_npu, nbytes, plane),
-                                    self.deadline_s if timeout_s is None else timeout_s, degrade=True)
-        return 0.0 if delay is None else delay
+        return None
 
     async def wait_until(self, deliver_at: float) -> None:
         """Return at ``deliver_at`` (time.monotonic) or later, never earlier."""

@@ -11,6 +11,7 @@ Pure: works on any writable buffer (an mmap in production, a bytearray in unit t
   tail (slots written), last event id, last chunk id;
   written by the peer as READER of the ring in ITS segment that WE write (acknowledgement):
   out_head (slots consumed), out_acked (last event delivered), nack event + code;
+  and, written by the peer as writer, "writer waits" (ring it when acknowledging);
 - ring i: ``ring_slots`` slots of (64 B slot header + ``slot_bytes`` payload), owned by this
   segment, written only by peer i;
 - windows: page-aligned app data areas (KV cache, A2E buffers).
@@ -51,6 +52,11 @@ P_OUT_HEAD, P_OUT_ACKED, P_NACK_EVENT, P_NACK_CODE, P_READER_INC = 5, 6, 7, 8, 9
 # A receive posted in a window of the peer (written by the peer, as the other fields): where the
 # writer may put its next message directly (shm_endpoint ``_publish``); and the writer's claim of it.
 P_POST_SEQ, P_POST_OFF, P_POST_LEN, P_TAKEN, P_POST_INC = 10, 11, 12, 13, 14
+# Written by the writer of the ring in this segment: "I am parked on your acknowledgement (ring
+# space, or the delivery of a message): ring me when you write one". Cleared by the reader when
+# it rings. Without it the reader writes acknowledgements silently: a writer that does not wait
+# (a put's notification) costs its reader no wake-up of the writer.
+P_WRITER_WAITS = 15
 
 # slot header words
 S_EVENT, S_CHUNK, S_NCHUNKS, S_TOTAL, S_NBYTES, S_KIND, S_FLAGS, S_CHECK = range(8)

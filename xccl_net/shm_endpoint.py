@@ -24,24 +24,27 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import msgpack
 import numpy as np
 
 from xccl_net.doorbell import Doorbell, Ringer, bell_address, full_fence
-from xccl_net.endpoint import Endpoint, EndpointConfig, Notification, PostedRecv, window_slice
-from xccl_net.errors import CorruptMetadata, PeerUnreachable, ProtocolError, WindowError, XcclError
+from xccl_net.endpoint import Endpoint, EndpointConfig, Notification, PostedRecv, PutSpec, window_slice
+from xccl_net.errors import CorruptMetadata, PeerUnreachable, ProtocolError, WindowError, XcclError, XcclTimeout
 from xccl_net.layout import (
     H_BELL_PENDING, H_INCARNATION, H_STATE, P_CHUNK, P_CLAIMED, P_EVENT, P_NACK_CODE, P_NACK_EVENT,
     P_OUT_ACKED, P_OUT_HEAD, P_POST_INC, P_POST_LEN, P_POST_OFF, P_POST_SEQ, P_READER_INC, P_TAIL, P_TAKEN,
-    P_WRITER_INC, S_CHECK, S_CHUNK, S_EVENT, S_FLAGS, S_KIND, S_NBYTES, S_NCHUNKS, S_TOTAL,
+    P_WRITER_INC, P_WRITER_WAITS, S_CHECK, S_CHUNK, S_EVENT, S_FLAGS, S_KIND, S_NBYTES, S_NCHUNKS, S_TOTAL,
     SLOT_HEADER_BYTES, STATE_CLOSED, STATE_OPEN, Geometry,
     claim_entry, entry_name, slot_check,
 )
 from xccl_net.p2p_core import (
     FLAG_DIRECT, FLAG_RESET, KIND_DATA, KIND_NOTIFY, NACK_CODES, NACK_ERRORS, ChunkHeader, Delivered,
-    Discarded, Reassembler, Violation, direct_record, gather_into, n_chunks_for, parse_direct, split_message,
+    Discarded, Reassembler, Violation, as_byte_views, direct_record, gather_into, n_chunks_for, parse_direct,
+    split_message,
 )
 from xccl_net.shm_segment import Segment, create_segment, map_peer, pid_alive, pretouch, segment_path
 
@@ -72,6 +75,7 @@ class _Link:
 @dataclass(eq=False)
 class _Inbound:
     name: str
+    idx: int               # its peer entry in our segment
     writer_inc: int
     reasm: Reassembler
     head: int = 0
@@ -299,7 +303,7 @@ class ShmEndpoint(Endpoint):
             if st is not None:
                 self._abandon(st.reasm, PeerUnreachable(
                     f"{self.name}: {st.name} restarted in the middle of a message to a posted buffer"))
-            st = self._new_inbound(entry_name(buf, geo, idx), inc)
+            st = self._new_inbound(entry_name(buf, geo, idx), idx, inc)
             self._inbound[idx] = st
             pretouch(self._seg.mm, geo.ring_off(idx), geo.ring_bytes, write=False)
         tail_word = geo.entry_word(idx, P_TAIL)
@@ -343,10 +347,10 @@ class ShmEndpoint(Endpoint):
         if st.head != start or nack is not None:
             self._acknowledge(st, nack)
 
-    def _new_inbound(self, name: str, writer_inc: int) -> _Inbound:
+    def _new_inbound(self, name: str, idx: int, writer_inc: int) -> _Inbound:
         reasm = Reassembler(self._geo.slot_bytes, self.cfg.max_message_bytes,
                             claim=lambda total: self._take_post(name, total, reasm, writer_inc))
-        return _Inbound(name, writer_inc, reasm)
+        return _Inbound(name, idx, writer_inc, reasm)
 
     def _on_post(self, post: PostedRecv) -> None:
         for st in self._inbound.values():
@@ -454,6 +458,12 @@ class ShmEndpoint(Endpoint):
             pw[pg.entry_word(link.remote_idx, P_NACK_EVENT)] = nack[0]
         pw[pg.entry_word(link.remote_idx, P_OUT_ACKED)] = st.reasm.last_event
         pw[pg.entry_word(link.remote_idx, P_OUT_HEAD)] = st.head
+        assert self._seg is not None
+        w, waits = self._seg.words, self._geo.entry_word(st.idx, P_WRITER_WAITS)
+        full_fence()   # Dekker with _want_ack: our acknowledgement, then its flag
+        if nack is None and not w[waits]:
+            return     # nobody parked on it: the writer reads head/acked when it needs them
+        w[waits] = 0
         if now:
             self._ring_now(link)
         else:
@@ -475,7 +485,6 @@ class ShmEndpoint(Endpoint):
             link.next_event += 1
             flags = FLAG_RESET if link.need_reset else 0
             link.need_reset = True  # until the last chunk is in: a timeout leaves a partial message
-            pw, pbuf = link.seg.words, link.seg.buf
             if kind == KIND_DATA and total > geo.slot_bytes:
                 record = self._send_direct(link, ev, pieces, total)
                 if record is not None:  # the message is in the peer's buffer: the ring says where
@@ -483,22 +492,12 @@ class ShmEndpoint(Endpoint):
             for k in range(n):
                 while link.tail - ow[head_word] >= geo.ring_slots:
                     self.stats["ring_waits"] += 1
+                    self._want_ack(link)
+                    if link.tail - ow[head_word] < geo.ring_slots:
+                        break
                     self._ring_now(link)
                     await self._wait_link(link)
-                off = geo.slot_off(link.remote_idx, link.tail)
-                lo = k * geo.slot_bytes
-                nb = min(geo.slot_bytes, total - lo)
-                p0 = off + SLOT_HEADER_BYTES
-                gather_into(pbuf[p0:p0 + nb], pieces, lo)
-                hw = (ev, k, n, total, nb, kind, flags if k == 0 else 0)
-                base = off // 8
-                for i, v in enumerate(hw):
-                    pw[base + i] = v
-                pw[base + S_CHECK] = slot_check(hw)
-                pw[geo.entry_word(link.remote_idx, P_EVENT)] = ev
-                pw[geo.entry_word(link.remote_idx, P_CHUNK)] = k
-                link.tail += 1
-                pw[geo.entry_word(link.remote_idx, P_TAIL)] = link.tail  # commit point
+                self._write_slot(link, ev, k, n, total, kind, flags if k == 0 else 0, pieces)
                 if n > 1:
                     self._ring_now(link)  # coalesced: a datagram only if the receiver went to sleep
             link.need_reset = False
@@ -513,7 +512,54 @@ class ShmEndpoint(Endpoint):
                 raise NACK_ERRORS.get(code, ProtocolError)(f"{peer} rejected event {ev} (code {code})")
             if ow[acked_word] >= ev:
                 return
+            self._want_ack(link)
+            if ow[nack_word] == ev or ow[acked_word] >= ev:
+                continue
             await self._wait_link(link)
+
+    @staticmethod
+    def _want_ack(link: _Link) -> None:
+        """About to park on ``link``'s acknowledgement: ask its reader to ring us when it writes
+        one. Dekker with ``_acknowledge`` (flag, fence; the caller then re-reads head/acked)."""
+        link.seg.words[link.geo.entry_word(link.remote_idx, P_WRITER_WAITS)] = 1
+        full_fence()
+
+    @staticmethod
+    def _write_slot(link: _Link, ev: int, k: int, n: int, total: int, kind: int, flags: int,
+                    pieces: list[memoryview]) -> None:
+        """Chunk ``k`` of ``n`` of message ``ev`` into the next slot of our ring in the peer
+        (the caller made sure it is free), then publish the tail (the commit point)."""
+        geo, pw = link.geo, link.seg.words
+        off = geo.slot_off(link.remote_idx, link.tail)
+        lo = k * geo.slot_bytes
+        nb = min(geo.slot_bytes, total - lo)
+        p0 = off + SLOT_HEADER_BYTES
+        gather_into(link.seg.buf[p0:p0 + nb], pieces, lo)
+        hw = (ev, k, n, total, nb, kind, flags)
+        base = off // 8
+        for i, v in enumerate(hw):
+            pw[base + i] = v
+        pw[base + S_CHECK] = slot_check(hw)
+        pw[geo.entry_word(link.remote_idx, P_EVENT)] = ev
+        pw[geo.entry_word(link.remote_idx, P_CHUNK)] = k
+        link.tail += 1
+        pw[geo.entry_word(link.remote_idx, P_TAIL)] = link.tail  # commit point
+
+    def _send_now(self, link: _Link, kind: int, record: memoryview) -> bool:
+        """Send a one-slot message without waiting, when nothing stands in its way: no other
+        send of this link in progress and a free slot. False: nothing was written (use ``_send``)."""
+        assert self._seg is not None
+        if link.lock.locked() or record.nbytes > link.geo.slot_bytes:
+            return False
+        if link.tail - self._seg.words[self._geo.entry_word(link.local_idx, P_OUT_HEAD)] >= link.geo.ring_slots:
+            return False
+        ev = link.next_event
+        link.next_event += 1
+        flags = FLAG_RESET if link.need_reset else 0
+        self._write_slot(link, ev, 0, 1, record.nbytes, kind, flags, [record])
+        link.need_reset = False
+        self._ring(link)
+        return True
 
     def _send_direct(self, link: _Link, ev: int, pieces: list[memoryview], total: int) -> bytes | None:
         """Write message ``ev`` straight into the buffer the peer posted for us, if it offered
@@ -549,6 +595,68 @@ class ShmEndpoint(Endpoint):
         memoryview(dst)[:] = data
         if rec is not None:
             await self._send(peer, KIND_NOTIFY, [rec], rec.nbytes, False, timed=False)
+
+    async def put_many(self, puts: Sequence[PutSpec], *, timeout_s: float = 5.0) -> list[XcclError | None]:
+        """``Endpoint.put_many`` without a task or a timer per put: each put's fabric delay is
+        reserved at once, without I/O (the shared link table), in order; the loop then waits once
+        for each arrival time in turn, writes the data and its one-slot notification straight
+        into the peer's ring. A put that cannot go this way (the table not mapped, its link busy
+        or full) takes the ordinary path, under its own timeout."""
+        self._check_open()
+        out: list[XcclError | None] = [None] * len(puts)
+        fab = self._fabric
+        timed = fab is not None and not fab.is_ideal
+        start = time.monotonic()
+        deadline = start + timeout_s
+        going: list[tuple[float, int, _Link, np.ndarray, memoryview, memoryview | None]] = []
+        slow: list[int] = []
+        for i, p in enumerate(puts):
+            try:
+                (view,) = as_byte_views([p.data])
+                if p.offset < 0:
+                    raise WindowError(f"negative offset {p.offset}")
+                link = self._link(p.peer)
+                dst = window_slice(link.windows, p.window, p.offset, view.nbytes, p.peer)
+                rec = None if p.notify is None else memoryview(
+                    msgpack.packb([p.window, p.offset, view.nbytes, bytes(p.notify)]))
+                at = 0.0   # when the fabric has delivered it (time.monotonic)
+                if timed:
+                    delay = fab.reserve_now(link.npu, view.nbytes + (0 if rec is None else rec.nbytes))
+                    if delay is None:
+                        slow.append(i)
+                        continue
+                    at = time.monotonic() + delay if delay > 0 else 0.0
+            except XcclError as exc:
+                out[i] = exc
+                continue
+            if at > deadline:
+                out[i] = XcclTimeout(f"{self.name}: put to {p.peer} timed out after {timeout_s} s "
+                                     f"(the fabric delivers it {at - start:.3f} s after it was posted)")
+                continue
+            going.append((at, i, link, dst, view, rec))
+        going.sort(key=lambda g: g[:2])
+        for at, i, link, dst, view, rec in going:
+            if at:
+                await fab.wait_until(at)
+            try:
+                self._check_link(link)
+                memoryview(dst)[:] = view
+                if rec is not None and not self._send_now(link, KIND_NOTIFY, rec):
+                    await self._timed(self._send(link.name, KIND_NOTIFY, [rec], rec.nbytes, False, timed=False),
+                                      max(deadline - time.monotonic(), 1e-3), f"put to {link.name}")
+            except XcclError as exc:
+                out[i] = exc
+                continue
+            self.stats["puts"] += 1
+            self.stats["put_bytes"] += view.nbytes
+        for i in slow:
+            p = puts[i]
+            try:
+                await self.put(p.peer, p.window, p.offset, p.data, notify=p.notify,
+                               timeout_s=max(deadline - time.monotonic(), 1e-3))
+            except XcclError as exc:
+                out[i] = exc
+        return out
 
     async def _get(self, peer: str, window: str, offset: int, nbytes: int) -> bytes:
         link = self._link(peer)
