@@ -11,9 +11,9 @@ OpenBLAS, see tests/unit/test_model_invariance.py):
    row's result depends neither on its position in the tile nor on the other rows.
    Speed without new bits: full tiles go to BLAS in one stacked ``matmul`` (numpy runs one gemm
    per stacked item, with the arguments of a separate 2-D call), and ``linear`` uses larger row
-   tiles (``BIG_TILES``) only for the weight shapes where a start-up probe (``tile_sizes``)
-   shows them bit-identical to 8-row tiles on this machine's BLAS (the code path is chosen from
-   shapes, never values), and faster. Shapes reject sizes: here 128/256-row tiles change the
+   tiles (``BIG_TILES``), and pads a short tail to fewer rows (``SMALL_TILES``), only for the
+   weight shapes where a start-up probe (``tile_sizes``) shows them bit-identical to 8-row tiles
+   on this machine's BLAS (the code path is chosen from shapes, never values), and faster. Shapes reject sizes: here 128/256-row tiles change the
    bits for 512x16 (the router) and 64/128/256 for 64x259 (tiny's lm_head); 16- and 32-row
    tiles were once seen *not* invariant on another machine.
 2. BLAS runs single-threaded in every process (``pin_blas_threads``): the thread split changes
@@ -57,6 +57,10 @@ pin_blas_threads()
 TILE = 8
 # Larger row tiles tried per weight shape (rule 1); each is used only where it gives the same bits.
 BIG_TILES = (256, 128, 64, 32, 16)
+# Smaller calls for a tail of at most that many rows (zero-padded to it), tried the same way:
+# OpenBLAS runs few-row calls of some shapes in a kernel several times faster than its 8-row
+# one (256x512: 9 us for 2 rows against 32 us for 8), with the same bits for some shapes only.
+SMALL_TILES = (4, 2)
 _PROBE_ROWS = max(BIG_TILES)
 _tiles_for: dict[tuple, tuple[int, ...]] = {}
 _fast = True
@@ -87,7 +91,7 @@ def _matmul_tiles(x: np.ndarray, w: np.ndarray, out: np.ndarray, sizes: tuple[in
     n = w.shape[1]
     i = 0
     for t in sizes:
-        if t == TILE and m - i > TILE and 2 * TILE in sizes:
+        if t < TILE or (t == TILE and m - i > TILE and 2 * TILE in sizes):
             break  # 9..15 rows left: one zero-padded 16-row call costs less than two 8-row ones
         cnt = (m - i) // t
         if cnt == 1:
@@ -96,9 +100,17 @@ def _matmul_tiles(x: np.ndarray, w: np.ndarray, out: np.ndarray, sizes: tuple[in
             np.matmul(x[i:i + cnt * t].reshape(cnt, t, k), w, out=out[i:i + cnt * t].reshape(cnt, t, n))
         i += cnt * t
     if i < m:
-        pad = np.zeros((TILE if m - i <= TILE else 2 * TILE, k), dtype=np.float32)
-        pad[: m - i] = x[i:]
-        out[i:] = (pad @ w)[: m - i]
+        left = m - i
+        rows = TILE if left <= TILE else 2 * TILE
+        for t in sizes[::-1]:   # the smallest proven tail tile that holds what is left
+            if t >= TILE:
+                break
+            if left <= t:
+                rows = t
+                break
+        pad = np.zeros((rows, k), dtype=np.float32)
+        pad[:left] = x[i:]
+        out[i:] = (pad @ w)[:left]
 
 
 def linear_tile8(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -141,17 +153,31 @@ def _calibrate(w: np.ndarray) -> tuple[int, ...]:
         tt, got = _best_of_3(lambda: np.matmul(probe_x.reshape(-1, t, k), probe_w))
         if np.array_equal(got.reshape(_PROBE_ROWS, n), want) and tt < 0.95 * t8:
             ok.append(t)
-    return tuple(ok)
+    # A tail of at most t rows padded to t (instead of 8): every row position of the probe, each
+    # with random companions as well as with the zero padding a short tail has.
+    one8, _ = _best_of_3(lambda: probe_x[:TILE] @ probe_w)
+    for t in SMALL_TILES:
+        tt, _ = _best_of_3(lambda: probe_x[:t] @ probe_w)
+        if tt >= 0.8 * one8:
+            continue
+        full = np.matmul(probe_x.reshape(-1, t, k), probe_w).reshape(_PROBE_ROWS, n)
+        pad = np.zeros((t, k), dtype=np.float32)
+        pad[0] = probe_x[0]
+        if np.array_equal(full, want) and np.array_equal((pad @ probe_w)[0], want[0]):
+            ok.append(t)
+    return tuple(sorted(ok, reverse=True))
 
 
 def tile_sizes(w: np.ndarray) -> tuple[int, ...]:
-    """Row tiles ``linear`` uses for weights shaped and laid out like ``w``: the ``BIG_TILES``
-    proven equal by ``_calibrate``, largest first, then ``TILE``."""
+    """Row tiles ``linear`` uses for weights shaped and laid out like ``w``, largest first: the
+    ``BIG_TILES`` proven equal by ``_calibrate``, ``TILE``, then the ``SMALL_TILES`` proven equal
+    (for a short tail only)."""
     key = (w.shape, w.strides)
     sizes = _tiles_for.get(key)
     if sizes is None:
         contiguous = w.flags.c_contiguous or w.flags.f_contiguous
-        sizes = (*(_calibrate(w) if contiguous and w.dtype == np.float32 else ()), TILE)
+        proven = _calibrate(w) if contiguous and w.dtype == np.float32 else ()
+        sizes = (*(t for t in proven if t > TILE), TILE, *(t for t in proven if t < TILE))
         _tiles_for[key] = sizes
     return sizes
 
@@ -174,14 +200,14 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """``x @ w`` with the bits of ``linear_tile8`` (rule 1), in the largest row tiles proven equal.
 
     Rows go greedily to the largest allowed tile (``tile_sizes``), then to 8-row tiles, the
-    leftover zero-padded (to 8 rows, or 16): a row's bits depend neither on its position nor on
-    the batch. Up to 8 rows it is exactly one 8-row call, as before.
+    leftover zero-padded (to the smallest proven small tile that holds it, else to 8 rows, or
+    16): a row's bits depend neither on its position nor on the batch.
     """
     if not x.flags.c_contiguous:
         x = np.ascontiguousarray(x)
     m = x.shape[0]
     out = np.empty((m, w.shape[1]), dtype=np.float32)
-    _matmul_tiles(x, w, out, tile_sizes(w) if _fast and m > TILE else (TILE,))
+    _matmul_tiles(x, w, out, tile_sizes(w) if _fast else (TILE,))
     return out
 
 

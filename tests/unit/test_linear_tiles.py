@@ -1,4 +1,5 @@
-"""The faster ``linear`` keeps the bits of the original 8-row implementation, kept here verbatim.
+"""The faster ``linear`` keeps the bits of the original 8-row implementation, kept here verbatim
+(larger tiles, and short tails padded to fewer rows, only where the probe proved them equal).
 
 ``original_linear`` is the oracle: ``layers.linear`` (stacked calls, larger tiles where the
 start-up probe proves them equal) must give the same bits for every row, every batch size and
@@ -84,18 +85,24 @@ def test_stacked_matmul_is_one_blas_call_per_item(k: int, n: int, rows: int) -> 
     assert np.array_equal(stacked, separate)
 
 
-def test_tile_sizes_are_proven_and_cached() -> None:
+@pytest.mark.parametrize("k,n", [(512, 259), (256, 512), (512, 16)])
+def test_tile_sizes_are_proven_and_cached(k: int, n: int) -> None:
     rng = np.random.default_rng(3)
-    w = rng.standard_normal((512, 259), dtype=np.float32)
+    w = rng.standard_normal((k, n), dtype=np.float32)
     sizes = L.tile_sizes(w)
-    assert sizes[-1] == L.TILE and set(sizes[:-1]) <= set(L.BIG_TILES)
+    assert L.TILE in sizes and set(sizes) <= {*L.BIG_TILES, L.TILE, *L.SMALL_TILES}
     assert list(sizes) == sorted(sizes, reverse=True)
     assert L.tile_sizes(w.copy()) is sizes  # one probe per shape and layout
-    x = rng.standard_normal((L.BIG_TILES[0] * 2, 512), dtype=np.float32)
+    x = rng.standard_normal((L.BIG_TILES[0] * 2, k), dtype=np.float32)
     want = original_linear(x, w)
     for t in sizes:  # every accepted tile really gives the 8-row bits, at every position
-        got = np.matmul(x.reshape(-1, t, 512), w).reshape(want.shape)
+        got = np.matmul(x.reshape(-1, t, k), w).reshape(want.shape)
         assert np.array_equal(got, want)
+        if t < L.TILE:   # and a short tail padded to it with zeros, at every length
+            for left in range(1, t + 1):
+                pad = np.zeros((t, k), dtype=np.float32)
+                pad[:left] = x[:left]
+                assert np.array_equal((pad @ w)[:left], want[:left])
     # Neither contiguous layout: no probe, 8-row tiles only.
     assert L.tile_sizes(np.ones((40, 30), np.float32)[::2, ::3]) == (L.TILE,)
 
