@@ -656,6 +656,10 @@ class ShmEndpoint(Endpoint):
                                timeout_s=max(deadline - time.monotonic(), 1e-3))
             except XcclError as exc:
                 out[i] = exc
+        if self._deferred:
+            # Ring now, not at the end of this loop iteration: the caller may compute before it
+            # next awaits (a dispatch runs the shared expert), and the peers should start meanwhile.
+            self._flush_rings()
         return out
 
     async def _get(self, peer: str, window: str, offset: int, nbytes: int) -> bytes:

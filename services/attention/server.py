@@ -57,12 +57,14 @@ class StepProfile:
     moe_layers: int = 0
     local_s: float = 0.0
     dispatch_s: float = 0.0
+    dispatch_cpu_s: float = 0.0   # this thread's CPU time in dispatch (wall time also counts preemption)
     wait_s: float = 0.0
     metrics: AttentionMetrics | None = None   # per-layer A2E/E2A histograms (the pod's ranks)
 
     def as_load(self) -> dict[str, float]:
         return {"prof_steps": self.steps, "prof_moe_layers": self.moe_layers, "prof_local_ms": self.local_s * 1e3,
-                "prof_dispatch_ms": self.dispatch_s * 1e3, "prof_wait_ms": self.wait_s * 1e3}
+                "prof_dispatch_ms": self.dispatch_s * 1e3, "prof_dispatch_cpu_ms": self.dispatch_cpu_s * 1e3,
+                "prof_wait_ms": self.wait_s * 1e3}
 
 
 async def run_step(core: AttentionCore, dispatcher: A2EDispatcher, step_no: int, request_ids: Sequence[str],
@@ -78,10 +80,11 @@ async def run_step(core: AttentionCore, dispatcher: A2EDispatcher, step_no: int,
     t = clock()
     step = core.start(request_ids, tokens, positions)
     while (call := step.advance()) is not None:
-        t1 = clock()
+        t1, c1 = clock(), time.thread_time()
         pending = await dispatcher.start_layer(pack_event_id(call.layer, step_no), call.h, call.ids,
                                                timeout_s=layer_timeout_s)
         t2 = clock()
+        p.dispatch_cpu_s += time.thread_time() - c1
         step.compute_shared()
         t3 = clock()
         routed = await dispatcher.finish_layer(pending, call.weights)

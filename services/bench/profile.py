@@ -73,6 +73,9 @@ def step_profile(before: dict[str, dict[str, float]], after: dict[str, dict[str,
     moe_layers = delta("attention-", "prof_moe_layers")
     if moe_layers:   # the yardstick: A2E dispatch of one MoE layer of one rank
         out["a2e_dispatch_ms_per_moe_layer"] = per("attention-", "prof_dispatch_ms", moe_layers)
+        # The same in the rank's CPU time: on a busy host the wall time above also counts the
+        # moments the rank is preempted by the experts its doorbells just woke.
+        out["a2e_dispatch_cpu_ms_per_moe_layer"] = per("attention-", "prof_dispatch_cpu_ms", moe_layers)
     a = out["attention_ms_per_step"]
     attention_total = a["local_compute"] + a["a2e_dispatch"] + a["wait_for_experts"]
     out["derived_ms_per_step"] = {

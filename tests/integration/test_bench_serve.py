@@ -92,3 +92,4 @@ def test_ready_file_run_reports_cpu_per_token_and_the_step_profile(pod: TestPod,
     assert res["reference"]["cpu_ms_per_output_token"] > 0 and res["ratios"]["pod_over_reference_cpu_per_token"] > 0
     prof = res["step_profile"]
     assert prof["attention_steps"] > 0 and prof["a2e_dispatch_ms_per_moe_layer"] > 0
+    assert 0 < prof["a2e_dispatch_cpu_ms_per_moe_layer"] <= prof["a2e_dispatch_ms_per_moe_layer"] * 1.05
