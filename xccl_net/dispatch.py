@@ -53,9 +53,11 @@ from xccl_net.dispatch_core import (
     pack_rows,
     plan_dispatch,
     run_block,
+    run_blocks,
+    unpack_event_id,
 )
 from xccl_net.dispatch_health import RankChange, RankHealth, RankState
-from xccl_net.endpoint import PutSpec
+from xccl_net.endpoint import Notification, PutSpec
 from xccl_net.replica_choice import ReplicaChooser
 from xccl_net.errors import (
     CorruptMetadata,
@@ -514,10 +516,7 @@ class E2AHandler:
                                                  _flat_bytes(y), encode_meta(answer))], timeout_s=put_timeout_s)
         if err is not None:
             raise err
-        self.stats["events"] += 1
-        self.stats["rows_served"] += answer.count
-        self.per_source[meta.sender][0] += 1
-        self.per_source[meta.sender][1] += answer.count
+        self._answered(meta.sender, answer.count)
         return Served(source=meta.sender, event_id=meta.event_id, rows=answer.count)
 
     def _accept(self, note: Notice, select: Callable[[int], ExpertFn]) -> tuple[BlockMeta, ExpertFn]:
@@ -534,23 +533,105 @@ class E2AHandler:
             raise
         return meta, fn
 
-    async def _refuse(self, note: Notice, exc: ProtocolError, deadline: float, answer_timeout_s: float | None) -> None:
-        """Answer a block this rank cannot serve with a typed refusal (no rows), so its source
+    async def serve_events(self, *, select: Callable[[int], ExpertFn], timeout_s: float = 5.0,
+                           answer_timeout_s: float | None = None, max_blocks: int = 16) -> list[Served]:
+        """``serve_event`` for every block that waits: the next one (bounded by ``timeout_s``)
+        and those already here with it (up to ``max_blocks``). The blocks of one MoE layer --
+        from different sources (DP groups), which never wait for each other -- run each expert
+        once on all their rows (``run_blocks``: a row's bits do not depend on its companions),
+        and their answers leave together in one ``put_many``, layer by layer, so no source's
+        answer waits for another layer's compute. A bad notice is rejected (and refused, when
+        its source is known) as ``serve_event`` does, without failing the others; an answer
+        that cannot be delivered is logged and costs only its source.
+        """
+        if self.delay_s > 0:   # a straggler answers block by block, each after its delay
+            try:
+                return [await self.serve_event(select=select, timeout_s=timeout_s, answer_timeout_s=answer_timeout_s)]
+            except ProtocolError:
+                return []
+        deadline = time.monotonic() + timeout_s
+        raws: list[Notification] = []
+        left = _remaining(deadline)
+        if left <= 0:
+            raise XcclTimeout("timed out waiting for an A2E block from any source")
+        try:
+            raws.append(await self.ep.recv_notify(timeout_s=left))
+        except XcclTimeout as exc:
+            raise XcclTimeout("timed out waiting for an A2E block from any source") from exc
+        while len(raws) < max_blocks and (more := self.ep.poll_notify()) is not None:
+            raws.append(more)
+        put_timeout_s = max(_remaining(deadline), 1e-3) if answer_timeout_s is None else answer_timeout_s
+        layers: dict[int, list[tuple[BlockMeta, ExpertFn]]] = {}
+        refusals: list[PutSpec] = []
+        for raw in raws:
+            src, window, _offset, nbytes, notify = raw
+            try:
+                note = Notice(src=src, window=window, nbytes=nbytes, meta=decode_meta(notify))
+            except CorruptMetadata as exc:   # undecodable: nobody to answer
+                self._rejected(exc, src=None)
+                continue
+            try:
+                meta, fn = self._accept(note, select)
+            except ProtocolError as exc:
+                refusal = self._refusal(note, exc)
+                if refusal is not None:
+                    refusals.append(refusal)
+                continue
+            layers.setdefault(unpack_event_id(meta.event_id)[0], []).append((meta, fn))
+        if refusals:
+            for spec, err in zip(refusals, await self.ep.put_many(refusals, timeout_s=put_timeout_s)):
+                self._refusal_sent(spec.peer, err)
+        view = self.ep.window(self.windows.a2e)
+        h, rb = self.layout.hidden, self.layout.row_bytes
+        served: list[Served] = []
+        for group in layers.values():
+            blocks = [(view[m.offset:m.offset + m.count * rb].view(DTYPE).reshape(m.count, h), m.expert_ids)
+                      for m, _fn in group]
+            ys = run_blocks(blocks, group[0][1], h)
+            answers = [e2a_meta(m.event_id, self.rank, y.shape[0], self.layout, m.incarnation)
+                       for (m, _fn), y in zip(group, ys)]
+            puts = [PutSpec(self.source_peers[m.sender], self.windows.e2a, a.offset, _flat_bytes(y), encode_meta(a))
+                    for (m, _fn), a, y in zip(group, answers, ys)]
+            for (m, _fn), a, err in zip(group, answers, await self.ep.put_many(puts, timeout_s=put_timeout_s)):
+                if err is not None:
+                    # The source died or its window is gone: only its answer is lost.
+                    log.warning("dispatch.answer_failed", rank=self.rank, src=self.source_peers[m.sender],
+                                event_id=m.event_id, error=type(err).__name__, detail=str(err))
+                    continue
+                self._answered(m.sender, a.count)
+                served.append(Served(source=m.sender, event_id=m.event_id, rows=a.count))
+        return served
+
+    def _answered(self, sender: int, rows: int) -> None:
+        self.stats["events"] += 1
+        self.stats["rows_served"] += rows
+        self.per_source[sender][0] += 1
+        self.per_source[sender][1] += rows
+
+    def _refusal(self, note: Notice, exc: ProtocolError) -> PutSpec | None:
+        """The typed refusal (no rows) of a block this rank cannot serve, so its source
         re-dispatches the rows to a replica now instead of waiting for its deadline. Only when
-        the notice names a source that really sent it: an impostor gets no answer."""
+        the notice names a source that really sent it: an impostor gets no answer (None)."""
         meta = note.meta
         if not 0 <= meta.sender < len(self.source_peers) or self.source_peers[meta.sender] != note.src:
-            return
+            return None
         answer = e2a_meta(meta.event_id, self.rank, 0, self.layout, meta.incarnation,
                           error=f"{type(exc).__name__}: {exc}")
-        timeout_s = max(_remaining(deadline), 1e-3) if answer_timeout_s is None else answer_timeout_s
-        try:
-            await self.ep.put(note.src, self.windows.e2a, answer.offset, b"", notify=encode_meta(answer),
-                              timeout_s=timeout_s)
-        except XcclError as put_exc:
-            log.warning("dispatch.refusal_failed", rank=self.rank, src=note.src, error=type(put_exc).__name__)
+        return PutSpec(note.src, self.windows.e2a, answer.offset, b"", encode_meta(answer))
+
+    def _refusal_sent(self, src: str, err: XcclError | None) -> None:
+        if err is not None:
+            log.warning("dispatch.refusal_failed", rank=self.rank, src=src, error=type(err).__name__)
             return
         self.stats["refusals_sent"] += 1
+
+    async def _refuse(self, note: Notice, exc: ProtocolError, deadline: float, answer_timeout_s: float | None) -> None:
+        refusal = self._refusal(note, exc)
+        if refusal is None:
+            return
+        timeout_s = max(_remaining(deadline), 1e-3) if answer_timeout_s is None else answer_timeout_s
+        (err,) = await self.ep.put_many([refusal], timeout_s=timeout_s)
+        self._refusal_sent(note.src, err)
 
     def _rejected(self, exc: ProtocolError, src: str | None) -> None:
         self.stats["rejected_notices"] += 1

@@ -405,20 +405,44 @@ def run_block(rows: np.ndarray, expert_ids: np.ndarray, expert_fn: ExpertFn, hid
 
     Each expert runs once on its contiguous run of rows, the rows ``reference_moe`` gives it.
     """
-    out = np.empty((rows.shape[0], hidden), dtype=DTYPE)
-    ids = expert_ids.tolist()
-    a = 0
-    while a < len(ids):
-        b = a + 1
-        while b < len(ids) and ids[b] == ids[a]:
-            b += 1
-        inp = np.ascontiguousarray(rows[a:b])
-        y = np.asarray(expert_fn(ids[a], inp), dtype=DTYPE)
+    return run_blocks([(rows, expert_ids)], expert_fn, hidden)[0]
+
+
+def run_blocks(blocks: Sequence[tuple[np.ndarray, np.ndarray]], expert_fn: ExpertFn, hidden: int) -> list[np.ndarray]:
+    """Several blocks of one MoE layer (from different sources), each (rows [n, H] sorted by
+    expert id, expert ids): each expert runs ONCE, on its rows of every block (block order, then
+    row order), and each block gets its own outputs back in its own order.
+
+    Equal, bit for bit, to ``run_block`` of each block alone when ``expert_fn`` computes every row
+    on its own (``layers.linear``: a row's bits depend neither on its companions nor on the row
+    count); what it saves is one GEMM per expert and source, and the weights read once.
+    """
+    outs = [np.empty((rows.shape[0], hidden), dtype=DTYPE) for rows, _ in blocks]
+    runs: dict[int, list[tuple[int, int, int]]] = {}   # expert id -> (block, first row, end row)
+    for bi, (_rows, expert_ids) in enumerate(blocks):
+        ids = expert_ids.tolist()
+        a = 0
+        while a < len(ids):
+            b = a + 1
+            while b < len(ids) and ids[b] == ids[a]:
+                b += 1
+            runs.setdefault(ids[a], []).append((bi, a, b))
+            a = b
+    for e in sorted(runs):
+        parts = runs[e]
+        if len(parts) == 1:
+            bi, a, b = parts[0]
+            inp = np.ascontiguousarray(blocks[bi][0][a:b])
+        else:
+            inp = np.concatenate([blocks[bi][0][a:b] for bi, a, b in parts])
+        y = np.asarray(expert_fn(e, inp), dtype=DTYPE)
         if y.shape != inp.shape:
-            raise ValueError(f"expert_fn({ids[a]}) returned shape {y.shape} for input {inp.shape}")
-        out[a:b] = y
-        a = b
-    return out
+            raise ValueError(f"expert_fn({e}) returned shape {y.shape} for input {inp.shape}")
+        o = 0
+        for bi, a, b in parts:
+            outs[bi][a:b] = y[o:o + b - a]
+            o += b - a
+    return outs
 
 
 def e2a_meta(event_id: int, rank: int, count: int, layout: DispatchLayout, incarnation: int = 0,

@@ -401,6 +401,19 @@ class Endpoint(ABC):
             self._check_open()
             if not woken:
                 self._poll()
+        note = self.poll_notify()
+        assert note is not None
+        return note
+
+    def poll_notify(self) -> Notification | None:
+        """The next notification if one is already here, else None: never waits (what a
+        consumer takes along with the one it waited for). Here includes written into our ring
+        with its doorbell not handled yet (shm: the rings are scanned first)."""
+        self._check_open()
+        if not self._notes:
+            self._poll()
+        if not self._notes:
+            return None
         was_full = len(self._notes) >= self.cfg.inbox_max
         note = self._notes.popleft()
         if was_full:

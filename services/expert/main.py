@@ -23,7 +23,7 @@ from services.model.cache import ensure_model
 from services.model.weights import load_model
 from services.pod.spec import PodSpec, service
 from xccl_net.dispatch import DispatchWindows, E2AHandler
-from xccl_net.errors import EndpointClosed, ProtocolError, XcclError, XcclTimeout
+from xccl_net.errors import EndpointClosed, XcclError, XcclTimeout
 
 # How long one wait for a notice lasts before the loop goes round (it re-checks nothing but
 # keeps every await bounded).
@@ -33,20 +33,19 @@ IDLE_WAIT_S = 1.0
 async def _serve_events(rt: ServiceRuntime, handler: E2AHandler, inst: ExpertInstance) -> None:
     # A source that takes longer than this to accept an answer is treated as gone for that event.
     answer_put_timeout_s = rt.spec.experts.answer_put_timeout_s
+    # Every block that waits is served in one go: the blocks of one MoE layer from the DP groups
+    # run each expert once (serve_events). A bad notice is logged, counted and answered with a
+    # typed refusal when its source is known (it re-dispatches those rows to a replica); an
+    # answer to a source that died is logged: nothing else is lost.
     while True:
         try:
-            await handler.serve_event(select=inst.select, timeout_s=IDLE_WAIT_S, answer_timeout_s=answer_put_timeout_s)
+            await handler.serve_events(select=inst.select, timeout_s=IDLE_WAIT_S, answer_timeout_s=answer_put_timeout_s)
         except XcclTimeout:
-            continue
-        except ProtocolError:
-            # Logged and counted by the handler, and answered with a typed refusal when the
-            # source is known (it re-dispatches those rows to a replica); nothing else is lost.
             continue
         except EndpointClosed:
             raise
         except XcclError as exc:
-            # A source died or its window is gone: only its answer is lost; keep serving.
-            rt.log.warning("expert.answer_failed", error=type(exc).__name__, detail=str(exc))
+            rt.log.warning("expert.serve_failed", error=type(exc).__name__, detail=str(exc))
 
 
 async def serve(spec: PodSpec, name: str) -> None:

@@ -120,6 +120,68 @@ def assert_bitwise(got, want):
 KINDS = ["mem", "shm"]
 
 
+def invariant_expert_fn(calls: list[tuple[int, int]]):
+    """Experts whose rows are computed each on its own (``layers.linear``), recording each call."""
+    from services.model.layers import linear
+
+    ws = np.random.default_rng(5).standard_normal((EXPERTS, HIDDEN, HIDDEN)).astype(DTYPE) / np.float32(np.sqrt(HIDDEN))
+
+    def expert_fn(e: int, rows: np.ndarray) -> np.ndarray:
+        calls.append((e, rows.shape[0]))
+        return np.tanh(linear(rows, ws[e])) * np.float32(e + 1)
+
+    return expert_fn
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_blocks_of_one_layer_from_both_sources_run_each_expert_once_bitwise(kind, tmp_path):
+    """Both DP groups' blocks of one layer wait at every expert rank: one ``serve_events`` per
+    rank serves both, each expert runs once on the rows of both (the calls are counted), the
+    answers are bitwise the direct computation; a layer of another step, waiting alongside, is
+    served in the same call but computed on its own."""
+    async with pod(kind, tmp_path) as (eps, _):
+        ds, hs = make_sides(eps)
+        calls: list[tuple[int, int]] = []
+        fn = invariant_expert_fn(calls)
+        xs, ids, ws = gates(60)
+        eid = pack_event_id(2, 0)
+        pending = [await d.start_layer(eid, xs[s], ids[s], timeout_s=5.0) for s, d in enumerate(ds)]
+        served = [await h.serve_events(select=lambda _e: fn, timeout_s=5.0) for h in hs]
+        assert [sorted((v.source, v.event_id) for v in got) for got in served] == [[(0, eid), (1, eid)]] * N
+        serving = list(calls)
+        got = [await d.finish_layer(p, ws[s]) for s, (d, p) in enumerate(zip(ds, pending))]
+        assert_bitwise(got, reference_moe(xs, ids, ws, fn))
+        # Every expert some row chose ran once (its primary rank serves both sources), on the rows of both.
+        chosen = {int(e) for s in range(M) for e in np.unique(ids[s])}
+        assert sorted(e for e, _ in serving) == sorted(chosen), serving
+        assert sum(n for _, n in serving) == M * TOKENS * K
+        assert any(n > int((ids[0] == e).sum()) and n > int((ids[1] == e).sum()) for e, n in serving)
+        # Two layers waiting together (source 0 at layer 1, source 1 at layer 3): one call, two groups.
+        calls.clear()
+        xs, ids, ws = gates(61)
+        e0, e1 = pack_event_id(1, 1), pack_event_id(3, 1)
+        p0 = await ds[0].start_layer(e0, xs[0], ids[0], timeout_s=5.0)
+        p1 = await ds[1].start_layer(e1, xs[1], ids[1], timeout_s=5.0)
+        served = [await h.serve_events(select=lambda _e: fn, timeout_s=5.0) for h in hs]
+        assert [sorted((v.source, v.event_id) for v in got) for got in served] == [[(0, e0), (1, e1)]] * N
+        got = [await ds[0].finish_layer(p0, ws[0]), await ds[1].finish_layer(p1, ws[1])]
+        assert_bitwise(got, reference_moe(xs, ids, ws, fn))
+        assert hs[0].per_source[0][0] == 2 and hs[0].per_source[1][0] == 2
+        # A bad notice among good ones costs only itself: rejected (and refused: its source is known).
+        xs, ids, ws = gates(62)
+        eid = pack_event_id(2, 2)
+        pending = [await d.start_layer(eid, xs[s], ids[s], timeout_s=5.0) for s, d in enumerate(ds)]
+        await eps[ATTN[1]].put(EXP[0], "a2e", LAYOUT.a2e_offset(1), b"", notify=encode_meta(BlockMeta(
+            event_id=pack_event_id(2, 1), sender=1, offset=LAYOUT.a2e_offset(1), count=0,
+            expert_ids=np.empty(0, np.int32))))   # older than what source 1 just sent: stale
+        await eps[ATTN[1]].put(EXP[0], "a2e", 0, b"", notify=b"\x00garbage")
+        served = [await h.serve_events(select=lambda _e: fn, timeout_s=5.0) for h in hs]
+        assert [sorted((v.source, v.event_id) for v in got) for got in served] == [[(0, eid), (1, eid)]] * N
+        assert hs[0].stats["rejected_notices"] == 2 and hs[0].stats["refusals_sent"] == 1
+        got = [await d.finish_layer(p, ws[s]) for s, (d, p) in enumerate(zip(ds, pending))]
+        assert_bitwise(got, reference_moe(xs, ids, ws, fn))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_layers_equal_direct_computation_with_replicas_and_empty_sources(kind, tmp_path):
     async with pod(kind, tmp_path) as (eps, _):
