@@ -474,7 +474,9 @@ class E2AHandler:
         self.windows = windows
         self.hosted = placement.hosted(rank)
         self._guard = SourceGuard(layout, self.hosted)
-        self.stats = {"events": 0, "rows_served": 0, "rejected_notices": 0, "refusals_sent": 0, "delayed_blocks": 0}
+        self.stats = {"events": 0, "rows_served": 0, "rejected_notices": 0, "refusals_sent": 0, "delayed_blocks": 0,
+                      # serve_events: blocks served along with others, and computed with another of their layer
+                      "batched_blocks": 0, "merged_blocks": 0}
         # A straggler (admin ``SetStraggler``): every answered block waits this long first.
         self.delay_s = 0.0
         # source index -> [events, rows] served for it.
@@ -584,7 +586,11 @@ class E2AHandler:
         view = self.ep.window(self.windows.a2e)
         h, rb = self.layout.hidden, self.layout.row_bytes
         served: list[Served] = []
+        if len(raws) > 1:
+            self.stats["batched_blocks"] += sum(len(g) for g in layers.values())
         for group in layers.values():
+            if len(group) > 1:
+                self.stats["merged_blocks"] += len(group)
             blocks = [(view[m.offset:m.offset + m.count * rb].view(DTYPE).reshape(m.count, h), m.expert_ids)
                       for m, _fn in group]
             ys = run_blocks(blocks, group[0][1], h)

@@ -76,6 +76,10 @@ def step_profile(before: dict[str, dict[str, float]], after: dict[str, dict[str,
         # The same in the rank's CPU time: on a busy host the wall time above also counts the
         # moments the rank is preempted by the experts its doorbells just woke.
         out["a2e_dispatch_cpu_ms_per_moe_layer"] = per("attention-", "prof_dispatch_cpu_ms", moe_layers)
+    events = delta("expert-", "events_served")
+    if events:   # how often an expert found several blocks waiting, and blocks of one layer among them
+        out["expert_blocks"] = {"served": events, "batched_fraction": delta("expert-", "batched_blocks") / events,
+                                "merged_fraction": delta("expert-", "merged_blocks") / events}
     a = out["attention_ms_per_step"]
     attention_total = a["local_compute"] + a["a2e_dispatch"] + a["wait_for_experts"]
     out["derived_ms_per_step"] = {

@@ -5,7 +5,8 @@ MoE layer and serves A2E events from any attention rank, each source on its own 
 never wait for each other here). Stateless between events: a restart loses nothing but the
 events in flight, which their sources time out and retry.
 
-Heartbeat load: ``events_served``, ``rows_served``. RPC: ``ExpertStatsQuery`` -> ``ExpertStats``;
+Heartbeat load: ``events_served``, ``rows_served``, ``batched_blocks`` / ``merged_blocks`` (served
+along with other waiting blocks / computed together with another source's block of their layer). RPC: ``ExpertStatsQuery`` -> ``ExpertStats``;
 ``SetStraggler``/``GetStraggler`` (``services.common.admin``): a delay per answered block.
 """
 
@@ -68,7 +69,8 @@ async def serve(spec: PodSpec, name: str) -> None:
         return {"events_served": handler.stats["events"], "rows_served": handler.stats["rows_served"],
                 "compute_ms": inst.compute_s * 1e3, "rejected_notices": handler.stats["rejected_notices"],
                 "refusals_sent": handler.stats["refusals_sent"], "straggler_ms": handler.delay_s * 1e3,
-                "delayed_blocks": handler.stats["delayed_blocks"]}
+                "delayed_blocks": handler.stats["delayed_blocks"], "batched_blocks": handler.stats["batched_blocks"],
+                "merged_blocks": handler.stats["merged_blocks"]}
 
     async with ServiceRuntime(spec, name, windows={windows.a2e: geo.layout.a2e_window_bytes}, load=load) as rt:
         handler = E2AHandler(rt.endpoint, rank=me.rank, source_peers=geo.sources, placement=geo.placement,
