@@ -13,7 +13,10 @@ Targets (reported pass/fail, never tuned; thresholds from issue 13 where it sets
 - p2p 64 B round trip <= 1.0 x a raw zmq.asyncio ipc round trip (both with uvloop);
 - a 16 MiB p2p transfer >= 5 x faster than one 16 MiB message of a grpc.aio stream;
 - fabric fidelity: median |measured - target| / target <= 5 %, where target = the delay the
-  simulator granted (reserve reply) and measured = reserve reply -> receiver sees the data.
+  simulator granted (reserve reply) and measured = reserve reply -> receiver sees the data;
+  with ``--under-load READY`` measured a second time while that pod serves a closed loop of
+  ``--load-concurrency`` streams (issue 13's condition), the load proven by the decode steps it
+  took during the measurement and the cores the pod kept busy.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import asyncio
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -427,12 +431,99 @@ async def _bench_all(plan: BenchPlan, work: str) -> dict[str, Any]:
         res["p2p"][kind] = await bench_xccl_p2p(kind, ns, work, plan)
     res["dispatch"] = [await bench_dispatch(case, plan.dispatch_reps, f"bd{os.getpid()}{i}", work)
                        for i, case in enumerate(plan.dispatch_cases)]
-    cfg_path = os.path.join(work, "fabric.yaml")
-    _fabric_config_yaml(cfg_path, work)
-    with fabric_process(cfg_path, os.path.join(work, "fabric.ready")) as fabric_address:
-        ns = f"bf{os.getpid()}"
+    res["fidelity"] = await _fidelity(work, plan, "bf")
+    return res
+
+
+async def _fidelity(work: str, plan: BenchPlan, tag: str) -> dict[str, Any]:
+    """The fidelity measurement with its own simulator process and echo peer."""
+    cfg_path = os.path.join(work, f"{tag}-fabric.yaml")
+    _fabric_config_yaml(cfg_path, os.path.join(work, tag))
+    os.makedirs(os.path.join(work, tag), exist_ok=True)
+    with fabric_process(cfg_path, os.path.join(work, f"{tag}-fabric.ready")) as fabric_address:
+        ns = f"{tag}{os.getpid()}"
         with peer_process("xccl-echo", "shm", ns, work, "--fabric", fabric_address):
-            res["fidelity"] = await bench_fidelity(fabric_address, ns, work, plan.fidelity_transfers)
+            return await bench_fidelity(fabric_address, ns, work, plan.fidelity_transfers)
+
+
+# ---------------------------------------------------------------- fidelity under a pod's load
+
+LOAD_WARMUP_STEPS = 20      # decode steps the pod must take under the load before measuring
+LOAD_START_TIMEOUT_S = 120.0
+LOAD_STOP_TIMEOUT_S = 15.0
+
+
+def _decode_steps(loads: dict[str, dict[str, float]]) -> float:
+    return sum(v.get("prof_steps", 0.0) for n, v in loads.items() if n.startswith("attention-"))
+
+
+async def fidelity_under_load(ready_file: str, concurrency: int, plan: BenchPlan, work: str) -> dict[str, Any]:
+    """Fabric fidelity while a running pod (``xds up``'s ready file) serves a closed loop of
+    ``concurrency`` streams (``xds bench serve --duration``, a subprocess in its own session).
+
+    The load proves itself: the measurement starts only after the pod took ``LOAD_WARMUP_STEPS``
+    decode steps under it, and the report says how many it took and how many cores the pod kept
+    busy during the measurement (its processes' CPU time from /proc). The load is stopped by PID
+    (SIGTERM, then SIGKILL) whatever happens.
+    """
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from services.bench.cpu import cpu_seconds
+    from services.bench.profile import ProfileProbe
+    from services.pod.spec import load_pod
+
+    info = json.loads(Path(ready_file).read_text())
+    pod_file = Path(info["run_dir"]) / "pod.yaml"
+    if not pod_file.is_file():
+        raise FileNotFoundError(f"{ready_file} names run_dir {info['run_dir']}, which has no pod.yaml")
+    spec = load_pod(str(pod_file))
+    pids = {n: int(p) for n, p in info.get("pids", {}).items()}
+    log_path = os.path.join(work, "load.err")
+    cmd = [sys.executable, "-m", "services.cli", "bench", "serve", "--ready-file", ready_file, "--pod", str(pod_file),
+           "--duration", "3600", "--max-concurrency", str(concurrency), "--max-tokens", "32", "--prompt-len", "64",
+           "--json"]
+    with open(log_path, "w") as log_file:
+        load = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file, start_new_session=True)
+    loop = asyncio.get_running_loop()
+
+    def load_failed(what: str) -> RuntimeError:
+        tail = Path(log_path).read_text()[-2000:]
+        return RuntimeError(f"the load generator {what} (exit code {load.poll()}): {tail}")
+
+    try:
+        async with ProfileProbe(spec) as probe:
+            first = await probe.snapshot()
+            deadline = loop.time() + LOAD_START_TIMEOUT_S
+            while True:
+                if load.poll() is not None:
+                    raise load_failed("exited before the pod was loaded")
+                start = await probe.snapshot()
+                if _decode_steps(start) - _decode_steps(first) >= LOAD_WARMUP_STEPS:
+                    break
+                if loop.time() > deadline:
+                    raise TimeoutError(f"the pod took fewer than {LOAD_WARMUP_STEPS} decode steps in "
+                                       f"{LOAD_START_TIMEOUT_S:g} s of load")
+            cpu0, t0 = cpu_seconds(pids), time.monotonic()
+            res = await _fidelity(work, plan, "bl")
+            cpu1, elapsed = cpu_seconds(pids), time.monotonic() - t0
+            end = await probe.snapshot()
+            if load.poll() is not None:
+                raise load_failed("stopped during the measurement")
+    finally:
+        if load.poll() is None:
+            os.killpg(load.pid, signal.SIGTERM)
+            try:
+                load.wait(LOAD_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(load.pid, signal.SIGKILL)
+                load.wait(LOAD_STOP_TIMEOUT_S)
+    busy = sum(cpu1[n] - cpu0[n] for n in cpu1 if n in cpu0)
+    res["load"] = {"concurrency": concurrency, "generator_pid": load.pid, "seconds": elapsed,
+                   "decode_steps_during": _decode_steps(end) - _decode_steps(start),
+                   "pod_cores_busy": busy / elapsed if elapsed > 0 else 0.0}
     return res
 
 
@@ -462,22 +553,40 @@ def _ratios(res: dict[str, Any]) -> tuple[dict[str, float], list[dict[str, Any]]
     if "fidelity" in res:
         targets.append(_target("fabric fidelity median relative error", res["fidelity"]["rel_error_median"],
                                "<=", 0.05))
+    if "fidelity_under_load" in res:
+        targets.append(_target("fabric fidelity median relative error while the pod serves a closed loop",
+                               res["fidelity_under_load"]["rel_error_median"], "<=", 0.05))
     return r, targets
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--quick", action="store_true", help="few repetitions (smoke test, numbers are noisy)")
+    p.add_argument("--under-load", metavar="READY_FILE", default=None,
+                   help="also measure fabric fidelity while the pod of this ready file (xds up --ready-file) "
+                        "serves a closed loop of --load-concurrency streams")
+    p.add_argument("--load-concurrency", type=int, default=16, metavar="N",
+                   help="streams in flight for --under-load (default 16)")
 
 
 def run(args: argparse.Namespace) -> int:
     import uvloop
 
     plan = BenchPlan.quick() if args.quick else BenchPlan()
+    if args.load_concurrency < 1:
+        print("xds bench xccl: --load-concurrency must be >= 1", file=sys.stderr)
+        return 2
+    if args.under_load is not None and not os.path.isfile(args.under_load):
+        print(f"xds bench xccl: --under-load {args.under_load}: no such ready file (xds up --ready-file)",
+              file=sys.stderr)
+        return 2
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="xds-bench-xccl-") as work:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             res = runner.run(_bench_all(plan, work))
+            if args.under_load is not None:
+                res["fidelity_under_load"] = runner.run(
+                    fidelity_under_load(args.under_load, args.load_concurrency, plan, work))
     res["ratios"], res["targets"] = _ratios(res)
     res["elapsed_s"] = time.monotonic() - t0
     if args.json:

@@ -73,3 +73,39 @@ def test_bench_xccl_quick_reports_every_section(bench_run):
               "transfer16_grpc_over_p2p")
     names = {t["name"] for t in res["targets"]}
     assert len(names) == 5 and all(isinstance(t["pass"], bool) for t in res["targets"])
+
+
+def test_bench_xccl_under_load_measures_fidelity_while_a_pod_serves_and_stops_its_load(tmp_path):
+    """``--under-load READY``: the fidelity run happens while a real pod decodes (the report's
+    decode steps and busy cores prove it), and the load generator is gone afterwards."""
+    from services.chaos.faults import gone
+    from services.common.runtime import write_json_atomic
+    from tests.pods import TestPod
+
+    with TestPod.running("bxl") as pod:
+        ready = tmp_path / "ready.json"
+        write_json_atomic(ready, pod.ready_info())
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "bench", "xccl", "--json", "--quick",
+                                 "--under-load", str(ready), "--load-concurrency", "4"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=BENCH_TIMEOUT_S + 60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        assert proc.returncode == 0, err[-3000:]
+        res = json.loads(out)
+        fid = res["fidelity_under_load"]
+        assert fid["transfers"] > 0 and 0 <= fid["rel_error_median"] <= fid["rel_error_max"]
+        load = fid["load"]
+        assert load["concurrency"] == 4 and load["decode_steps_during"] > 0 and load["pod_cores_busy"] > 0.05, load
+        assert gone(load["generator_pid"]), "the load generator outlived the bench"
+        assert len(res["targets"]) == 6
+        assert pod.pids() == {n: int(p) for n, p in json.loads(ready.read_text())["pids"].items()}  # pod untouched
+
+
+def test_bench_xccl_under_load_refuses_a_missing_ready_file(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "services.cli", "bench", "xccl", "--quick", "--under-load",
+                        str(tmp_path / "nope.json")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "no such ready file" in r.stderr
