@@ -55,7 +55,8 @@ async def serve(spec: PodSpec, name: str) -> None:
         dispatcher = A2EDispatcher(rt.endpoint, source=geo.sources.index(name), expert_peers=geo.experts,
                                    placement=geo.placement, layout=geo.layout, windows=windows,
                                    failover=Failover(spec.experts.answer_timeout_s, spec.experts.failover_wait_s),
-                                   chooser=ReplicaChooser(len(geo.experts)) if spec.experts.replica_choice else None,
+                                   chooser=(ReplicaChooser(len(geo.experts), prefer=geo.sources.index(name))
+                                            if spec.experts.replica_choice else None),
                                    probe=probe)
         watch = ExpertWatch(spec, dispatcher, geo.experts)
         pool = KVPoolClient(spec, rt.endpoint, cfg)

@@ -47,15 +47,18 @@ def test_the_table_is_total_over_states_and_events():
 
 
 # ---------------------------------------------------------------- replica choice
+SPREAD = ChoiceConfig(pack=False)
+
+
 def test_no_observation_keeps_the_primary_like_the_first_holder_rule():
-    ch = ReplicaChooser(4)
+    ch = ReplicaChooser(4, SPREAD)
     rows = {e: 3 for e in range(PLACEMENT.num_experts)}
     np.testing.assert_array_equal(ch.choose(PLACEMENT, (), rows), PLACEMENT.choose((), rows))
     assert ch.moved == 0
 
 
 def test_a_straggler_loses_its_rows_noise_does_not_move_them():
-    ch = ReplicaChooser(4)
+    ch = ReplicaChooser(4, SPREAD)
     for r in range(4):
         ch.observe(r, 0.004)
     ch.observe(1, 0.007)                      # noise: 3 ms slower, inside the margin
@@ -75,7 +78,7 @@ def test_a_straggler_loses_its_rows_noise_does_not_move_them():
 
 
 def test_choice_is_deterministic_and_respects_exclusion():
-    a, b = ReplicaChooser(4), ReplicaChooser(4)
+    a, b = ReplicaChooser(4, SPREAD), ReplicaChooser(4, SPREAD)
     for ch in (a, b):
         for r, lat in enumerate((0.03, 0.004, 0.004, 0.03)):
             ch.observe(r, lat)
@@ -89,18 +92,48 @@ def test_choice_is_deterministic_and_respects_exclusion():
 
 
 def test_load_spreads_rows_between_equally_fast_holders_when_one_fills_up():
-    ch = ReplicaChooser(4, ChoiceConfig(margin_s=0.0, margin_frac=0.0, load_weight=4.0))
+    ch = ReplicaChooser(4, ChoiceConfig(margin_s=0.0, margin_frac=0.0, load_weight=4.0, pack=False))
     for r in range(4):
         ch.observe(r, 0.01)
     out = ch.choose(PLACEMENT, (), {0: 10, 4: 10})   # experts 0 and 4 both live on ranks 0 and 1
     assert sorted([out[0], out[4]]) == [0, 1]
 
 
-@settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10_000), lat=st.lists(st.floats(0.0, 0.05), min_size=4, max_size=4))
-def test_any_choice_gives_the_reference_bitwise(seed, lat):
-    x, ids, w = gates(seed)
+def test_pack_serves_a_plan_from_the_fewest_ranks_and_spreads_sources():
+    all_experts = {e: 1 for e in range(PLACEMENT.num_experts)}
+    used = [set(ReplicaChooser(4, ChoiceConfig(pack=True), prefer=s).choose(PLACEMENT, (), all_experts).tolist())
+            for s in range(2)]
+    # Round robin with 2 replicas: ranks {0, 2} (or {1, 3}) hold every expert between them.
+    assert all(len(u) == 2 for u in used) and used[0].isdisjoint(used[1]), used
+    # Over successive plans every rank gets blocks (ties rotate with the plan count).
     ch = ReplicaChooser(4)
+    seen = set()
+    for _ in range(4):
+        ch.explore()
+        seen |= set(ch.choose(PLACEMENT, (), {1: 1, 5: 1}).tolist()) - {-1}
+    assert seen == {1, 2}   # experts 1 and 5 live on ranks 1 and 2 only: both get them in turn
+    one_token = {1: 1, 5: 1, 2: 1, 6: 1}          # holders {1,2} {1,2} {2,3} {2,3}: rank 2 holds all
+    assert set(ReplicaChooser(4, ChoiceConfig(pack=True)).choose(PLACEMENT, (), one_token)[[1, 5, 2, 6]]) == {2}
+    ch = ReplicaChooser(4, ChoiceConfig(pack=True))
+    out = ch.choose(PLACEMENT, {2}, one_token)    # rank 2 out: experts go to their other holders
+    assert 2 not in out.tolist() and out[1] == out[5] == 1 and out[2] == out[6] == 3
+    for r in range(4):
+        ch.observe(r, 0.004)
+    for _ in range(20):
+        ch.observe(2, 0.024)                      # a straggler: used only where nothing else holds
+    out = ch.choose(PLACEMENT, (), one_token)
+    assert 2 not in out[[1, 5, 2, 6]].tolist()
+    with pytest.raises(NoLiveReplica) as ei:
+        ch.choose(PLACEMENT, {1, 2}, one_token)
+    assert ei.value.expert_id == 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), lat=st.lists(st.floats(0.0, 0.05), min_size=4, max_size=4),
+       pack=st.booleans())
+def test_any_choice_gives_the_reference_bitwise(seed, lat, pack):
+    x, ids, w = gates(seed)
+    ch = ReplicaChooser(4, ChoiceConfig(pack=pack), prefer=seed)
     for r, v in enumerate(lat):
         ch.observe(r, v)
     att = LayerAttempts(pack_event_id(2, seed), 0, ids, PLACEMENT, LAYOUT, INC, chooser=ch)
