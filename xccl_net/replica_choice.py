@@ -61,7 +61,7 @@ class ReplicaChooser:
         self.cfg = cfg
         self.prefer = prefer % num_ranks   # pack: ties go to ranks from this one on (sources spread)
         self.ewma_s: list[float | None] = [None] * num_ranks
-        self.moved = 0                # experts assigned to a non-primary live holder by cost
+        self.moved = 0                # experts kept off a holder by its cost (a slow rank)
         self.plans = 0
 
     def explore(self) -> bool:
@@ -166,6 +166,6 @@ class ReplicaChooser:
         for r, experts in best or []:
             for e in experts:
                 out[e] = r
-                if r != placement.holders[e][0]:
-                    self.moved += 1
+                if any(h in slow for h in placement.holders[e]) and r not in slow:
+                    self.moved += 1   # a slow live holder was passed over: moved by cost
         return out

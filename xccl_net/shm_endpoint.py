@@ -635,31 +635,49 @@ class ShmEndpoint(Endpoint):
                 continue
             going.append((at, i, link, dst, view, rec))
         going.sort(key=lambda g: g[:2])
-        for at, i, link, dst, view, rec in going:
-            if at:
-                await fab.wait_until(at)
+        # Puts that must wait (a ring full or busy, the table not mapped) each run as a task of
+        # their own after the direct ones, so one slow peer never holds up the others.
+        waiting: list[Any] = []
+
+        async def notify_later(i: int, link: _Link, rec: memoryview, nbytes: int) -> None:
             try:
-                self._check_link(link)
-                memoryview(dst)[:] = view
-                if rec is not None and not self._send_now(link, KIND_NOTIFY, rec):
-                    await self._timed(self._send(link.name, KIND_NOTIFY, [rec], rec.nbytes, False, timed=False),
-                                      max(deadline - time.monotonic(), 1e-3), f"put to {link.name}")
+                await self._timed(self._send(link.name, KIND_NOTIFY, [rec], rec.nbytes, False, timed=False),
+                                  max(deadline - time.monotonic(), 1e-3), f"put to {link.name}")
             except XcclError as exc:
                 out[i] = exc
-                continue
+                return
             self.stats["puts"] += 1
-            self.stats["put_bytes"] += view.nbytes
-        for i in slow:
+            self.stats["put_bytes"] += nbytes
+
+        async def put_later(i: int) -> None:
             p = puts[i]
             try:
                 await self.put(p.peer, p.window, p.offset, p.data, notify=p.notify,
                                timeout_s=max(deadline - time.monotonic(), 1e-3))
             except XcclError as exc:
                 out[i] = exc
+
+        for at, i, link, dst, view, rec in going:
+            if at:
+                await fab.wait_until(at)
+            try:
+                self._check_link(link)
+                memoryview(dst)[:] = view
+            except XcclError as exc:
+                out[i] = exc
+                continue
+            if rec is not None and not self._send_now(link, KIND_NOTIFY, rec):
+                waiting.append(notify_later(i, link, rec, view.nbytes))
+                continue
+            self.stats["puts"] += 1
+            self.stats["put_bytes"] += view.nbytes
         if self._deferred:
             # Ring now, not at the end of this loop iteration: the caller may compute before it
             # next awaits (a dispatch runs the shared expert), and the peers should start meanwhile.
             self._flush_rings()
+        waiting += [put_later(i) for i in slow]
+        if waiting:
+            await asyncio.gather(*waiting)
         return out
 
     async def _get(self, peer: str, window: str, offset: int, nbytes: int) -> bytes:

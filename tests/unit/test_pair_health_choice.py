@@ -117,12 +117,13 @@ def test_pack_serves_a_plan_from_the_fewest_ranks_and_spreads_sources():
     ch = ReplicaChooser(4, ChoiceConfig(pack=True))
     out = ch.choose(PLACEMENT, {2}, one_token)    # rank 2 out: experts go to their other holders
     assert 2 not in out.tolist() and out[1] == out[5] == 1 and out[2] == out[6] == 3
+    assert ch.moved == 0   # packing and exclusion are not moves "by cost" (the straggler signal)
     for r in range(4):
         ch.observe(r, 0.004)
     for _ in range(20):
         ch.observe(2, 0.024)                      # a straggler: used only where nothing else holds
     out = ch.choose(PLACEMENT, (), one_token)
-    assert 2 not in out[[1, 5, 2, 6]].tolist()
+    assert 2 not in out[[1, 5, 2, 6]].tolist() and ch.moved == 4   # each passed over the slow rank
     with pytest.raises(NoLiveReplica) as ei:
         ch.choose(PLACEMENT, {1, 2}, one_token)
     assert ei.value.expert_id == 1

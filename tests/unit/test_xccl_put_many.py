@@ -56,6 +56,26 @@ async def test_a_failing_put_costs_only_itself(xnet: XNet):
         await b.recv_notify(timeout_s=0.05)
 
 
+async def test_a_peer_that_reads_nothing_never_holds_up_the_others_in_the_batch(xnet: XNet):
+    # "stuck" takes one notification into its queue and stops reading: on shm its ring (4 slots)
+    # fills and the rest of its puts must wait (tcp and mem queue notifications without that
+    # back-pressure). "fast", listed after them, is notified at once anyway.
+    a = await xnet.open("a")
+    stuck = await xnet.open("stuck", windows={"kv": 4096}, inbox_max=1)
+    fast = await xnet.open("fast", windows={"kv": 4096})
+    puts = [PutSpec("stuck", "kv", k, bytes([k]), f"s{k}".encode()) for k in range(8)]
+    puts.append(PutSpec("fast", "kv", 0, b"go", b"fast"))
+    batch = asyncio.create_task(a.put_many(puts, timeout_s=1.0))
+    note = await fast.recv_notify(timeout_s=0.9)
+    assert note.notify == b"fast" and not batch.done()   # delivered while the stuck puts still wait
+    out = await asyncio.wait_for(batch, 5)
+    assert out[-1] is None, out
+    if xnet.kind == "shm":   # the ring really filled: the last stuck puts ran out of time
+        assert any(isinstance(e, XcclTimeout) for e in out[:-1]), out
+    got = [(await stuck.recv_notify(timeout_s=2)).notify for _ in range(sum(e is None for e in out[:-1]))]
+    assert got == [f"s{k}".encode() for k, e in enumerate(out[:-1]) if e is None]
+
+
 async def test_more_puts_to_one_peer_than_its_ring_holds_arrive_in_order(xnet: XNet):
     # SMALL_GEOMETRY: 4 ring slots; 10 notifications to one peer in one batch must wait for room.
     a = await xnet.open("a")
