@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from xccl_net.errors import CorruptMetadata
 
 MAGIC = int.from_bytes(b"XDSXCCL\x01", "little")
-VERSION = 1
+VERSION = 2   # 2: peer-entry word P_WRITER_WAITS (a reader rings only writers that wait)
 PAGE = 4096
 HEADER_BYTES = PAGE
 PEER_ENTRY_BYTES = 256

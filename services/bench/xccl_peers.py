@@ -195,7 +195,7 @@ async def _xccl_echo_peer(kind: str, namespace: str, run_dir: str, *, fabric_add
     (shm: the sender writes the message straight into it); ``[INTO, b"0"]``: back to ``recv``;
     each is answered ``[INTO, json of our stats]``."""
     from xccl_net.endpoint import open_endpoint
-    from xccl_net.errors import XcclTimeout
+    from xccl_net.errors import PeerUnreachable, XcclTimeout
 
     fabric = None
     if fabric_address is not None:
@@ -228,19 +228,27 @@ async def _xccl_echo_peer(kind: str, namespace: str, run_dir: str, *, fabric_add
                 posted = None  # waited for: done, or released by the timeout
             seen_at = time.monotonic()
             tag = bytes(frames[0])
-            if tag == ECHO:
-                await ep.send(src, frames, timeout_s=30.0)
-            elif tag == STAMP:
-                await ep.send(src, [STAMP, np.array([seen_at], dtype=np.float64)], timeout_s=30.0)
-            elif tag == INTO:
-                mode = bytes(frames[1])
-                into_src = None if mode == b"0" else src
-                into_buf = ep.window("into") if mode == b"w" else private_buf
-                reply = [INTO, json.dumps(ep.stats).encode()]
-                if into_src is not None:
-                    # Post before replying: the sender's next message goes straight into the buffer.
-                    posted = ep.post_recv(into_src, into_buf)
-                await ep.send(src, reply, timeout_s=30.0)
+            try:
+                if tag == ECHO:
+                    await ep.send(src, frames, timeout_s=30.0)
+                elif tag == STAMP:
+                    await ep.send(src, [STAMP, np.array([seen_at], dtype=np.float64)], timeout_s=30.0)
+                elif tag == INTO:
+                    mode = bytes(frames[1])
+                    into_src = None if mode == b"0" else src
+                    into_buf = ep.window("into") if mode == b"w" else private_buf
+                    reply = [INTO, json.dumps(ep.stats).encode()]
+                    if into_src is not None:
+                        # Post before replying: the sender's next message goes straight into the buffer.
+                        posted = ep.post_recv(into_src, into_buf)
+                    await ep.send(src, reply, timeout_s=30.0)
+            except PeerUnreachable:
+                # The bench closed its endpoint while our last reply waited for its acknowledgement
+                # (it has what it measured): wait for the next sender, or for the bench to stop us.
+                if posted is not None:
+                    posted.cancel()
+                    posted = None
+                into_src = None
 
     try:
         await _serve_until_terminated(serve)
