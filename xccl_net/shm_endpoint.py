@@ -657,11 +657,14 @@ class ShmEndpoint(Endpoint):
             except XcclError as exc:
                 out[i] = exc
 
+        waited = False   # only a wait can have let a peer go since _link checked it
         for at, i, link, dst, view, rec in going:
-            if at:
-                await fab.wait_until(at)
             try:
-                self._check_link(link)
+                if at:
+                    await fab.wait_until(at)
+                    waited = True
+                if waited:
+                    self._check_link(link)
                 memoryview(dst)[:] = view
             except XcclError as exc:
                 out[i] = exc

@@ -26,9 +26,9 @@ def _positive(d: dict, *keys: str) -> None:
 def bench_run():
     procs = []
 
-    def start() -> subprocess.Popen:
+    def start(*extra: str) -> subprocess.Popen:
         # Own session: if the bench must be killed, its peers go with its process group.
-        p = subprocess.Popen([sys.executable, "-m", "services.cli", "bench", "xccl", "--json", "--quick"],
+        p = subprocess.Popen([sys.executable, "-m", "services.cli", "bench", "xccl", "--json", "--quick", *extra],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         procs.append(p)
         return p
@@ -75,7 +75,7 @@ def test_bench_xccl_quick_reports_every_section(bench_run):
     assert len(names) == 5 and all(isinstance(t["pass"], bool) for t in res["targets"])
 
 
-def test_bench_xccl_under_load_measures_fidelity_while_a_pod_serves_and_stops_its_load(tmp_path):
+def test_bench_xccl_under_load_measures_fidelity_while_a_pod_serves_and_stops_its_load(bench_run, tmp_path):
     """``--under-load READY``: the fidelity run happens while a real pod decodes (the report's
     decode steps and busy cores prove it), and the load generator is gone afterwards."""
     from services.chaos.faults import gone
@@ -85,15 +85,8 @@ def test_bench_xccl_under_load_measures_fidelity_while_a_pod_serves_and_stops_it
     with TestPod.running("bxl") as pod:
         ready = tmp_path / "ready.json"
         write_json_atomic(ready, pod.ready_info())
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "bench", "xccl", "--json", "--quick",
-                                 "--under-load", str(ready), "--load-concurrency", "4"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            out, err = proc.communicate(timeout=BENCH_TIMEOUT_S + 60)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        proc = bench_run("--under-load", str(ready), "--load-concurrency", "4")
+        out, err = proc.communicate(timeout=BENCH_TIMEOUT_S + 60)
         assert proc.returncode == 0, err[-3000:]
         res = json.loads(out)
         fid = res["fidelity_under_load"]
